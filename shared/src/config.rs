@@ -1,0 +1,62 @@
+//! Configuration shared by every service, read from environment variables
+//! (or flags) with clap. Each service flattens [`CommonConfig`] into its own.
+
+use std::time::Duration;
+
+/// Output format of the logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines, for a terminal.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Settings every service shares.
+#[derive(Clone, Debug, clap::Args)]
+pub struct CommonConfig {
+    /// PostgreSQL connection URL. Each service keeps its tables in its own schema.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+
+    /// Most PostgreSQL connections this process opens.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 20)]
+    pub database_max_connections: u32,
+
+    /// Log format: `text` or `json`. The level comes from `RUST_LOG` (default `info`).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Seconds in-flight calls get to finish after SIGTERM / Ctrl-C.
+    #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
+    pub shutdown_grace_seconds: u64,
+
+    /// Close each client connection after this many seconds (plus up to 10 %
+    /// jitter) so long-lived HTTP/2 clients re-balance; 0 = never.
+    #[arg(long, env = "MAX_CONNECTION_AGE_SECONDS", default_value_t = 0)]
+    pub max_connection_age_seconds: u64,
+}
+
+impl CommonConfig {
+    /// A configuration for tests and tools: the given database, defaults elsewhere.
+    pub fn for_database(database_url: impl Into<String>) -> Self {
+        Self {
+            database_url: database_url.into(),
+            database_max_connections: 20,
+            log_format: LogFormat::Text,
+            shutdown_grace_seconds: 10,
+            max_connection_age_seconds: 0,
+        }
+    }
+
+    /// The bounded wait for in-flight calls on shutdown.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_seconds)
+    }
+
+    /// The maximum connection age, if any.
+    pub fn max_connection_age(&self) -> Option<Duration> {
+        (self.max_connection_age_seconds > 0)
+            .then(|| Duration::from_secs(self.max_connection_age_seconds))
+    }
+}

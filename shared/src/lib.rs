@@ -1,0 +1,15 @@
+//! What every Training Keys service needs and none of them owns: configuration,
+//! telemetry, PostgreSQL and Redis set-up, the gRPC server bootstrap (health,
+//! reflection, tracing, graceful shutdown), error statuses, validation and
+//! page tokens. It knows nothing of any one service.
+
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod page;
+pub mod redis;
+pub mod server;
+pub mod telemetry;
+pub mod validate;
+
+pub use error::InvalidField;

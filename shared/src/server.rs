@@ -1,0 +1,158 @@
+//! The gRPC server bootstrap every service uses: `grpc.health.v1` (SERVING only
+//! while the database answers), server reflection, a tracing span per call,
+//! an optional maximum connection age, and graceful shutdown (health
+//! NOT_SERVING, in-flight calls drain, bounded by a grace period).
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+use tonic::transport::{Channel, Endpoint, Server};
+use tonic_health::ServingStatus;
+
+/// How often readiness (database reachability) is re-checked.
+const READINESS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// What a service hands to [`serve`].
+pub struct ServeOptions {
+    /// Fully-qualified gRPC service names, reported by the health service.
+    pub service_names: Vec<&'static str>,
+    /// The database whose reachability decides SERVING / NOT_SERVING.
+    pub readiness_db: PgPool,
+    /// Longest wait for in-flight calls once shutdown starts.
+    pub grace: Duration,
+    /// Close connections after this age (jittered), so clients re-balance.
+    pub max_connection_age: Option<Duration>,
+}
+
+/// Serves `routes` (plus health and reflection) on `listener` until `shutdown`
+/// is cancelled, then drains for at most `options.grace`.
+pub async fn serve(
+    listener: TcpListener,
+    routes: Routes,
+    options: ServeOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(trainingkeys_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let names: Vec<&'static str> = std::iter::once("").chain(options.service_names.iter().copied()).collect();
+    let set_all = {
+        let health = health.clone();
+        let names = names.clone();
+        move |status: ServingStatus| {
+            let health = health.clone();
+            let names = names.clone();
+            async move {
+                for name in names {
+                    health.set_service_status(name, status).await;
+                }
+            }
+        }
+    };
+    set_all(ServingStatus::NotServing).await;
+
+    // Readiness follows the database until shutdown starts.
+    let readiness = tokio::spawn({
+        let shutdown = shutdown.clone();
+        let db = options.readiness_db.clone();
+        let set_all = set_all.clone();
+        async move {
+            let mut last = None;
+            loop {
+                let ok = crate::db::is_reachable(&db).await;
+                if last != Some(ok) {
+                    tracing::info!(serving = ok, "readiness changed");
+                    set_all(if ok { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
+                    last = Some(ok);
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(READINESS_INTERVAL) => {}
+                }
+            }
+        }
+    });
+
+    let mut builder = Server::builder().trace_fn(crate::telemetry::server_span);
+    if let Some(age) = options.max_connection_age {
+        builder = builder.max_connection_age(jitter(age));
+    }
+    let local_addr = listener.local_addr()?;
+    let server = builder
+        .add_routes(routes.add_service(health_service).add_service(reflection))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.clone().cancelled_owned());
+    let mut server = tokio::spawn(server);
+    tracing::info!(%local_addr, "listening");
+
+    tokio::select! {
+        result = &mut server => {
+            readiness.abort();
+            return Ok(result??);
+        }
+        () = shutdown.cancelled() => {}
+    }
+    let _ = readiness.await;
+    set_all(ServingStatus::NotServing).await;
+    tracing::info!(grace = ?options.grace, "shutting down: draining in-flight calls");
+    match tokio::time::timeout(options.grace, &mut server).await {
+        Ok(result) => result??,
+        Err(_) => {
+            tracing::warn!("grace period over: dropping the calls still in flight");
+            server.abort();
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// `age` plus up to 10 % random jitter, so connections made together do not
+/// all close together.
+fn jitter(age: Duration) -> Duration {
+    let extra = age.as_millis() as u64 / 10;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0);
+    age + Duration::from_millis(if extra == 0 { 0 } else { nanos % extra })
+}
+
+/// A future that completes on Ctrl-C or SIGTERM, cancelling `token`.
+pub fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! {
+            _ = ctrl_c => tracing::info!("Ctrl-C received"),
+            () = term => tracing::info!("SIGTERM received"),
+        }
+        token.cancel();
+    });
+}
+
+/// A lazily-connecting channel to another service at `url`
+/// (e.g. `http://enrollment:50051`), with bounded connect and call timeouts.
+pub fn channel(url: &str, call_timeout: Duration) -> anyhow::Result<Channel> {
+    Ok(Endpoint::from_shared(url.to_owned())?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(call_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .connect_lazy())
+}

@@ -1,0 +1,109 @@
+//! Validation of request fields shared by the services. Each check names the
+//! field it rejects, so the client learns exactly what to fix.
+
+use trainingkeys_proto::prost_types::Timestamp;
+use uuid::Uuid;
+
+use crate::InvalidField;
+
+/// A required UUID field.
+pub fn id(field: &'static str, value: &str) -> Result<Uuid, InvalidField> {
+    if value.is_empty() {
+        return Err(InvalidField::new(field, "is required"));
+    }
+    Uuid::parse_str(value).map_err(|_| InvalidField::new(field, "must be a UUID"))
+}
+
+/// An optional UUID field: empty means none.
+pub fn optional_id(field: &'static str, value: &str) -> Result<Option<Uuid>, InvalidField> {
+    if value.is_empty() { Ok(None) } else { id(field, value).map(Some) }
+}
+
+/// An organization id: 1-128 of `A-Z a-z 0-9 . _ -`.
+pub fn organization_id(field: &'static str, value: &str) -> Result<String, InvalidField> {
+    let ok = (1..=128).contains(&value.len())
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(value.to_owned())
+    } else {
+        Err(InvalidField::new(field, "must be 1-128 of A-Z a-z 0-9 . _ -"))
+    }
+}
+
+/// Free text, trimmed, of 1..=max characters (or 0..=max when optional).
+pub fn text(field: &'static str, value: &str, max: usize, required: bool) -> Result<String, InvalidField> {
+    let value = value.trim();
+    if required && value.is_empty() {
+        return Err(InvalidField::new(field, "is required"));
+    }
+    if value.chars().count() > max {
+        return Err(InvalidField::new(field, format!("must be at most {max} characters")));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(InvalidField::new(field, "must not contain control characters"));
+    }
+    Ok(value.to_owned())
+}
+
+/// A required timestamp.
+pub fn time(
+    field: &'static str,
+    value: Option<&Timestamp>,
+) -> Result<chrono::DateTime<chrono::Utc>, InvalidField> {
+    let ts = value.ok_or_else(|| InvalidField::new(field, "is required"))?;
+    optional_time(field, Some(ts))?.ok_or_else(|| InvalidField::new(field, "is required"))
+}
+
+/// An optional timestamp: unset means none; set but out of range is rejected.
+pub fn optional_time(
+    field: &'static str,
+    value: Option<&Timestamp>,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, InvalidField> {
+    match value {
+        None => Ok(None),
+        Some(ts) => trainingkeys_proto::time::from_timestamp(ts)
+            .map(Some)
+            .ok_or_else(|| InvalidField::new(field, "is not a valid timestamp")),
+    }
+}
+
+/// Normalises an email (trimmed, lower-cased) and checks its shape: one `@`, a
+/// non-empty local part, a dotted domain, no spaces, at most 254 characters.
+pub fn email(field: &'static str, value: &str) -> Result<String, InvalidField> {
+    let email = value.trim().to_lowercase();
+    let bad = || InvalidField::new(field, "must be an email address like name@example.com");
+    if email.len() > 254 || email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(bad());
+    }
+    let (local, domain) = email.split_once('@').ok_or_else(bad)?;
+    let domain_ok = !domain.contains('@')
+        && domain.contains('.')
+        && domain.split('.').all(|label| {
+            !label.is_empty() && !label.starts_with('-') && !label.ends_with('-')
+        });
+    if local.is_empty() || local.len() > 64 || !domain_ok {
+        return Err(bad());
+    }
+    Ok(email)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails_are_normalised_and_checked() {
+        assert_eq!(email("email", "  Ada@Example.COM ").unwrap(), "ada@example.com");
+        for bad in ["", "ada", "ada@", "@example.com", "ada@example", "a b@example.com", "a@b@c.com", "ada@-x.com"] {
+            assert!(email("email", bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn organization_ids() {
+        assert!(organization_id("organization_id", "acme-corp.eu_1").is_ok());
+        assert!(organization_id("organization_id", "").is_err());
+        assert!(organization_id("organization_id", "a b").is_err());
+        assert!(organization_id("organization_id", &"a".repeat(129)).is_err());
+    }
+}
