@@ -1,0 +1,58 @@
+//! Everything that can go wrong in the enrollment service, and the one place
+//! where each failure becomes a gRPC status with a reason.
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use trainingkeys_shared::InvalidField;
+use trainingkeys_shared::error::{database, status, status_with};
+use uuid::Uuid;
+
+/// The enrollment service's failures.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    InvalidField(#[from] InvalidField),
+    #[error("user {0} not found")]
+    UserNotFound(Uuid),
+    #[error("class {0} not found")]
+    ClassNotFound(Uuid),
+    #[error("subscription profile {0} not found")]
+    ProfileNotFound(Uuid),
+    #[error("enrollment {0} not found")]
+    EnrollmentNotFound(Uuid),
+    #[error("the user belongs to organization {user_org}, not {target_org}")]
+    OrganizationMismatch { user_org: String, target_org: String },
+    #[error("class {0} is full")]
+    ClassFull(Uuid),
+    #[error("cannot lower the maximum to {requested}: {enrolled} students are enrolled")]
+    MaxBelowEnrolled { enrolled: i32, requested: i32 },
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+}
+
+fn not_found(reason: &str, field: &str, id: Uuid, message: String) -> Status {
+    status_with(Code::NotFound, reason, message, HashMap::from([(field.to_owned(), id.to_string())]))
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        let message = e.to_string();
+        match e {
+            Error::InvalidField(f) => f.into(),
+            Error::UserNotFound(id) => not_found("USER_NOT_FOUND", "user_id", id, message),
+            Error::ClassNotFound(id) => not_found("CLASS_NOT_FOUND", "class_id", id, message),
+            Error::ProfileNotFound(id) => not_found("PROFILE_NOT_FOUND", "profile_id", id, message),
+            Error::EnrollmentNotFound(id) => not_found("ENROLLMENT_NOT_FOUND", "enrollment_id", id, message),
+            Error::OrganizationMismatch { .. } => status(Code::FailedPrecondition, "ORGANIZATION_MISMATCH", message),
+            Error::ClassFull(id) => status_with(
+                Code::ResourceExhausted,
+                "CLASS_FULL",
+                message,
+                HashMap::from([("class_id".to_owned(), id.to_string())]),
+            ),
+            Error::MaxBelowEnrolled { .. } => status(Code::FailedPrecondition, "MAX_BELOW_ENROLLED", message),
+            Error::Database(e) => database(&e),
+        }
+    }
+}

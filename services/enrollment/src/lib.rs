@@ -1,0 +1,75 @@
+//! The enrollment service: the system of record for users, classes,
+//! subscription profiles, the roster and subscription assignments. Its
+//! PostgreSQL transaction is the final guard on every class's capacity.
+
+pub mod domain;
+pub mod error;
+pub mod grpc;
+pub mod store;
+
+use std::net::SocketAddr;
+
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use trainingkeys_proto::v1::enrollment_service_server::{EnrollmentServiceServer, SERVICE_NAME};
+use trainingkeys_shared::config::CommonConfig;
+use trainingkeys_shared::server::{self, ServeOptions};
+
+/// The PostgreSQL schema this service owns.
+pub const SCHEMA: &str = "enrollment";
+
+/// This service's migrations, embedded at build time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Configuration of the enrollment service.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Config {
+    /// Address to listen on for gRPC.
+    #[arg(long, env = "ENROLLMENT_LISTEN_ADDR", default_value = "0.0.0.0:50051")]
+    pub listen_addr: SocketAddr,
+
+    /// Settings shared by every service.
+    #[command(flatten)]
+    pub common: CommonConfig,
+}
+
+/// A bound, migrated enrollment service, ready to [`run`](Self::run).
+pub struct Application {
+    listener: TcpListener,
+    pool: PgPool,
+    config: Config,
+}
+
+impl Application {
+    /// Connects to PostgreSQL, applies migrations and binds the listener
+    /// (port 0 picks a free port; see [`local_addr`](Self::local_addr)).
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let pool = trainingkeys_shared::db::connect(
+            &config.common.database_url,
+            SCHEMA,
+            config.common.database_max_connections,
+        )?;
+        trainingkeys_shared::db::migrate(&pool, SCHEMA, &MIGRATOR).await?;
+        let listener = TcpListener::bind(config.listen_addr).await?;
+        Ok(Self { listener, pool, config })
+    }
+
+    /// The address the service listens on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains in-flight calls.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let service = grpc::EnrollmentGrpc::new(store::Store::new(self.pool.clone()));
+        let routes = tonic::service::Routes::new(EnrollmentServiceServer::new(service));
+        let options = ServeOptions {
+            service_names: vec![SERVICE_NAME],
+            readiness_db: self.pool,
+            grace: self.config.common.shutdown_grace(),
+            max_connection_age: self.config.common.max_connection_age(),
+        };
+        server::serve(self.listener, routes, options, shutdown).await
+    }
+}

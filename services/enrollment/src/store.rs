@@ -1,0 +1,384 @@
+//! All of the enrollment service's SQL. Every write that must be all-or-nothing
+//! is one transaction; the seat count moves only together with a roster row.
+
+use chrono::{Duration, Utc};
+use sqlx::PgPool;
+use trainingkeys_shared::page::Cursor;
+use uuid::Uuid;
+
+use crate::domain::{Class, ClassChange, Enrollment, NewClass, NewProfile, NewUser, Profile, Subscription, User};
+use crate::error::Error;
+
+const CLASS_COLUMNS: &str = "class_id, organization_id, title, course_id, start_time, end_time, \
+     max_students, lab_access_days, enrolled_count, created_at, updated_at";
+const ENROLLMENT_COLUMNS: &str = "enrollment_id, class_id, user_id, source_key_id, enrolled_at, cancelled_at";
+
+/// The enrollment service's tables.
+#[derive(Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+/// What the enrollment guard learns about a (class, user) pair in one query.
+#[derive(sqlx::FromRow)]
+struct EnrollCheck {
+    class_org: Option<String>,
+    user_org: Option<String>,
+    enrollment_id: Option<Uuid>,
+}
+
+impl Store {
+    /// A store over `pool` (whose search path is this service's schema).
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// Get-or-create by (organization, normalised email). Safe under
+    /// concurrent calls: the unique key decides, the loser reads the winner.
+    pub async fn register_user(&self, new: NewUser) -> Result<(User, bool), Error> {
+        let inserted: Option<User> = sqlx::query_as(
+            "INSERT INTO users (user_id, organization_id, email, display_name) VALUES ($1, $2, $3, $4)
+             ON CONFLICT ON CONSTRAINT users_email_unique DO NOTHING
+             RETURNING user_id, organization_id, email, display_name, created_at",
+        )
+        .bind(Uuid::now_v7())
+        .bind(&new.organization_id)
+        .bind(&new.email)
+        .bind(&new.display_name)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(user) = inserted {
+            return Ok((user, true));
+        }
+        let user: User = sqlx::query_as(
+            "SELECT user_id, organization_id, email, display_name, created_at FROM users
+             WHERE organization_id = $1 AND email = $2",
+        )
+        .bind(&new.organization_id)
+        .bind(&new.email)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((user, false))
+    }
+
+    /// One user.
+    pub async fn get_user(&self, user_id: Uuid) -> Result<User, Error> {
+        sqlx::query_as("SELECT user_id, organization_id, email, display_name, created_at FROM users WHERE user_id = $1")
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(Error::UserNotFound(user_id))
+    }
+
+    /// A new class with no students.
+    pub async fn create_class(&self, new: NewClass) -> Result<Class, Error> {
+        let sql = format!(
+            "INSERT INTO classes (class_id, organization_id, title, course_id, start_time, end_time, max_students, lab_access_days)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {CLASS_COLUMNS}"
+        );
+        Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(Uuid::now_v7())
+            .bind(new.organization_id)
+            .bind(new.title)
+            .bind(new.course_id)
+            .bind(new.start_time)
+            .bind(new.end_time)
+            .bind(new.max_students)
+            .bind(new.lab_access_days)
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// One class with its seat count.
+    pub async fn get_class(&self, class_id: Uuid) -> Result<Class, Error> {
+        let sql = format!("SELECT {CLASS_COLUMNS} FROM classes WHERE class_id = $1");
+        sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(class_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(Error::ClassNotFound(class_id))
+    }
+
+    /// Applies a change under the class's row lock, so a concurrent Enroll
+    /// cannot slip a student in between the check and the new maximum.
+    pub async fn update_class(&self, change: ClassChange) -> Result<Class, Error> {
+        let mut tx = self.pool.begin().await?;
+        let sql = format!("SELECT {CLASS_COLUMNS} FROM classes WHERE class_id = $1 FOR UPDATE");
+        let current: Class = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(change.class_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(Error::ClassNotFound(change.class_id))?;
+        let next = change.apply(current)?;
+        let sql = format!(
+            "UPDATE classes SET title = $2, course_id = $3, start_time = $4, end_time = $5,
+                 max_students = $6, lab_access_days = $7, updated_at = now()
+             WHERE class_id = $1 RETURNING {CLASS_COLUMNS}"
+        );
+        let updated: Class = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(next.class_id)
+            .bind(next.title)
+            .bind(next.course_id)
+            .bind(next.start_time)
+            .bind(next.end_time)
+            .bind(next.max_students)
+            .bind(next.lab_access_days)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(updated)
+    }
+
+    /// A new subscription profile.
+    pub async fn create_profile(&self, new: NewProfile) -> Result<Profile, Error> {
+        Ok(sqlx::query_as(
+            "INSERT INTO subscription_profiles (profile_id, organization_id, name, course_ids, duration_days)
+             VALUES ($1, $2, $3, $4, $5)
+             RETURNING profile_id, organization_id, name, course_ids, duration_days, created_at",
+        )
+        .bind(Uuid::now_v7())
+        .bind(new.organization_id)
+        .bind(new.name)
+        .bind(new.course_ids)
+        .bind(new.duration_days)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// One subscription profile.
+    pub async fn get_profile(&self, profile_id: Uuid) -> Result<Profile, Error> {
+        sqlx::query_as(
+            "SELECT profile_id, organization_id, name, course_ids, duration_days, created_at
+             FROM subscription_profiles WHERE profile_id = $1",
+        )
+        .bind(profile_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(Error::ProfileNotFound(profile_id))
+    }
+
+    /// Takes a seat. The capacity guard is the conditional UPDATE: PostgreSQL
+    /// serialises it on the class row, so two transactions can never both take
+    /// the last seat. The partial unique index makes a concurrent duplicate of
+    /// the same (class, user) fail its insert; that transaction rolls back its
+    /// seat and returns the winner's enrollment.
+    pub async fn enroll(
+        &self,
+        class_id: Uuid,
+        user_id: Uuid,
+        source_key_id: Option<Uuid>,
+    ) -> Result<(Enrollment, bool), Error> {
+        let check: EnrollCheck = sqlx::query_as(
+            "SELECT c.organization_id AS class_org, u.organization_id AS user_org, e.enrollment_id
+             FROM (SELECT 1) AS one
+             LEFT JOIN classes c ON c.class_id = $1
+             LEFT JOIN users u ON u.user_id = $2
+             LEFT JOIN enrollments e ON e.class_id = $1 AND e.user_id = $2 AND e.cancelled_at IS NULL",
+        )
+        .bind(class_id)
+        .bind(user_id)
+        .fetch_one(&self.pool)
+        .await?;
+        let class_org = check.class_org.ok_or(Error::ClassNotFound(class_id))?;
+        let user_org = check.user_org.ok_or(Error::UserNotFound(user_id))?;
+        if class_org != user_org {
+            return Err(Error::OrganizationMismatch { user_org, target_org: class_org });
+        }
+        if let Some(id) = check.enrollment_id {
+            return Ok((self.enrollment(id).await?, true));
+        }
+
+        let mut tx = self.pool.begin().await?;
+        let seat = sqlx::query(
+            "UPDATE classes SET enrolled_count = enrolled_count + 1
+             WHERE class_id = $1 AND enrolled_count < max_students",
+        )
+        .bind(class_id)
+        .execute(&mut *tx)
+        .await?;
+        if seat.rows_affected() == 0 {
+            tx.rollback().await?;
+            // Full, unless this very user took the last seat meanwhile.
+            return match self.active_enrollment(class_id, user_id).await? {
+                Some(existing) => Ok((existing, true)),
+                None => Err(Error::ClassFull(class_id)),
+            };
+        }
+        let sql = format!(
+            "INSERT INTO enrollments (enrollment_id, class_id, user_id, source_key_id) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (class_id, user_id) WHERE cancelled_at IS NULL DO NOTHING
+             RETURNING {ENROLLMENT_COLUMNS}"
+        );
+        let inserted: Option<Enrollment> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(Uuid::now_v7())
+            .bind(class_id)
+            .bind(user_id)
+            .bind(source_key_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        match inserted {
+            Some(enrollment) => {
+                tx.commit().await?;
+                Ok((enrollment, false))
+            }
+            None => {
+                tx.rollback().await?;
+                let existing = self.active_enrollment(class_id, user_id).await?;
+                // The conflicting row committed before our insert saw it.
+                Ok((existing.ok_or(Error::ClassNotFound(class_id))?, true))
+            }
+        }
+    }
+
+    async fn enrollment(&self, enrollment_id: Uuid) -> Result<Enrollment, Error> {
+        let sql = format!("SELECT {ENROLLMENT_COLUMNS} FROM enrollments WHERE enrollment_id = $1");
+        sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(enrollment_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(Error::EnrollmentNotFound(enrollment_id))
+    }
+
+    async fn active_enrollment(&self, class_id: Uuid, user_id: Uuid) -> Result<Option<Enrollment>, Error> {
+        let sql = format!(
+            "SELECT {ENROLLMENT_COLUMNS} FROM enrollments
+             WHERE class_id = $1 AND user_id = $2 AND cancelled_at IS NULL"
+        );
+        Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(class_id)
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// Cancels an enrollment and frees its seat in one transaction. Only the
+    /// call that flips `cancelled_at` frees a seat, so repeats change nothing.
+    pub async fn cancel_enrollment(&self, enrollment_id: Uuid) -> Result<(Enrollment, bool), Error> {
+        let mut tx = self.pool.begin().await?;
+        let sql = format!(
+            "UPDATE enrollments SET cancelled_at = now()
+             WHERE enrollment_id = $1 AND cancelled_at IS NULL RETURNING {ENROLLMENT_COLUMNS}"
+        );
+        let cancelled: Option<Enrollment> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(enrollment_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(cancelled) = cancelled else {
+            tx.rollback().await?;
+            return Ok((self.enrollment(enrollment_id).await?, true));
+        };
+        sqlx::query("UPDATE classes SET enrolled_count = enrolled_count - 1 WHERE class_id = $1")
+            .bind(cancelled.class_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok((cancelled, false))
+    }
+
+    /// A page of a class's roster in (enrolled_at, enrollment_id) order.
+    pub async fn list_enrollments(
+        &self,
+        class_id: Uuid,
+        user_id: Option<Uuid>,
+        include_cancelled: bool,
+        after: Option<Cursor>,
+        limit: i64,
+    ) -> Result<Vec<Enrollment>, Error> {
+        self.get_class(class_id).await?;
+        let sql = format!(
+            "SELECT {ENROLLMENT_COLUMNS} FROM enrollments
+             WHERE class_id = $1
+               AND ($2::uuid IS NULL OR user_id = $2)
+               AND ($3 OR cancelled_at IS NULL)
+               AND ($4::timestamptz IS NULL OR (enrolled_at, enrollment_id) > ($4, $5))
+             ORDER BY enrolled_at, enrollment_id
+             LIMIT $6"
+        );
+        Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(class_id)
+            .bind(user_id)
+            .bind(include_cancelled)
+            .bind(after.map(|c| c.time))
+            .bind(after.map(|c| c.id))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Assigns a subscription under the user's row lock, so concurrent calls
+    /// for the same user cannot both create one. An unexpired subscription of
+    /// the same profile is returned unchanged instead.
+    pub async fn assign_subscription(
+        &self,
+        profile_id: Uuid,
+        user_id: Uuid,
+        source_key_id: Option<Uuid>,
+    ) -> Result<(Subscription, bool), Error> {
+        let profile = self.get_profile(profile_id).await?;
+        let mut tx = self.pool.begin().await?;
+        let user_org: String = sqlx::query_scalar("SELECT organization_id FROM users WHERE user_id = $1 FOR UPDATE")
+            .bind(user_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(Error::UserNotFound(user_id))?;
+        if user_org != profile.organization_id {
+            return Err(Error::OrganizationMismatch { user_org, target_org: profile.organization_id });
+        }
+        const COLUMNS: &str = "subscription_id, profile_id, user_id, source_key_id, starts_at, expires_at, course_ids";
+        let sql = format!(
+            "SELECT {COLUMNS} FROM subscriptions
+             WHERE user_id = $1 AND profile_id = $2 AND expires_at > now()
+             ORDER BY expires_at DESC LIMIT 1"
+        );
+        let existing: Option<Subscription> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(user_id)
+            .bind(profile_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(existing) = existing {
+            tx.rollback().await?;
+            return Ok((existing, true));
+        }
+        let starts_at = Utc::now();
+        let expires_at = starts_at + Duration::days(i64::from(profile.duration_days));
+        let sql = format!(
+            "INSERT INTO subscriptions ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {COLUMNS}"
+        );
+        let created: Subscription = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(Uuid::now_v7())
+            .bind(profile_id)
+            .bind(user_id)
+            .bind(source_key_id)
+            .bind(starts_at)
+            .bind(expires_at)
+            .bind(profile.course_ids)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok((created, false))
+    }
+
+    /// A page of a user's subscriptions, newest first.
+    pub async fn list_subscriptions(
+        &self,
+        user_id: Uuid,
+        before: Option<Cursor>,
+        limit: i64,
+    ) -> Result<Vec<Subscription>, Error> {
+        self.get_user(user_id).await?;
+        Ok(sqlx::query_as(
+            "SELECT subscription_id, profile_id, user_id, source_key_id, starts_at, expires_at, course_ids
+             FROM subscriptions
+             WHERE user_id = $1
+               AND ($2::timestamptz IS NULL OR (starts_at, subscription_id) < ($2, $3))
+             ORDER BY starts_at DESC, subscription_id DESC
+             LIMIT $4",
+        )
+        .bind(user_id)
+        .bind(before.map(|c| c.time))
+        .bind(before.map(|c| c.id))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}

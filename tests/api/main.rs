@@ -1,0 +1,6 @@
+//! One test binary for the whole suite; a module per area.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod enrollment;
+mod health;

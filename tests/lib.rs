@@ -1,0 +1,140 @@
+//! The test harness: fresh databases on the PostgreSQL server named by
+//! `DATABASE_URL` (started by `make test`), and the real services spawned on
+//! ephemeral ports, called over real gRPC. `TEST_LOG=1` prints service logs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use sqlx::{Connection, PgConnection};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use trainingkeys_proto::v1::enrollment_service_client::EnrollmentServiceClient;
+use trainingkeys_shared::config::CommonConfig;
+
+/// The server `make test` started, from `DATABASE_URL`.
+pub fn server_database_url() -> String {
+    std::env::var("DATABASE_URL").expect("DATABASE_URL must be set: run the tests with `make test`")
+}
+
+/// A new, empty database on the test server; returns its URL.
+pub async fn fresh_database() -> String {
+    let server = server_database_url();
+    let name = format!("test_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = PgConnection::connect(&server).await.expect("connect to the test PostgreSQL");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .expect("create test database");
+    let (base, _) = server.rsplit_once('/').expect("DATABASE_URL has a database name");
+    format!("{base}/{name}")
+}
+
+/// A service running in this process on an ephemeral port.
+pub struct Spawned {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Cancel to shut it down.
+    pub shutdown: CancellationToken,
+    /// Its serve loop; finishes after shutdown.
+    pub handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Spawned {
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A fresh channel to the service.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url()).unwrap().connect().await.expect("connect to the service")
+    }
+
+    /// Shuts the service down and waits for it.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.handle.await;
+    }
+}
+
+/// Common settings for a service under test on `database_url`.
+pub fn common_config(database_url: &str) -> CommonConfig {
+    CommonConfig { shutdown_grace_seconds: 2, ..CommonConfig::for_database(database_url) }
+}
+
+/// The enrollment service on `database_url`.
+pub async fn spawn_enrollment(database_url: &str) -> Spawned {
+    trainingkeys_shared::telemetry::init_for_tests();
+    let config = trainingkeys_enrollment::Config {
+        listen_addr: "127.0.0.1:0".parse().unwrap(),
+        common: common_config(database_url),
+    };
+    let app = trainingkeys_enrollment::Application::build(config).await.expect("build enrollment");
+    let addr = app.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(app.run(shutdown.clone()));
+    Spawned { addr, shutdown, handle }
+}
+
+/// A fresh database with the enrollment service on it, and a client.
+pub struct EnrollmentApp {
+    pub database_url: String,
+    pub service: Spawned,
+    pub client: EnrollmentServiceClient<Channel>,
+}
+
+impl EnrollmentApp {
+    /// Starts one.
+    pub async fn start() -> Self {
+        let database_url = fresh_database().await;
+        let service = spawn_enrollment(&database_url).await;
+        let client = EnrollmentServiceClient::new(service.channel().await);
+        Self { database_url, service, client }
+    }
+
+    /// A direct connection to the database, for checks behind the API's back.
+    pub async fn db(&self) -> PgConnection {
+        PgConnection::connect(&self.database_url).await.unwrap()
+    }
+}
+
+/// The ErrorInfo reason of a status.
+pub fn reason(status: &tonic::Status) -> String {
+    trainingkeys_shared::error::reason(status).unwrap_or_default()
+}
+
+/// Asserts a call failed with `code` and `reason`.
+#[track_caller]
+pub fn assert_status<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: tonic::Code, reason_: &str) -> tonic::Status {
+    let status = result.expect_err("expected an error status");
+    assert_eq!(status.code(), code, "wrong code: {status:?}");
+    assert_eq!(reason(&status), reason_, "wrong reason: {status:?}");
+    status
+}
+
+/// The field an INVALID_FIELD status names.
+pub fn invalid_field(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    status.get_details_error_info().and_then(|i| i.metadata.get("field").cloned()).unwrap_or_default()
+}
+
+/// Polls `check` until it holds or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
