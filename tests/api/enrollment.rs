@@ -13,6 +13,8 @@ use trainingkeys_proto::v1::{self as pb, enrollment_service_client::EnrollmentSe
 use trainingkeys_tests::{EnrollmentApp, assert_status, invalid_field};
 
 type Client = EnrollmentServiceClient<Channel>;
+/// A change that makes a CreateClass request invalid.
+type Mutation = Box<dyn Fn(&mut pb::CreateClassRequest)>;
 
 fn org() -> String {
     format!("org-{}", uuid::Uuid::new_v4().simple())
@@ -209,7 +211,7 @@ async fn classes_are_created_read_and_updated() {
 async fn class_input_is_checked() {
     let mut app = EnrollmentApp::start().await;
     let org = org();
-    let cases: Vec<(&str, Box<dyn Fn(&mut pb::CreateClassRequest)>)> = vec![
+    let cases: Vec<(&str, Mutation)> = vec![
         (
             "organization_id",
             Box::new(|r| r.organization_id = "bad org!".into()),
