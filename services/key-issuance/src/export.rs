@@ -102,7 +102,7 @@ async fn flush(csv: &mut csv::Writer<Vec<u8>>, sender: &Sender) -> Result<bool, 
     if chunk.is_empty() {
         return Ok(true);
     }
-    Ok(sender.send(Ok(pb::ExportKeysResponse { chunk: chunk.into() })).await.is_ok())
+    Ok(sender.send(Ok(pb::ExportKeysResponse { chunk })).await.is_ok())
 }
 
 fn record(service: &KeyService, columns: &Columns, row: &ExportRow, csv: &mut csv::Writer<Vec<u8>>) -> Result<(), Error> {
