@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use trainingkeys_proto::v1::enrollment_service_client::EnrollmentServiceClient;
+use trainingkeys_proto::v1::key_issuance_service_client::KeyIssuanceServiceClient;
 use trainingkeys_shared::config::CommonConfig;
 
 /// The server `make test` started, from `DATABASE_URL`.
@@ -122,6 +123,56 @@ impl EnrollmentApp {
     }
 }
 
+/// The HMAC secret key issuance uses in tests (hex, 32 bytes).
+pub const TEST_HMAC_SECRET: &str = "6b65792d69737375616e63652d746573742d686d61632d7365637265742d3332";
+/// The encryption key key issuance uses in tests (hex, 32 bytes).
+pub const TEST_ENCRYPTION_KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
+/// The key issuance service on `database_url`, asking the enrollment service
+/// at `enrollment_url`.
+pub async fn spawn_key_issuance(database_url: &str, enrollment_url: &str) -> Spawned {
+    trainingkeys_shared::telemetry::init_for_tests();
+    let mut config = trainingkeys_key_issuance::config_for(
+        database_url,
+        enrollment_url,
+        TEST_HMAC_SECRET,
+        TEST_ENCRYPTION_KEY,
+    );
+    config.common = common_config(database_url);
+    let app = trainingkeys_key_issuance::Application::build(config).await.expect("build key issuance");
+    let addr = app.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(app.run(shutdown.clone()));
+    Spawned { addr, shutdown, handle }
+}
+
+/// A fresh database with the real enrollment and key issuance services on
+/// it (each in its own schema), and a client of each.
+pub struct KeyApp {
+    pub database_url: String,
+    pub enrollment_service: Spawned,
+    pub service: Spawned,
+    pub client: KeyIssuanceServiceClient<Channel>,
+    pub enrollment: EnrollmentServiceClient<Channel>,
+}
+
+impl KeyApp {
+    /// Starts one.
+    pub async fn start() -> Self {
+        let database_url = fresh_database().await;
+        let enrollment_service = spawn_enrollment(&database_url).await;
+        let service = spawn_key_issuance(&database_url, &enrollment_service.url()).await;
+        let client = KeyIssuanceServiceClient::new(service.channel().await);
+        let enrollment = EnrollmentServiceClient::new(enrollment_service.channel().await);
+        Self { database_url, enrollment_service, service, client, enrollment }
+    }
+
+    /// A direct connection to the database, for checks behind the API's back.
+    pub async fn db(&self) -> PgConnection {
+        PgConnection::connect(&self.database_url).await.unwrap()
+    }
+}
+
 /// The ErrorInfo reason of a status.
 pub fn reason(status: &tonic::Status) -> String {
     trainingkeys_shared::error::reason(status).unwrap_or_default()
@@ -138,6 +189,12 @@ pub fn assert_status<T: std::fmt::Debug>(
     assert_eq!(status.code(), code, "wrong code: {status:?}");
     assert_eq!(reason(&status), reason_, "wrong reason: {status:?}");
     status
+}
+
+/// One metadata entry of a status's ErrorInfo.
+pub fn error_metadata(status: &tonic::Status, key: &str) -> String {
+    use tonic_types::StatusExt;
+    status.get_details_error_info().and_then(|i| i.metadata.get(key).cloned()).unwrap_or_default()
 }
 
 /// The field an INVALID_FIELD status names.

@@ -4,3 +4,4 @@
 
 mod enrollment;
 mod health;
+mod key_issuance;

@@ -1,0 +1,154 @@
+//! The gRPC transport: each handler turns its request into a validated
+//! command, calls the service, and turns the result into a response.
+
+use tonic::{Request, Response, Status};
+use trainingkeys_proto::v1 as pb;
+use trainingkeys_proto::v1::get_key_request::Selector;
+use trainingkeys_proto::v1::key_issuance_service_server::KeyIssuanceService;
+use trainingkeys_proto::v1::{export_keys_request, list_keys_request};
+use trainingkeys_shared::{InvalidField, page, validate};
+
+use crate::domain::{self, GenerateClassKeys, GenerateSubscription, Scope, SetEventKey, UseOfKey};
+use crate::error::Error;
+use crate::export::{self, ExportStream};
+use crate::service::KeyService;
+
+/// `KeyIssuanceService` over a [`KeyService`].
+pub struct KeyIssuanceGrpc {
+    service: KeyService,
+}
+
+impl KeyIssuanceGrpc {
+    /// The transport over `service`.
+    pub fn new(service: KeyService) -> Self {
+        Self { service }
+    }
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+fn reply<T>(message: T) -> Reply<T> {
+    Ok(Response::new(message))
+}
+
+fn invalid(e: InvalidField) -> Error {
+    Error::from(e)
+}
+
+fn list_scope(scope: Option<&list_keys_request::Scope>) -> Result<Scope, InvalidField> {
+    match scope {
+        Some(list_keys_request::Scope::ClassId(c)) => Scope::from_ids(Some(c), None),
+        Some(list_keys_request::Scope::PoolId(p)) => Scope::from_ids(None, Some(p)),
+        None => Scope::from_ids(None, None),
+    }
+}
+
+fn export_scope(scope: Option<&export_keys_request::Scope>) -> Result<Scope, InvalidField> {
+    match scope {
+        Some(export_keys_request::Scope::ClassId(c)) => Scope::from_ids(Some(c), None),
+        Some(export_keys_request::Scope::PoolId(p)) => Scope::from_ids(None, Some(p)),
+        None => Scope::from_ids(None, None),
+    }
+}
+
+#[tonic::async_trait]
+impl KeyIssuanceService for KeyIssuanceGrpc {
+    async fn generate_subscription_keys(
+        &self,
+        request: Request<pb::GenerateSubscriptionKeysRequest>,
+    ) -> Reply<pb::GenerateSubscriptionKeysResponse> {
+        let cmd = GenerateSubscription::try_from(request.into_inner()).map_err(invalid)?;
+        reply(self.service.generate_subscription_keys(cmd).await?)
+    }
+
+    async fn generate_class_enrollment_keys(
+        &self,
+        request: Request<pb::GenerateClassEnrollmentKeysRequest>,
+    ) -> Reply<pb::GenerateClassEnrollmentKeysResponse> {
+        let cmd = GenerateClassKeys::try_from(request.into_inner()).map_err(invalid)?;
+        reply(self.service.generate_class_keys(cmd).await?)
+    }
+
+    async fn set_event_key(&self, request: Request<pb::SetEventKeyRequest>) -> Reply<pb::SetEventKeyResponse> {
+        let cmd = SetEventKey::try_from(request.into_inner()).map_err(invalid)?;
+        reply(self.service.set_event_key(cmd).await?)
+    }
+
+    async fn disable_event_key(
+        &self,
+        request: Request<pb::DisableEventKeyRequest>,
+    ) -> Reply<pb::DisableEventKeyResponse> {
+        let class_id = validate::id("class_id", &request.get_ref().class_id).map_err(invalid)?;
+        reply(self.service.disable_event_key(class_id).await?)
+    }
+
+    async fn get_key(&self, request: Request<pb::GetKeyRequest>) -> Reply<pb::GetKeyResponse> {
+        let key = match &request.get_ref().selector {
+            Some(Selector::KeyId(id)) => {
+                let key_id = validate::id("key_id", id).map_err(invalid)?;
+                self.service.get_key_by_id(key_id).await?
+            }
+            Some(Selector::Code(code)) => {
+                let normalized = domain::typed_code("code", code)?;
+                self.service.get_key_by_code(&normalized).await?
+            }
+            None => return Err(invalid(InvalidField::new("key_id", "key_id or code is required")).into()),
+        };
+        reply(pb::GetKeyResponse { key: Some(key) })
+    }
+
+    async fn list_keys(&self, request: Request<pb::ListKeysRequest>) -> Reply<pb::ListKeysResponse> {
+        let r = request.get_ref();
+        let scope = list_scope(r.scope.as_ref()).map_err(invalid)?;
+        let status = domain::status_filter(r.status).map_err(invalid)?;
+        let limit = page::page_size(r.page_size).map_err(invalid)?;
+        let after = page::decode(&r.page_token).map_err(invalid)?;
+        reply(self.service.list_keys(scope, status, after, limit).await?)
+    }
+
+    type ExportKeysStream = ExportStream;
+
+    async fn export_keys(&self, request: Request<pb::ExportKeysRequest>) -> Reply<Self::ExportKeysStream> {
+        let r = request.get_ref();
+        let scope = export_scope(r.scope.as_ref()).map_err(invalid)?;
+        let status = domain::status_filter(r.status).map_err(invalid)?;
+        reply(export::start(self.service.clone(), scope, status).await?)
+    }
+
+    async fn revoke_key(&self, request: Request<pb::RevokeKeyRequest>) -> Reply<pb::RevokeKeyResponse> {
+        let key_id = validate::id("key_id", &request.get_ref().key_id).map_err(invalid)?;
+        reply(self.service.revoke_key(key_id).await?)
+    }
+
+    async fn render_notification(
+        &self,
+        request: Request<pb::RenderNotificationRequest>,
+    ) -> Reply<pb::RenderNotificationResponse> {
+        let r = request.get_ref();
+        let class_id = validate::id("class_id", &r.class_id).map_err(invalid)?;
+        if r.template.chars().count() > domain::MAX_TEMPLATE {
+            let message = format!("must be at most {} characters", domain::MAX_TEMPLATE);
+            return Err(invalid(InvalidField::new("template", message)).into());
+        }
+        let text = self.service.render_notification(class_id, &r.template).await?;
+        reply(pb::RenderNotificationResponse { text })
+    }
+
+    async fn resolve_key(&self, request: Request<pb::ResolveKeyRequest>) -> Reply<pb::ResolveKeyResponse> {
+        let r = request.get_ref();
+        let normalized = domain::typed_code("code", &r.code)?;
+        let user_id = validate::optional_id("user_id", &r.user_id).map_err(invalid)?;
+        reply(self.service.resolve_key(&normalized, user_id).await?)
+    }
+
+    async fn consume_key(&self, request: Request<pb::ConsumeKeyRequest>) -> Reply<pb::ConsumeKeyResponse> {
+        let u = UseOfKey::try_from(request.into_inner()).map_err(invalid)?;
+        let c = self.service.consume_key(u).await?;
+        reply(pb::ConsumeKeyResponse { uses: c.uses, max_uses: c.max_uses, already_consumed: c.already_consumed })
+    }
+
+    async fn release_key(&self, request: Request<pb::ReleaseKeyRequest>) -> Reply<pb::ReleaseKeyResponse> {
+        let u = UseOfKey::try_from(request.into_inner()).map_err(invalid)?;
+        reply(pb::ReleaseKeyResponse { released: self.service.release_key(u).await? })
+    }
+}

@@ -1,0 +1,167 @@
+//! The key issuance service: training keys and key pools, their generation
+//! (OS CSPRNG, check symbol), validity windows, listing, CSV export,
+//! notification text, and the resolve / consume / release calls redemption
+//! makes. It asks the enrollment service over gRPC about classes and
+//! profiles and never reads enrollment's tables. Codes are stored as an HMAC
+//! and a ciphertext, never plain.
+
+pub mod code;
+pub mod domain;
+pub mod enrollment;
+pub mod error;
+pub mod export;
+pub mod generate;
+pub mod grpc;
+pub mod render;
+pub mod secrets;
+pub mod service;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use trainingkeys_proto::v1::key_issuance_service_server::{KeyIssuanceServiceServer, SERVICE_NAME};
+use trainingkeys_shared::config::CommonConfig;
+use trainingkeys_shared::server::{self, ServeOptions};
+
+pub use secrets::SecretString;
+
+/// The PostgreSQL schema this service owns.
+pub const SCHEMA: &str = "key_issuance";
+
+/// This service's migrations, embedded at build time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Largest gRPC message accepted or sent. Requests are small and exports are
+/// streamed in 64 KiB chunks; class key responses (≤ 10,000 keys) stay under it.
+const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Configuration of the key issuance service.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Config {
+    /// Address to listen on for gRPC.
+    #[arg(long, env = "KEY_ISSUANCE_LISTEN_ADDR", default_value = "0.0.0.0:50052")]
+    pub listen_addr: SocketAddr,
+
+    /// URL of the enrollment service, asked about classes and profiles.
+    #[arg(long, env = "ENROLLMENT_URL", default_value = "http://127.0.0.1:50051")]
+    pub enrollment_url: String,
+
+    /// Seconds a call to the enrollment service may take.
+    #[arg(long, env = "ENROLLMENT_TIMEOUT_SECONDS", default_value_t = 5)]
+    pub enrollment_timeout_seconds: u64,
+
+    /// Secret keying the HMAC-SHA256 that finds codes: at least 32 bytes,
+    /// raw or as 64+ hex characters. Required.
+    #[arg(long, env = "KEY_HMAC_SECRET", hide_env_values = true)]
+    pub key_hmac_secret: SecretString,
+
+    /// Retired HMAC secrets, comma-separated, still tried on lookup so keys
+    /// stored under them keep working after a rotation.
+    #[arg(long, env = "KEY_HMAC_OLD_SECRETS", default_value = "", hide_env_values = true, hide_default_value = true)]
+    pub key_hmac_old_secrets: SecretString,
+
+    /// AES-256-GCM key sealing codes for display: 32 bytes as 64 hex characters. Required.
+    #[arg(long, env = "KEY_ENCRYPTION_KEY", hide_env_values = true)]
+    pub key_encryption_key: SecretString,
+
+    /// Id stored with every code sealed by `KEY_ENCRYPTION_KEY` (change it when rotating).
+    #[arg(long, env = "KEY_ENCRYPTION_KEY_ID", default_value_t = 1)]
+    pub key_encryption_key_id: i16,
+
+    /// Retired encryption keys still needed to read older rows: `id:hex,id:hex`.
+    #[arg(long, env = "KEY_ENCRYPTION_OLD_KEYS", default_value = "", hide_env_values = true, hide_default_value = true)]
+    pub key_encryption_old_keys: SecretString,
+
+    /// Settings shared by every service.
+    #[command(flatten)]
+    pub common: CommonConfig,
+}
+
+impl Config {
+    /// The parsed code secrets; fails (without echoing them) when malformed.
+    pub fn keyring(&self) -> Result<secrets::Keyring, secrets::ConfigError> {
+        secrets::Keyring::new(
+            self.key_hmac_secret.expose(),
+            self.key_hmac_old_secrets.expose(),
+            self.key_encryption_key.expose(),
+            self.key_encryption_key_id,
+            self.key_encryption_old_keys.expose(),
+        )
+    }
+}
+
+/// A bound, migrated key issuance service, ready to [`run`](Self::run).
+pub struct Application {
+    listener: TcpListener,
+    pool: PgPool,
+    service: service::KeyService,
+    config: Config,
+}
+
+impl Application {
+    /// Checks the secrets, connects to PostgreSQL, applies migrations and
+    /// binds the listener (port 0 picks a free port; see
+    /// [`local_addr`](Self::local_addr)). The enrollment client connects lazily.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let keyring = Arc::new(config.keyring()?);
+        let pool = trainingkeys_shared::db::connect(
+            &config.common.database_url,
+            SCHEMA,
+            config.common.database_max_connections,
+        )?;
+        trainingkeys_shared::db::migrate(&pool, SCHEMA, &MIGRATOR).await?;
+        let enrollment = enrollment::Enrollment::connect(
+            &config.enrollment_url,
+            Duration::from_secs(config.enrollment_timeout_seconds),
+        )?;
+        let service = service::KeyService { store: store::Store::new(pool.clone()), enrollment, keyring };
+        let listener = TcpListener::bind(config.listen_addr).await?;
+        Ok(Self { listener, pool, service, config })
+    }
+
+    /// The address the service listens on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains in-flight calls.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let service = KeyIssuanceServiceServer::new(grpc::KeyIssuanceGrpc::new(self.service))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let routes = tonic::service::Routes::new(service);
+        let options = ServeOptions {
+            service_names: vec![SERVICE_NAME],
+            readiness_db: self.pool,
+            grace: self.config.common.shutdown_grace(),
+            max_connection_age: self.config.common.max_connection_age(),
+        };
+        server::serve(self.listener, routes, options, shutdown).await
+    }
+}
+
+/// A configuration for tests and tools: the given database and enrollment
+/// service, secrets as given, defaults elsewhere.
+pub fn config_for(
+    database_url: &str,
+    enrollment_url: &str,
+    hmac_secret: &str,
+    encryption_key: &str,
+) -> Config {
+    Config {
+        listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        enrollment_url: enrollment_url.to_owned(),
+        enrollment_timeout_seconds: 5,
+        key_hmac_secret: SecretString::new(hmac_secret),
+        key_hmac_old_secrets: SecretString::default(),
+        key_encryption_key: SecretString::new(encryption_key),
+        key_encryption_key_id: 1,
+        key_encryption_old_keys: SecretString::default(),
+        common: CommonConfig::for_database(database_url),
+    }
+}
