@@ -44,7 +44,11 @@ const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 #[derive(Clone, Debug, clap::Args)]
 pub struct Config {
     /// Address to listen on for gRPC.
-    #[arg(long, env = "KEY_ISSUANCE_LISTEN_ADDR", default_value = "0.0.0.0:50052")]
+    #[arg(
+        long,
+        env = "KEY_ISSUANCE_LISTEN_ADDR",
+        default_value = "0.0.0.0:50052"
+    )]
     pub listen_addr: SocketAddr,
 
     /// URL of the enrollment service, asked about classes and profiles.
@@ -62,7 +66,13 @@ pub struct Config {
 
     /// Retired HMAC secrets, comma-separated, still tried on lookup so keys
     /// stored under them keep working after a rotation.
-    #[arg(long, env = "KEY_HMAC_OLD_SECRETS", default_value = "", hide_env_values = true, hide_default_value = true)]
+    #[arg(
+        long,
+        env = "KEY_HMAC_OLD_SECRETS",
+        default_value = "",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
     pub key_hmac_old_secrets: SecretString,
 
     /// AES-256-GCM key sealing codes for display: 32 bytes as 64 hex characters. Required.
@@ -74,7 +84,13 @@ pub struct Config {
     pub key_encryption_key_id: i16,
 
     /// Retired encryption keys still needed to read older rows: `id:hex,id:hex`.
-    #[arg(long, env = "KEY_ENCRYPTION_OLD_KEYS", default_value = "", hide_env_values = true, hide_default_value = true)]
+    #[arg(
+        long,
+        env = "KEY_ENCRYPTION_OLD_KEYS",
+        default_value = "",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
     pub key_encryption_old_keys: SecretString,
 
     /// Settings shared by every service.
@@ -119,9 +135,18 @@ impl Application {
             &config.enrollment_url,
             Duration::from_secs(config.enrollment_timeout_seconds),
         )?;
-        let service = service::KeyService { store: store::Store::new(pool.clone()), enrollment, keyring };
+        let service = service::KeyService {
+            store: store::Store::new(pool.clone()),
+            enrollment,
+            keyring,
+        };
         let listener = TcpListener::bind(config.listen_addr).await?;
-        Ok(Self { listener, pool, service, config })
+        Ok(Self {
+            listener,
+            pool,
+            service,
+            config,
+        })
     }
 
     /// The address the service listens on.

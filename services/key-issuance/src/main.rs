@@ -24,7 +24,8 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let _telemetry = trainingkeys_shared::telemetry::init("key-issuance", cli.config.common.log_format)?;
+    let _telemetry =
+        trainingkeys_shared::telemetry::init("key-issuance", cli.config.common.log_format)?;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Migrate => {
             let common = &cli.config.common;
