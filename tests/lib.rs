@@ -24,12 +24,16 @@ pub fn server_database_url() -> String {
 pub async fn fresh_database() -> String {
     let server = server_database_url();
     let name = format!("test_{}", uuid::Uuid::new_v4().simple());
-    let mut conn = PgConnection::connect(&server).await.expect("connect to the test PostgreSQL");
+    let mut conn = PgConnection::connect(&server)
+        .await
+        .expect("connect to the test PostgreSQL");
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .execute(&mut conn)
         .await
         .expect("create test database");
-    let (base, _) = server.rsplit_once('/').expect("DATABASE_URL has a database name");
+    let (base, _) = server
+        .rsplit_once('/')
+        .expect("DATABASE_URL has a database name");
     format!("{base}/{name}")
 }
 
@@ -51,7 +55,11 @@ impl Spawned {
 
     /// A fresh channel to the service.
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url()).unwrap().connect().await.expect("connect to the service")
+        Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to the service")
     }
 
     /// Shuts the service down and waits for it.
@@ -63,7 +71,10 @@ impl Spawned {
 
 /// Common settings for a service under test on `database_url`.
 pub fn common_config(database_url: &str) -> CommonConfig {
-    CommonConfig { shutdown_grace_seconds: 2, ..CommonConfig::for_database(database_url) }
+    CommonConfig {
+        shutdown_grace_seconds: 2,
+        ..CommonConfig::for_database(database_url)
+    }
 }
 
 /// The enrollment service on `database_url`.
@@ -73,11 +84,17 @@ pub async fn spawn_enrollment(database_url: &str) -> Spawned {
         listen_addr: "127.0.0.1:0".parse().unwrap(),
         common: common_config(database_url),
     };
-    let app = trainingkeys_enrollment::Application::build(config).await.expect("build enrollment");
+    let app = trainingkeys_enrollment::Application::build(config)
+        .await
+        .expect("build enrollment");
     let addr = app.local_addr().unwrap();
     let shutdown = CancellationToken::new();
     let handle = tokio::spawn(app.run(shutdown.clone()));
-    Spawned { addr, shutdown, handle }
+    Spawned {
+        addr,
+        shutdown,
+        handle,
+    }
 }
 
 /// A fresh database with the enrollment service on it, and a client.
@@ -93,7 +110,11 @@ impl EnrollmentApp {
         let database_url = fresh_database().await;
         let service = spawn_enrollment(&database_url).await;
         let client = EnrollmentServiceClient::new(service.channel().await);
-        Self { database_url, service, client }
+        Self {
+            database_url,
+            service,
+            client,
+        }
     }
 
     /// A direct connection to the database, for checks behind the API's back.
@@ -159,7 +180,11 @@ pub fn reason(status: &tonic::Status) -> String {
 
 /// Asserts a call failed with `code` and `reason`.
 #[track_caller]
-pub fn assert_status<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: tonic::Code, reason_: &str) -> tonic::Status {
+pub fn assert_status<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    code: tonic::Code,
+    reason_: &str,
+) -> tonic::Status {
     let status = result.expect_err("expected an error status");
     assert_eq!(status.code(), code, "wrong code: {status:?}");
     assert_eq!(reason(&status), reason_, "wrong reason: {status:?}");
@@ -175,7 +200,10 @@ pub fn error_metadata(status: &tonic::Status, key: &str) -> String {
 /// The field an INVALID_FIELD status names.
 pub fn invalid_field(status: &tonic::Status) -> String {
     use tonic_types::StatusExt;
-    status.get_details_error_info().and_then(|i| i.metadata.get("field").cloned()).unwrap_or_default()
+    status
+        .get_details_error_info()
+        .and_then(|i| i.metadata.get("field").cloned())
+        .unwrap_or_default()
 }
 
 /// Polls `check` until it holds or `timeout` passes.

@@ -20,7 +20,9 @@ pub fn to_timestamp_opt(t: Option<DateTime<Utc>>) -> Option<Timestamp> {
 /// A protobuf timestamp as a `chrono` time; `None` when out of range or with
 /// nanos outside 0..1e9 (so callers can reject it as an invalid field).
 pub fn from_timestamp(ts: &Timestamp) -> Option<DateTime<Utc>> {
-    let nanos = u32::try_from(ts.nanos).ok().filter(|n| *n < 1_000_000_000)?;
+    let nanos = u32::try_from(ts.nanos)
+        .ok()
+        .filter(|n| *n < 1_000_000_000)?;
     DateTime::from_timestamp(ts.seconds, nanos)
 }
 
@@ -36,7 +38,19 @@ mod tests {
 
     #[test]
     fn rejects_negative_nanos() {
-        assert_eq!(from_timestamp(&Timestamp { seconds: 1, nanos: -1 }), None);
-        assert_eq!(from_timestamp(&Timestamp { seconds: i64::MAX, nanos: 0 }), None);
+        assert_eq!(
+            from_timestamp(&Timestamp {
+                seconds: 1,
+                nanos: -1
+            }),
+            None
+        );
+        assert_eq!(
+            from_timestamp(&Timestamp {
+                seconds: i64::MAX,
+                nanos: 0
+            }),
+            None
+        );
     }
 }

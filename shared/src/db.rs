@@ -30,11 +30,15 @@ pub async fn migrate(pool: &PgPool, schema: &str, migrator: &Migrator) -> anyhow
     );
     let mut tx = pool.begin().await?;
     // One lock id for all schema creation; held until commit.
-    sqlx::query("SELECT pg_advisory_xact_lock(7261873)").execute(&mut *tx).await?;
-    // Checked above to be a plain identifier.
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"")))
+    sqlx::query("SELECT pg_advisory_xact_lock(7261873)")
         .execute(&mut *tx)
         .await?;
+    // Checked above to be a plain identifier.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE SCHEMA IF NOT EXISTS \"{schema}\""
+    )))
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     migrator.run(pool).await?;
     Ok(())

@@ -28,7 +28,10 @@ pub struct InvalidField {
 impl InvalidField {
     /// An invalid `field` because of `message`.
     pub fn new(field: &'static str, message: impl Into<String>) -> Self {
-        Self { field, message: message.into() }
+        Self {
+            field,
+            message: message.into(),
+        }
     }
 }
 
@@ -70,7 +73,11 @@ pub fn internal(error: &(dyn std::error::Error + 'static)) -> Status {
 /// A dependency is down: retryable by the client.
 pub fn unavailable(what: &str, error: &(dyn std::error::Error + 'static)) -> Status {
     tracing::warn!(error = %ErrorChain(error), "{what} unavailable");
-    status(Code::Unavailable, UNAVAILABLE, format!("{what} is unavailable, retry later"))
+    status(
+        Code::Unavailable,
+        UNAVAILABLE,
+        format!("{what} is unavailable, retry later"),
+    )
 }
 
 /// The ErrorInfo reason of a status, if it carries one.
@@ -98,7 +105,10 @@ impl std::fmt::Display for ErrorChain<'_> {
 pub fn is_connection_error(e: &sqlx::Error) -> bool {
     matches!(
         e,
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_)
+        sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
     )
 }
 

@@ -3,6 +3,7 @@
 //! reflection, tracing, graceful shutdown), error statuses, validation and
 //! page tokens. It knows nothing of any one service.
 
+pub mod cli;
 pub mod config;
 pub mod db;
 pub mod error;

@@ -26,7 +26,10 @@ pub fn page_size(value: i32) -> Result<i64, InvalidField> {
     match i64::from(value) {
         0 => Ok(DEFAULT_PAGE_SIZE),
         n @ 1..=MAX_PAGE_SIZE => Ok(n),
-        _ => Err(InvalidField::new("page_size", format!("must be 0-{MAX_PAGE_SIZE}"))),
+        _ => Err(InvalidField::new(
+            "page_size",
+            format!("must be 0-{MAX_PAGE_SIZE}"),
+        )),
     }
 }
 
@@ -42,7 +45,7 @@ pub fn decode(token: &str) -> Result<Option<Cursor>, InvalidField> {
         return Ok(None);
     }
     let bad = || InvalidField::new("page_token", "is not a token this server issued");
-    if token.len() % 2 != 0 || token.len() > 200 {
+    if !token.len().is_multiple_of(2) || token.len() > 200 {
         return Err(bad());
     }
     let bytes = (0..token.len())
@@ -51,7 +54,11 @@ pub fn decode(token: &str) -> Result<Option<Cursor>, InvalidField> {
         .collect::<Result<Vec<u8>, _>>()?;
     let raw = String::from_utf8(bytes).map_err(|_| bad())?;
     let (micros, id) = raw.split_once(':').ok_or_else(bad)?;
-    let time = micros.parse::<i64>().ok().and_then(DateTime::from_timestamp_micros).ok_or_else(bad)?;
+    let time = micros
+        .parse::<i64>()
+        .ok()
+        .and_then(DateTime::from_timestamp_micros)
+        .ok_or_else(bad)?;
     let id = Uuid::parse_str(id).map_err(|_| bad())?;
     Ok(Some(Cursor { time, id }))
 }
@@ -70,7 +77,10 @@ mod tests {
 
     #[test]
     fn tokens_round_trip_and_reject_garbage() {
-        let c = Cursor { time: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(), id: Uuid::now_v7() };
+        let c = Cursor {
+            time: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(),
+            id: Uuid::now_v7(),
+        };
         assert_eq!(decode(&encode(c)).unwrap(), Some(c));
         assert_eq!(decode("").unwrap(), None);
         for bad in ["zz", "abc", "6162", &"00".repeat(150)] {

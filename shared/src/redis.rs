@@ -1,16 +1,100 @@
 //! Redis: one multiplexed, self-reconnecting connection with bounded timeouts,
-//! so a stalled Redis makes calls fail fast instead of hanging.
+//! opened lazily so a service starts (and keeps working in a degraded mode)
+//! while Redis is down, plus a short circuit breaker so a dead or paused
+//! Redis costs one timeout per second, not one per call.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::OnceCell;
 
-/// Connects to Redis at `url`. Each command gives up after `timeout`.
-pub async fn connect(url: &str, timeout: Duration) -> anyhow::Result<ConnectionManager> {
-    let client = redis::Client::open(url)?;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(timeout))
-        .set_response_timeout(Some(timeout))
-        .set_number_of_retries(1);
-    Ok(ConnectionManager::new_with_config(client, config).await?)
+/// How long Redis is skipped after a failure.
+const OPEN_CIRCUIT: Duration = Duration::from_secs(1);
+
+/// Why Redis could not be used for a call.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisUnavailable {
+    /// A recent failure opened the circuit; not tried.
+    #[error("redis skipped after a recent failure")]
+    CircuitOpen,
+    /// The call failed (connection refused, timeout, ...).
+    #[error("redis error")]
+    Failed(#[from] redis::RedisError),
+}
+
+/// A lazily connected Redis with a circuit breaker.
+pub struct Redis {
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    conn: OnceCell<ConnectionManager>,
+    /// Unix ms until which calls skip Redis.
+    open_until_ms: AtomicU64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Redis {
+    /// A handle to Redis at `url`; nothing is connected yet. Each command
+    /// gives up after `timeout`.
+    pub fn new(url: &str, timeout: Duration) -> anyhow::Result<Self> {
+        let client = redis::Client::open(url)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1);
+        Ok(Self {
+            client,
+            config,
+            conn: OnceCell::new(),
+            open_until_ms: AtomicU64::new(0),
+        })
+    }
+
+    /// The connection, unless Redis failed in the last second.
+    pub async fn connection(&self) -> Result<ConnectionManager, RedisUnavailable> {
+        if now_ms() < self.open_until_ms.load(Ordering::Relaxed) {
+            return Err(RedisUnavailable::CircuitOpen);
+        }
+        let conn = self
+            .conn
+            .get_or_try_init(|| {
+                ConnectionManager::new_with_config(self.client.clone(), self.config.clone())
+            })
+            .await
+            .inspect_err(|_| self.trip())?;
+        Ok(conn.clone())
+    }
+
+    /// Runs `f` on the connection; a failure opens the circuit.
+    pub async fn run<T, F, Fut>(&self, f: F) -> Result<T, RedisUnavailable>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let conn = self.connection().await?;
+        f(conn).await.map_err(|e| {
+            // A script error is a bug, not an outage; only I/O trips the circuit.
+            if e.is_io_error()
+                || e.is_timeout()
+                || e.is_connection_dropped()
+                || e.is_connection_refusal()
+            {
+                self.trip();
+            }
+            RedisUnavailable::Failed(e)
+        })
+    }
+
+    fn trip(&self) {
+        let until = now_ms() + OPEN_CIRCUIT.as_millis() as u64;
+        if self.open_until_ms.swap(until, Ordering::Relaxed) < now_ms() {
+            tracing::warn!("redis unavailable: skipping it for {OPEN_CIRCUIT:?}");
+        }
+    }
 }

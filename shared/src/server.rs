@@ -13,6 +13,24 @@ use tonic::service::Routes;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic_health::ServingStatus;
 
+/// Connects a service's pool (its own schema), applies its migrations and
+/// binds its listener: the start of every service's `build`.
+pub async fn prepare(
+    common: &crate::config::CommonConfig,
+    schema: &str,
+    migrator: &sqlx::migrate::Migrator,
+    listen_addr: std::net::SocketAddr,
+) -> anyhow::Result<(PgPool, TcpListener)> {
+    let pool = crate::db::connect(
+        &common.database_url,
+        schema,
+        common.database_max_connections,
+    )?;
+    crate::db::migrate(&pool, schema, migrator).await?;
+    let listener = TcpListener::bind(listen_addr).await?;
+    Ok((pool, listener))
+}
+
 /// How often readiness (database reachability) is re-checked.
 const READINESS_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -42,7 +60,9 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
-    let names: Vec<&'static str> = std::iter::once("").chain(options.service_names.iter().copied()).collect();
+    let names: Vec<&'static str> = std::iter::once("")
+        .chain(options.service_names.iter().copied())
+        .collect();
     let set_all = {
         let health = health.clone();
         let names = names.clone();
@@ -69,7 +89,12 @@ pub async fn serve(
                 let ok = crate::db::is_reachable(&db).await;
                 if last != Some(ok) {
                     tracing::info!(serving = ok, "readiness changed");
-                    set_all(if ok { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
+                    set_all(if ok {
+                        ServingStatus::Serving
+                    } else {
+                        ServingStatus::NotServing
+                    })
+                    .await;
                     last = Some(ok);
                 }
                 tokio::select! {
@@ -87,7 +112,10 @@ pub async fn serve(
     let local_addr = listener.local_addr()?;
     let server = builder
         .add_routes(routes.add_service(health_service).add_service(reflection))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            shutdown.clone().cancelled_owned(),
+        );
     let mut server = tokio::spawn(server);
     tracing::info!(%local_addr, "listening");
 

@@ -38,13 +38,20 @@ pub fn init(service_name: &'static str, format: LogFormat) -> anyhow::Result<Tel
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer().with_target(false).boxed(),
-        LogFormat::Json => tracing_subscriber::fmt::layer().json().with_current_span(true).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .boxed(),
     };
 
     let provider = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
         Ok(endpoint) if !endpoint.is_empty() => {
-            let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?;
-            let resource = opentelemetry_sdk::Resource::builder().with_service_name(service_name).build();
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .build()?;
+            let resource = opentelemetry_sdk::Resource::builder()
+                .with_service_name(service_name)
+                .build();
             Some(
                 SdkTracerProvider::builder()
                     .with_batch_exporter(exporter)
@@ -74,7 +81,9 @@ pub fn init_for_tests() {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     if std::env::var_os("TEST_LOG").is_some() {
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+            .with_env_filter(
+                EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            )
             .with_test_writer()
             .try_init();
     }
@@ -84,15 +93,20 @@ pub fn init_for_tests() {
 /// parent is the remote span in the call's `traceparent` header.
 pub fn server_span(request: &http::Request<()>) -> tracing::Span {
     let path = request.uri().path().trim_start_matches('/');
-    let span = tracing::info_span!("grpc", otel.name = %path, rpc.system = "grpc", otel.kind = "server");
-    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
+    let span =
+        tracing::info_span!("grpc", otel.name = %path, rpc.system = "grpc", otel.kind = "server");
+    let parent = opentelemetry::global::get_text_map_propagator(|p| {
+        p.extract(&HeaderExtractor(request.headers()))
+    });
     let _ = span.set_parent(parent);
     span
 }
 
 /// Client interceptor: writes the current span's context into the outgoing
 /// call's metadata (`traceparent`).
-pub fn inject_trace_context(mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+pub fn inject_trace_context(
+    mut request: tonic::Request<()>,
+) -> Result<tonic::Request<()>, tonic::Status> {
     let context = tracing::Span::current().context();
     opentelemetry::global::get_text_map_propagator(|p| {
         p.inject_context(&context, &mut MetadataInjector(request.metadata_mut()));

@@ -16,31 +16,51 @@ pub fn id(field: &'static str, value: &str) -> Result<Uuid, InvalidField> {
 
 /// An optional UUID field: empty means none.
 pub fn optional_id(field: &'static str, value: &str) -> Result<Option<Uuid>, InvalidField> {
-    if value.is_empty() { Ok(None) } else { id(field, value).map(Some) }
+    if value.is_empty() {
+        Ok(None)
+    } else {
+        id(field, value).map(Some)
+    }
 }
 
 /// An organization id: 1-128 of `A-Z a-z 0-9 . _ -`.
 pub fn organization_id(field: &'static str, value: &str) -> Result<String, InvalidField> {
     let ok = (1..=128).contains(&value.len())
-        && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if ok {
         Ok(value.to_owned())
     } else {
-        Err(InvalidField::new(field, "must be 1-128 of A-Z a-z 0-9 . _ -"))
+        Err(InvalidField::new(
+            field,
+            "must be 1-128 of A-Z a-z 0-9 . _ -",
+        ))
     }
 }
 
 /// Free text, trimmed, of 1..=max characters (or 0..=max when optional).
-pub fn text(field: &'static str, value: &str, max: usize, required: bool) -> Result<String, InvalidField> {
+pub fn text(
+    field: &'static str,
+    value: &str,
+    max: usize,
+    required: bool,
+) -> Result<String, InvalidField> {
     let value = value.trim();
     if required && value.is_empty() {
         return Err(InvalidField::new(field, "is required"));
     }
     if value.chars().count() > max {
-        return Err(InvalidField::new(field, format!("must be at most {max} characters")));
+        return Err(InvalidField::new(
+            field,
+            format!("must be at most {max} characters"),
+        ));
     }
     if value.chars().any(char::is_control) {
-        return Err(InvalidField::new(field, "must not contain control characters"));
+        return Err(InvalidField::new(
+            field,
+            "must not contain control characters",
+        ));
     }
     Ok(value.to_owned())
 }
@@ -78,9 +98,9 @@ pub fn email(field: &'static str, value: &str) -> Result<String, InvalidField> {
     let (local, domain) = email.split_once('@').ok_or_else(bad)?;
     let domain_ok = !domain.contains('@')
         && domain.contains('.')
-        && domain.split('.').all(|label| {
-            !label.is_empty() && !label.starts_with('-') && !label.ends_with('-')
-        });
+        && domain
+            .split('.')
+            .all(|label| !label.is_empty() && !label.starts_with('-') && !label.ends_with('-'));
     if local.is_empty() || local.len() > 64 || !domain_ok {
         return Err(bad());
     }
@@ -93,8 +113,20 @@ mod tests {
 
     #[test]
     fn emails_are_normalised_and_checked() {
-        assert_eq!(email("email", "  Ada@Example.COM ").unwrap(), "ada@example.com");
-        for bad in ["", "ada", "ada@", "@example.com", "ada@example", "a b@example.com", "a@b@c.com", "ada@-x.com"] {
+        assert_eq!(
+            email("email", "  Ada@Example.COM ").unwrap(),
+            "ada@example.com"
+        );
+        for bad in [
+            "",
+            "ada",
+            "ada@",
+            "@example.com",
+            "ada@example",
+            "a b@example.com",
+            "a@b@c.com",
+            "ada@-x.com",
+        ] {
             assert!(email("email", bad).is_err(), "{bad:?} accepted");
         }
     }

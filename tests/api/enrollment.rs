@@ -7,12 +7,14 @@ use std::collections::HashSet;
 use chrono::{Duration, Utc};
 use futures::future::join_all;
 use tonic::Code;
+use tonic::transport::Channel;
 use trainingkeys_proto::time::to_timestamp;
 use trainingkeys_proto::v1::{self as pb, enrollment_service_client::EnrollmentServiceClient};
-use trainingkeys_tests::{assert_status, invalid_field, EnrollmentApp};
-use tonic::transport::Channel;
+use trainingkeys_tests::{EnrollmentApp, assert_status, invalid_field};
 
 type Client = EnrollmentServiceClient<Channel>;
+/// A change that makes a CreateClass request invalid.
+type Mutation = Box<dyn Fn(&mut pb::CreateClassRequest)>;
 
 fn org() -> String {
     format!("org-{}", uuid::Uuid::new_v4().simple())
@@ -32,7 +34,13 @@ fn class_request(organization_id: &str, max_students: i32) -> pb::CreateClassReq
 }
 
 async fn create_class(client: &mut Client, organization_id: &str, max_students: i32) -> pb::Class {
-    client.create_class(class_request(organization_id, max_students)).await.unwrap().into_inner().class.unwrap()
+    client
+        .create_class(class_request(organization_id, max_students))
+        .await
+        .unwrap()
+        .into_inner()
+        .class
+        .unwrap()
 }
 
 async fn register(client: &mut Client, organization_id: &str, email: &str) -> pb::User {
@@ -49,9 +57,17 @@ async fn register(client: &mut Client, organization_id: &str, email: &str) -> pb
         .unwrap()
 }
 
-async fn enroll(client: &mut Client, class_id: &str, user_id: &str) -> Result<pb::EnrollResponse, tonic::Status> {
+async fn enroll(
+    client: &mut Client,
+    class_id: &str,
+    user_id: &str,
+) -> Result<pb::EnrollResponse, tonic::Status> {
     client
-        .enroll(pb::EnrollRequest { class_id: class_id.into(), user_id: user_id.into(), source_key_id: String::new() })
+        .enroll(pb::EnrollRequest {
+            class_id: class_id.into(),
+            user_id: user_id.into(),
+            source_key_id: String::new(),
+        })
         .await
         .map(tonic::Response::into_inner)
 }
@@ -114,7 +130,13 @@ async fn users_are_get_or_create_by_case_insensitive_email() {
     let other = register(&mut app.client, &self::org(), "ada.lovelace@example.com").await;
     assert_ne!(other.user_id, user.user_id);
 
-    let fetched = app.client.get_user(pb::GetUserRequest { user_id: user.user_id.clone() }).await.unwrap();
+    let fetched = app
+        .client
+        .get_user(pb::GetUserRequest {
+            user_id: user.user_id.clone(),
+        })
+        .await
+        .unwrap();
     assert_eq!(fetched.into_inner().user.unwrap(), user);
 
     // Concurrent registrations of one new email make one user.
@@ -133,15 +155,29 @@ async fn classes_are_created_read_and_updated() {
     let mut app = EnrollmentApp::start().await;
     let org = org();
     let class = create_class(&mut app.client, &org, 3).await;
-    assert_eq!((class.max_students, class.enrolled_count, class.seats_left), (3, 0, 3));
+    assert_eq!(
+        (class.max_students, class.enrolled_count, class.seats_left),
+        (3, 0, 3)
+    );
     let end = class.end_time.unwrap();
-    assert_eq!(class.lab_access_end_time.unwrap().seconds, end.seconds + 7 * 86_400);
+    assert_eq!(
+        class.lab_access_end_time.unwrap().seconds,
+        end.seconds + 7 * 86_400
+    );
 
-    let fetched = app.client.get_class(pb::GetClassRequest { class_id: class.class_id.clone() }).await.unwrap();
+    let fetched = app
+        .client
+        .get_class(pb::GetClassRequest {
+            class_id: class.class_id.clone(),
+        })
+        .await
+        .unwrap();
     assert_eq!(fetched.into_inner().class.unwrap(), class);
 
     let user = register(&mut app.client, &org, "a@example.com").await;
-    enroll(&mut app.client, &class.class_id, &user.user_id).await.unwrap();
+    enroll(&mut app.client, &class.class_id, &user.user_id)
+        .await
+        .unwrap();
     let new_start = Utc::now() + Duration::days(10);
     let updated = app
         .client
@@ -160,7 +196,14 @@ async fn classes_are_created_read_and_updated() {
         .unwrap();
     assert_eq!(updated.title, "Advanced Rust");
     assert_eq!(updated.course_id, class.course_id, "unset fields stay");
-    assert_eq!((updated.max_students, updated.enrolled_count, updated.seats_left), (1, 1, 0));
+    assert_eq!(
+        (
+            updated.max_students,
+            updated.enrolled_count,
+            updated.seats_left
+        ),
+        (1, 1, 0)
+    );
     assert_eq!(updated.start_time.unwrap().seconds, new_start.timestamp());
 }
 
@@ -168,8 +211,11 @@ async fn classes_are_created_read_and_updated() {
 async fn class_input_is_checked() {
     let mut app = EnrollmentApp::start().await;
     let org = org();
-    let cases: Vec<(&str, Box<dyn Fn(&mut pb::CreateClassRequest)>)> = vec![
-        ("organization_id", Box::new(|r| r.organization_id = "bad org!".into())),
+    let cases: Vec<(&str, Mutation)> = vec![
+        (
+            "organization_id",
+            Box::new(|r| r.organization_id = "bad org!".into()),
+        ),
         ("title", Box::new(|r| r.title = "   ".into())),
         ("title", Box::new(|r| r.title = "x".repeat(201))),
         ("course_id", Box::new(|r| r.course_id.clear())),
@@ -179,38 +225,97 @@ async fn class_input_is_checked() {
         ("max_students", Box::new(|r| r.max_students = 0)),
         ("max_students", Box::new(|r| r.max_students = -5)),
         ("lab_access_days", Box::new(|r| r.lab_access_days = -1)),
-        ("start_time", Box::new(|r| r.start_time.as_mut().unwrap().nanos = -1)),
+        (
+            "start_time",
+            Box::new(|r| r.start_time.as_mut().unwrap().nanos = -1),
+        ),
     ];
     for (field, mutate) in cases {
         let mut request = class_request(&org, 10);
         mutate(&mut request);
-        let status = assert_status(app.client.create_class(request).await, Code::InvalidArgument, "INVALID_FIELD");
+        let status = assert_status(
+            app.client.create_class(request).await,
+            Code::InvalidArgument,
+            "INVALID_FIELD",
+        );
         assert_eq!(invalid_field(&status), field);
     }
 
     let class = create_class(&mut app.client, &org, 2).await;
     for (r, field) in [
-        (pb::UpdateClassRequest { class_id: "nope".into(), ..Default::default() }, "class_id"),
-        (pb::UpdateClassRequest { class_id: class.class_id.clone(), max_students: Some(0), ..Default::default() }, "max_students"),
-        (pb::UpdateClassRequest { class_id: class.class_id.clone(), end_time: class.start_time, ..Default::default() }, "end_time"),
-        (pb::UpdateClassRequest { class_id: class.class_id.clone(), title: Some(String::new()), ..Default::default() }, "title"),
+        (
+            pb::UpdateClassRequest {
+                class_id: "nope".into(),
+                ..Default::default()
+            },
+            "class_id",
+        ),
+        (
+            pb::UpdateClassRequest {
+                class_id: class.class_id.clone(),
+                max_students: Some(0),
+                ..Default::default()
+            },
+            "max_students",
+        ),
+        (
+            pb::UpdateClassRequest {
+                class_id: class.class_id.clone(),
+                end_time: class.start_time,
+                ..Default::default()
+            },
+            "end_time",
+        ),
+        (
+            pb::UpdateClassRequest {
+                class_id: class.class_id.clone(),
+                title: Some(String::new()),
+                ..Default::default()
+            },
+            "title",
+        ),
     ] {
-        let status = assert_status(app.client.update_class(r).await, Code::InvalidArgument, "INVALID_FIELD");
+        let status = assert_status(
+            app.client.update_class(r).await,
+            Code::InvalidArgument,
+            "INVALID_FIELD",
+        );
         assert_eq!(invalid_field(&status), field);
     }
     let missing = uuid::Uuid::new_v4().to_string();
     assert_status(
-        app.client.update_class(pb::UpdateClassRequest { class_id: missing.clone(), ..Default::default() }).await,
+        app.client
+            .update_class(pb::UpdateClassRequest {
+                class_id: missing.clone(),
+                ..Default::default()
+            })
+            .await,
         Code::NotFound,
         "CLASS_NOT_FOUND",
     );
-    assert_status(app.client.get_class(pb::GetClassRequest { class_id: missing }).await, Code::NotFound, "CLASS_NOT_FOUND");
-    assert_status(app.client.get_class(pb::GetClassRequest { class_id: "123".into() }).await, Code::InvalidArgument, "INVALID_FIELD");
+    assert_status(
+        app.client
+            .get_class(pb::GetClassRequest { class_id: missing })
+            .await,
+        Code::NotFound,
+        "CLASS_NOT_FOUND",
+    );
+    assert_status(
+        app.client
+            .get_class(pb::GetClassRequest {
+                class_id: "123".into(),
+            })
+            .await,
+        Code::InvalidArgument,
+        "INVALID_FIELD",
+    );
 
     // Lowering the maximum below the enrolled count is refused and changes nothing.
     for i in 0..2 {
         let u = register(&mut app.client, &org, &format!("s{i}@example.com")).await;
-        enroll(&mut app.client, &class.class_id, &u.user_id).await.unwrap();
+        enroll(&mut app.client, &class.class_id, &u.user_id)
+            .await
+            .unwrap();
     }
     assert_status(
         app.client
@@ -224,8 +329,24 @@ async fn class_input_is_checked() {
         Code::FailedPrecondition,
         "MAX_BELOW_ENROLLED",
     );
-    let after = app.client.get_class(pb::GetClassRequest { class_id: class.class_id }).await.unwrap().into_inner().class.unwrap();
-    assert_eq!((after.title.as_str(), after.max_students, after.enrolled_count), ("Rust for services", 2, 2));
+    let after = app
+        .client
+        .get_class(pb::GetClassRequest {
+            class_id: class.class_id,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .class
+        .unwrap();
+    assert_eq!(
+        (
+            after.title.as_str(),
+            after.max_students,
+            after.enrolled_count
+        ),
+        ("Rust for services", 2, 2)
+    );
 }
 
 #[tokio::test]
@@ -239,16 +360,32 @@ async fn user_input_is_checked() {
     ] {
         let status = assert_status(
             app.client
-                .register_user(pb::RegisterUserRequest { organization_id: org.into(), email: email.into(), display_name: String::new() })
+                .register_user(pb::RegisterUserRequest {
+                    organization_id: org.into(),
+                    email: email.into(),
+                    display_name: String::new(),
+                })
                 .await,
             Code::InvalidArgument,
             "INVALID_FIELD",
         );
         assert_eq!(invalid_field(&status), field);
     }
-    assert_status(app.client.get_user(pb::GetUserRequest { user_id: String::new() }).await, Code::InvalidArgument, "INVALID_FIELD");
     assert_status(
-        app.client.get_user(pb::GetUserRequest { user_id: uuid::Uuid::new_v4().to_string() }).await,
+        app.client
+            .get_user(pb::GetUserRequest {
+                user_id: String::new(),
+            })
+            .await,
+        Code::InvalidArgument,
+        "INVALID_FIELD",
+    );
+    assert_status(
+        app.client
+            .get_user(pb::GetUserRequest {
+                user_id: uuid::Uuid::new_v4().to_string(),
+            })
+            .await,
         Code::NotFound,
         "USER_NOT_FOUND",
     );
@@ -265,7 +402,11 @@ async fn enroll_cancel_and_roster() {
 
     let first = app
         .client
-        .enroll(pb::EnrollRequest { class_id: class.class_id.clone(), user_id: ada.user_id.clone(), source_key_id: key_id.clone() })
+        .enroll(pb::EnrollRequest {
+            class_id: class.class_id.clone(),
+            user_id: ada.user_id.clone(),
+            source_key_id: key_id.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -274,38 +415,70 @@ async fn enroll_cancel_and_roster() {
     assert_eq!(enrollment.source_key_id, key_id);
     assert_eq!(enrollment.status, pb::EnrollmentStatus::Active as i32);
 
-    let again = enroll(&mut app.client, &class.class_id, &ada.user_id).await.unwrap();
+    let again = enroll(&mut app.client, &class.class_id, &ada.user_id)
+        .await
+        .unwrap();
     assert!(again.already_enrolled);
-    assert_eq!(again.enrollment.unwrap().enrollment_id, enrollment.enrollment_id);
+    assert_eq!(
+        again.enrollment.unwrap().enrollment_id,
+        enrollment.enrollment_id
+    );
 
-    assert_status(enroll(&mut app.client, &class.class_id, &bob.user_id).await, Code::ResourceExhausted, "CLASS_FULL");
+    assert_status(
+        enroll(&mut app.client, &class.class_id, &bob.user_id).await,
+        Code::ResourceExhausted,
+        "CLASS_FULL",
+    );
 
     let cancelled = app
         .client
-        .cancel_enrollment(pb::CancelEnrollmentRequest { enrollment_id: enrollment.enrollment_id.clone() })
+        .cancel_enrollment(pb::CancelEnrollmentRequest {
+            enrollment_id: enrollment.enrollment_id.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert!(!cancelled.already_cancelled);
-    assert_eq!(cancelled.enrollment.unwrap().status, pb::EnrollmentStatus::Cancelled as i32);
+    assert_eq!(
+        cancelled.enrollment.unwrap().status,
+        pb::EnrollmentStatus::Cancelled as i32
+    );
     let twice = app
         .client
-        .cancel_enrollment(pb::CancelEnrollmentRequest { enrollment_id: enrollment.enrollment_id.clone() })
+        .cancel_enrollment(pb::CancelEnrollmentRequest {
+            enrollment_id: enrollment.enrollment_id.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert!(twice.already_cancelled, "cancelling again changes nothing");
 
     // The freed seat goes to the next student, and only one seat was freed.
-    let bobs = enroll(&mut app.client, &class.class_id, &bob.user_id).await.unwrap();
+    let bobs = enroll(&mut app.client, &class.class_id, &bob.user_id)
+        .await
+        .unwrap();
     assert!(!bobs.already_enrolled);
-    assert_status(enroll(&mut app.client, &class.class_id, &ada.user_id).await, Code::ResourceExhausted, "CLASS_FULL");
+    assert_status(
+        enroll(&mut app.client, &class.class_id, &ada.user_id).await,
+        Code::ResourceExhausted,
+        "CLASS_FULL",
+    );
 
     let active = roster(&mut app.client, &class.class_id, 10).await;
-    assert_eq!(active.iter().map(|e| e.user_id.as_str()).collect::<Vec<_>>(), vec![bob.user_id.as_str()]);
+    assert_eq!(
+        active
+            .iter()
+            .map(|e| e.user_id.as_str())
+            .collect::<Vec<_>>(),
+        vec![bob.user_id.as_str()]
+    );
     let everything = app
         .client
-        .list_enrollments(pb::ListEnrollmentsRequest { class_id: class.class_id.clone(), include_cancelled: true, ..Default::default() })
+        .list_enrollments(pb::ListEnrollmentsRequest {
+            class_id: class.class_id.clone(),
+            include_cancelled: true,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -336,25 +509,57 @@ async fn enroll_input_is_checked() {
     let outsider = register(&mut app.client, &self::org(), "u@example.com").await;
     let unknown = uuid::Uuid::new_v4().to_string();
 
-    assert_status(enroll(&mut app.client, &unknown, &user.user_id).await, Code::NotFound, "CLASS_NOT_FOUND");
-    assert_status(enroll(&mut app.client, &class.class_id, &unknown).await, Code::NotFound, "USER_NOT_FOUND");
-    assert_status(enroll(&mut app.client, "", &user.user_id).await, Code::InvalidArgument, "INVALID_FIELD");
-    assert_status(enroll(&mut app.client, &class.class_id, "x").await, Code::InvalidArgument, "INVALID_FIELD");
+    assert_status(
+        enroll(&mut app.client, &unknown, &user.user_id).await,
+        Code::NotFound,
+        "CLASS_NOT_FOUND",
+    );
+    assert_status(
+        enroll(&mut app.client, &class.class_id, &unknown).await,
+        Code::NotFound,
+        "USER_NOT_FOUND",
+    );
+    assert_status(
+        enroll(&mut app.client, "", &user.user_id).await,
+        Code::InvalidArgument,
+        "INVALID_FIELD",
+    );
+    assert_status(
+        enroll(&mut app.client, &class.class_id, "x").await,
+        Code::InvalidArgument,
+        "INVALID_FIELD",
+    );
     let status = assert_status(
         app.client
-            .enroll(pb::EnrollRequest { class_id: class.class_id.clone(), user_id: user.user_id.clone(), source_key_id: "k".into() })
+            .enroll(pb::EnrollRequest {
+                class_id: class.class_id.clone(),
+                user_id: user.user_id.clone(),
+                source_key_id: "k".into(),
+            })
             .await,
         Code::InvalidArgument,
         "INVALID_FIELD",
     );
     assert_eq!(invalid_field(&status), "source_key_id");
-    assert_status(enroll(&mut app.client, &class.class_id, &outsider.user_id).await, Code::FailedPrecondition, "ORGANIZATION_MISMATCH");
     assert_status(
-        app.client.cancel_enrollment(pb::CancelEnrollmentRequest { enrollment_id: unknown.clone() }).await,
+        enroll(&mut app.client, &class.class_id, &outsider.user_id).await,
+        Code::FailedPrecondition,
+        "ORGANIZATION_MISMATCH",
+    );
+    assert_status(
+        app.client
+            .cancel_enrollment(pb::CancelEnrollmentRequest {
+                enrollment_id: unknown.clone(),
+            })
+            .await,
         Code::NotFound,
         "ENROLLMENT_NOT_FOUND",
     );
-    for (page_size, page_token, field) in [(-1, "", "page_size"), (1001, "", "page_size"), (10, "zz", "page_token")] {
+    for (page_size, page_token, field) in [
+        (-1, "", "page_size"),
+        (1001, "", "page_size"),
+        (10, "zz", "page_token"),
+    ] {
         let status = assert_status(
             app.client
                 .list_enrollments(pb::ListEnrollmentsRequest {
@@ -370,12 +575,26 @@ async fn enroll_input_is_checked() {
         assert_eq!(invalid_field(&status), field);
     }
     assert_status(
-        app.client.list_enrollments(pb::ListEnrollmentsRequest { class_id: unknown, ..Default::default() }).await,
+        app.client
+            .list_enrollments(pb::ListEnrollmentsRequest {
+                class_id: unknown,
+                ..Default::default()
+            })
+            .await,
         Code::NotFound,
         "CLASS_NOT_FOUND",
     );
     // None of the failures wrote anything.
-    let class = app.client.get_class(pb::GetClassRequest { class_id: class.class_id }).await.unwrap().into_inner().class.unwrap();
+    let class = app
+        .client
+        .get_class(pb::GetClassRequest {
+            class_id: class.class_id,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .class
+        .unwrap();
     assert_eq!(class.enrolled_count, 0);
 }
 
@@ -386,7 +605,9 @@ async fn roster_pages_are_stable_and_complete() {
     let class = create_class(&mut app.client, &org, 10).await;
     for i in 0..7 {
         let u = register(&mut app.client, &org, &format!("p{i}@example.com")).await;
-        enroll(&mut app.client, &class.class_id, &u.user_id).await.unwrap();
+        enroll(&mut app.client, &class.class_id, &u.user_id)
+            .await
+            .unwrap();
     }
     let paged = roster(&mut app.client, &class.class_id, 3).await;
     let whole = roster(&mut app.client, &class.class_id, 100).await;
@@ -402,7 +623,11 @@ async fn capacity_guard_holds_under_200_concurrent_enrollments() {
     let users = join_all((0..200).map(|i| {
         let mut c = app.client.clone();
         let org = org.clone();
-        async move { register(&mut c, &org, &format!("student{i}@example.com")).await.user_id }
+        async move {
+            register(&mut c, &org, &format!("student{i}@example.com"))
+                .await
+                .user_id
+        }
     }))
     .await;
 
@@ -418,9 +643,25 @@ async fn capacity_guard_holds_under_200_concurrent_enrollments() {
         .iter()
         .filter(|r| matches!(r, Err(s) if s.code() == Code::ResourceExhausted && trainingkeys_tests::reason(s) == "CLASS_FULL"))
         .count();
-    assert_eq!((ok, full), (50, 150), "{:?}", results.iter().find(|r| r.as_ref().is_err_and(|s| s.code() != Code::ResourceExhausted)));
+    assert_eq!(
+        (ok, full),
+        (50, 150),
+        "{:?}",
+        results.iter().find(|r| r
+            .as_ref()
+            .is_err_and(|s| s.code() != Code::ResourceExhausted))
+    );
 
-    let class = app.client.get_class(pb::GetClassRequest { class_id: class.class_id.clone() }).await.unwrap().into_inner().class.unwrap();
+    let class = app
+        .client
+        .get_class(pb::GetClassRequest {
+            class_id: class.class_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .class
+        .unwrap();
     assert_eq!((class.enrolled_count, class.seats_left), (50, 0));
     let mut db = app.db().await;
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM enrollment.enrollments WHERE class_id = $1::uuid AND cancelled_at IS NULL")
@@ -445,16 +686,29 @@ async fn one_user_enrolling_20_times_concurrently_takes_one_seat() {
     }))
     .await;
     assert_eq!(results.iter().filter(|r| !r.already_enrolled).count(), 1);
-    let ids: HashSet<_> = results.iter().map(|r| r.enrollment.as_ref().unwrap().enrollment_id.clone()).collect();
+    let ids: HashSet<_> = results
+        .iter()
+        .map(|r| r.enrollment.as_ref().unwrap().enrollment_id.clone())
+        .collect();
     assert_eq!(ids.len(), 1);
-    let class = app.client.get_class(pb::GetClassRequest { class_id: class.class_id.clone() }).await.unwrap().into_inner().class.unwrap();
+    let class = app
+        .client
+        .get_class(pb::GetClassRequest {
+            class_id: class.class_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .class
+        .unwrap();
     assert_eq!(class.enrolled_count, 1);
     let mut db = app.db().await;
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM enrollment.enrollments WHERE class_id = $1::uuid")
-        .bind(&class.class_id)
-        .fetch_one(&mut db)
-        .await
-        .unwrap();
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM enrollment.enrollments WHERE class_id = $1::uuid")
+            .bind(&class.class_id)
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
     assert_eq!(rows, 1);
 }
 
@@ -478,7 +732,9 @@ async fn profiles_and_subscriptions() {
     assert_eq!(profile.course_ids, vec!["A", "B"]);
     let fetched = app
         .client
-        .get_subscription_profile(pb::GetSubscriptionProfileRequest { profile_id: profile.profile_id.clone() })
+        .get_subscription_profile(pb::GetSubscriptionProfileRequest {
+            profile_id: profile.profile_id.clone(),
+        })
         .await
         .unwrap();
     assert_eq!(fetched.into_inner().profile.unwrap(), profile);
@@ -490,12 +746,20 @@ async fn profiles_and_subscriptions() {
         source_key_id: key.into(),
     };
     let key = uuid::Uuid::new_v4().to_string();
-    let first = app.client.assign_subscription(assign(&key)).await.unwrap().into_inner();
+    let first = app
+        .client
+        .assign_subscription(assign(&key))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!first.already_assigned);
     let sub = first.subscription.unwrap();
     assert!(sub.active);
     assert_eq!(sub.source_key_id, key);
-    assert_eq!(sub.expires_at.unwrap().seconds - sub.starts_at.unwrap().seconds, 30 * 86_400);
+    assert_eq!(
+        sub.expires_at.unwrap().seconds - sub.starts_at.unwrap().seconds,
+        30 * 86_400
+    );
 
     // Assigning the same profile again while it runs returns it unchanged,
     // also under concurrency: no second subscription, no extension.
@@ -505,10 +769,17 @@ async fn profiles_and_subscriptions() {
         async move { c.assign_subscription(r).await.unwrap().into_inner() }
     }))
     .await;
-    assert!(again.iter().all(|r| r.already_assigned && r.subscription.as_ref() == Some(&sub)));
+    assert!(
+        again
+            .iter()
+            .all(|r| r.already_assigned && r.subscription.as_ref() == Some(&sub))
+    );
     let listed = app
         .client
-        .list_subscriptions(pb::ListSubscriptionsRequest { user_id: user.user_id.clone(), ..Default::default() })
+        .list_subscriptions(pb::ListSubscriptionsRequest {
+            user_id: user.user_id.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -517,30 +788,78 @@ async fn profiles_and_subscriptions() {
 
     // Errors.
     for (r, field) in [
-        (pb::CreateSubscriptionProfileRequest { organization_id: org.clone(), name: "n".into(), course_ids: vec![], duration_days: 1 }, "course_ids"),
-        (pb::CreateSubscriptionProfileRequest { organization_id: org.clone(), name: "n".into(), course_ids: vec![String::new()], duration_days: 1 }, "course_ids"),
-        (pb::CreateSubscriptionProfileRequest { organization_id: org.clone(), name: "n".into(), course_ids: vec!["A".into()], duration_days: 0 }, "duration_days"),
-        (pb::CreateSubscriptionProfileRequest { organization_id: org.clone(), name: String::new(), course_ids: vec!["A".into()], duration_days: 1 }, "name"),
+        (
+            pb::CreateSubscriptionProfileRequest {
+                organization_id: org.clone(),
+                name: "n".into(),
+                course_ids: vec![],
+                duration_days: 1,
+            },
+            "course_ids",
+        ),
+        (
+            pb::CreateSubscriptionProfileRequest {
+                organization_id: org.clone(),
+                name: "n".into(),
+                course_ids: vec![String::new()],
+                duration_days: 1,
+            },
+            "course_ids",
+        ),
+        (
+            pb::CreateSubscriptionProfileRequest {
+                organization_id: org.clone(),
+                name: "n".into(),
+                course_ids: vec!["A".into()],
+                duration_days: 0,
+            },
+            "duration_days",
+        ),
+        (
+            pb::CreateSubscriptionProfileRequest {
+                organization_id: org.clone(),
+                name: String::new(),
+                course_ids: vec!["A".into()],
+                duration_days: 1,
+            },
+            "name",
+        ),
     ] {
-        let status = assert_status(app.client.create_subscription_profile(r).await, Code::InvalidArgument, "INVALID_FIELD");
+        let status = assert_status(
+            app.client.create_subscription_profile(r).await,
+            Code::InvalidArgument,
+            "INVALID_FIELD",
+        );
         assert_eq!(invalid_field(&status), field);
     }
     let unknown = uuid::Uuid::new_v4().to_string();
     assert_status(
-        app.client.get_subscription_profile(pb::GetSubscriptionProfileRequest { profile_id: unknown.clone() }).await,
-        Code::NotFound,
-        "PROFILE_NOT_FOUND",
-    );
-    assert_status(
         app.client
-            .assign_subscription(pb::AssignSubscriptionRequest { profile_id: unknown.clone(), user_id: user.user_id.clone(), source_key_id: String::new() })
+            .get_subscription_profile(pb::GetSubscriptionProfileRequest {
+                profile_id: unknown.clone(),
+            })
             .await,
         Code::NotFound,
         "PROFILE_NOT_FOUND",
     );
     assert_status(
         app.client
-            .assign_subscription(pb::AssignSubscriptionRequest { profile_id: profile.profile_id.clone(), user_id: unknown.clone(), source_key_id: String::new() })
+            .assign_subscription(pb::AssignSubscriptionRequest {
+                profile_id: unknown.clone(),
+                user_id: user.user_id.clone(),
+                source_key_id: String::new(),
+            })
+            .await,
+        Code::NotFound,
+        "PROFILE_NOT_FOUND",
+    );
+    assert_status(
+        app.client
+            .assign_subscription(pb::AssignSubscriptionRequest {
+                profile_id: profile.profile_id.clone(),
+                user_id: unknown.clone(),
+                source_key_id: String::new(),
+            })
             .await,
         Code::NotFound,
         "USER_NOT_FOUND",
@@ -548,13 +867,22 @@ async fn profiles_and_subscriptions() {
     let outsider = register(&mut app.client, &self::org(), "x@example.com").await;
     assert_status(
         app.client
-            .assign_subscription(pb::AssignSubscriptionRequest { profile_id: profile.profile_id.clone(), user_id: outsider.user_id, source_key_id: String::new() })
+            .assign_subscription(pb::AssignSubscriptionRequest {
+                profile_id: profile.profile_id.clone(),
+                user_id: outsider.user_id,
+                source_key_id: String::new(),
+            })
             .await,
         Code::FailedPrecondition,
         "ORGANIZATION_MISMATCH",
     );
     assert_status(
-        app.client.list_subscriptions(pb::ListSubscriptionsRequest { user_id: unknown, ..Default::default() }).await,
+        app.client
+            .list_subscriptions(pb::ListSubscriptionsRequest {
+                user_id: unknown,
+                ..Default::default()
+            })
+            .await,
         Code::NotFound,
         "USER_NOT_FOUND",
     );

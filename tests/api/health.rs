@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
-use trainingkeys_tests::{eventually, EnrollmentApp};
+use trainingkeys_tests::{EnrollmentApp, eventually};
 
 #[tokio::test]
 async fn health_is_serving_then_flips_on_shutdown() {
@@ -17,7 +17,9 @@ async fn health_is_serving_then_flips_on_shutdown() {
             let mut health = health.clone();
             async move {
                 health
-                    .check(HealthCheckRequest { service: service.into() })
+                    .check(HealthCheckRequest {
+                        service: service.into(),
+                    })
                     .await
                     .map(|r| r.into_inner().status == ServingStatus::Serving as i32)
                     .unwrap_or(false)
@@ -26,20 +28,41 @@ async fn health_is_serving_then_flips_on_shutdown() {
         .await;
         assert!(serving, "{service:?} never became SERVING");
     }
-    let unknown = health.check(HealthCheckRequest { service: "no.Such".into() }).await;
+    let unknown = health
+        .check(HealthCheckRequest {
+            service: "no.Such".into(),
+        })
+        .await;
     assert_eq!(unknown.unwrap_err().code(), tonic::Code::NotFound);
 
     // An open Watch stream is an in-flight call: it sees the flip to
     // NOT_SERVING, and the drain is bounded by the grace period (2 s here).
-    let mut watch = health.watch(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let first = watch.message().await.unwrap().unwrap();
     assert_eq!(first.status, ServingStatus::Serving as i32);
     let started = tokio::time::Instant::now();
     app.service.shutdown.cancel();
-    let next = tokio::time::timeout(Duration::from_secs(5), watch.message()).await.expect("no update after shutdown");
-    assert_eq!(next.unwrap().unwrap().status, ServingStatus::NotServing as i32);
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("no update after shutdown");
+    assert_eq!(
+        next.unwrap().unwrap().status,
+        ServingStatus::NotServing as i32
+    );
     let EnrollmentApp { service, .. } = app;
-    let result = tokio::time::timeout(Duration::from_secs(10), service.handle).await.expect("drain not bounded");
+    let result = tokio::time::timeout(Duration::from_secs(10), service.handle)
+        .await
+        .expect("drain not bounded");
     assert!(result.unwrap().is_ok());
-    assert!(started.elapsed() < Duration::from_secs(6), "drain took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "drain took {:?}",
+        started.elapsed()
+    );
 }

@@ -96,7 +96,10 @@ fn max_students(n: i32) -> Result<i32, InvalidField> {
     if (1..=MAX_STUDENTS).contains(&n) {
         Ok(n)
     } else {
-        Err(InvalidField::new("max_students", format!("must be 1-{MAX_STUDENTS}")))
+        Err(InvalidField::new(
+            "max_students",
+            format!("must be 1-{MAX_STUDENTS}"),
+        ))
     }
 }
 
@@ -104,7 +107,10 @@ fn lab_access_days(n: i32) -> Result<i32, InvalidField> {
     if (0..=MAX_LAB_ACCESS_DAYS).contains(&n) {
         Ok(n)
     } else {
-        Err(InvalidField::new("lab_access_days", format!("must be 0-{MAX_LAB_ACCESS_DAYS}")))
+        Err(InvalidField::new(
+            "lab_access_days",
+            format!("must be 0-{MAX_LAB_ACCESS_DAYS}"),
+        ))
     }
 }
 
@@ -135,8 +141,14 @@ impl TryFrom<pb::UpdateClassRequest> for ClassChange {
     fn try_from(r: pb::UpdateClassRequest) -> Result<Self, InvalidField> {
         Ok(Self {
             class_id: validate::id("class_id", &r.class_id)?,
-            title: r.title.map(|t| validate::text("title", &t, MAX_TEXT, true)).transpose()?,
-            course_id: r.course_id.map(|c| validate::text("course_id", &c, MAX_COURSE_ID, true)).transpose()?,
+            title: r
+                .title
+                .map(|t| validate::text("title", &t, MAX_TEXT, true))
+                .transpose()?,
+            course_id: r
+                .course_id
+                .map(|c| validate::text("course_id", &c, MAX_COURSE_ID, true))
+                .transpose()?,
             start_time: validate::optional_time("start_time", r.start_time.as_ref())?,
             end_time: validate::optional_time("end_time", r.end_time.as_ref())?,
             max_students: r.max_students.map(max_students).transpose()?,
@@ -162,7 +174,10 @@ impl ClassChange {
         }
         if let Some(max) = self.max_students {
             if max < class.enrolled_count {
-                return Err(crate::error::Error::MaxBelowEnrolled { enrolled: class.enrolled_count, requested: max });
+                return Err(crate::error::Error::MaxBelowEnrolled {
+                    enrolled: class.enrolled_count,
+                    requested: max,
+                });
             }
             class.max_students = max;
         }
@@ -227,10 +242,16 @@ impl TryFrom<pb::CreateSubscriptionProfileRequest> for NewProfile {
             }
         }
         if course_ids.is_empty() || course_ids.len() > MAX_COURSES {
-            return Err(InvalidField::new("course_ids", format!("must hold 1-{MAX_COURSES} course ids")));
+            return Err(InvalidField::new(
+                "course_ids",
+                format!("must hold 1-{MAX_COURSES} course ids"),
+            ));
         }
         if !(1..=MAX_DURATION_DAYS).contains(&r.duration_days) {
-            return Err(InvalidField::new("duration_days", format!("must be 1-{MAX_DURATION_DAYS}")));
+            return Err(InvalidField::new(
+                "duration_days",
+                format!("must be 1-{MAX_DURATION_DAYS}"),
+            ));
         }
         Ok(Self {
             organization_id: validate::organization_id("organization_id", &r.organization_id)?,

@@ -22,7 +22,10 @@ pub enum Error {
     #[error("enrollment {0} not found")]
     EnrollmentNotFound(Uuid),
     #[error("the user belongs to organization {user_org}, not {target_org}")]
-    OrganizationMismatch { user_org: String, target_org: String },
+    OrganizationMismatch {
+        user_org: String,
+        target_org: String,
+    },
     #[error("class {0} is full")]
     ClassFull(Uuid),
     #[error("cannot lower the maximum to {requested}: {enrolled} students are enrolled")]
@@ -32,7 +35,12 @@ pub enum Error {
 }
 
 fn not_found(reason: &str, field: &str, id: Uuid, message: String) -> Status {
-    status_with(Code::NotFound, reason, message, HashMap::from([(field.to_owned(), id.to_string())]))
+    status_with(
+        Code::NotFound,
+        reason,
+        message,
+        HashMap::from([(field.to_owned(), id.to_string())]),
+    )
 }
 
 impl From<Error> for Status {
@@ -43,15 +51,21 @@ impl From<Error> for Status {
             Error::UserNotFound(id) => not_found("USER_NOT_FOUND", "user_id", id, message),
             Error::ClassNotFound(id) => not_found("CLASS_NOT_FOUND", "class_id", id, message),
             Error::ProfileNotFound(id) => not_found("PROFILE_NOT_FOUND", "profile_id", id, message),
-            Error::EnrollmentNotFound(id) => not_found("ENROLLMENT_NOT_FOUND", "enrollment_id", id, message),
-            Error::OrganizationMismatch { .. } => status(Code::FailedPrecondition, "ORGANIZATION_MISMATCH", message),
+            Error::EnrollmentNotFound(id) => {
+                not_found("ENROLLMENT_NOT_FOUND", "enrollment_id", id, message)
+            }
+            Error::OrganizationMismatch { .. } => {
+                status(Code::FailedPrecondition, "ORGANIZATION_MISMATCH", message)
+            }
             Error::ClassFull(id) => status_with(
                 Code::ResourceExhausted,
                 "CLASS_FULL",
                 message,
                 HashMap::from([("class_id".to_owned(), id.to_string())]),
             ),
-            Error::MaxBelowEnrolled { .. } => status(Code::FailedPrecondition, "MAX_BELOW_ENROLLED", message),
+            Error::MaxBelowEnrolled { .. } => {
+                status(Code::FailedPrecondition, "MAX_BELOW_ENROLLED", message)
+            }
             Error::Database(e) => database(&e),
         }
     }

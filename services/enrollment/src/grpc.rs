@@ -30,34 +30,58 @@ fn reply<T>(message: T) -> Reply<T> {
 
 #[tonic::async_trait]
 impl EnrollmentService for EnrollmentGrpc {
-    async fn register_user(&self, request: Request<pb::RegisterUserRequest>) -> Reply<pb::RegisterUserResponse> {
+    async fn register_user(
+        &self,
+        request: Request<pb::RegisterUserRequest>,
+    ) -> Reply<pb::RegisterUserResponse> {
         let new = NewUser::try_from(request.into_inner()).map_err(Error::from)?;
         let (user, created) = self.store.register_user(new).await?;
-        reply(pb::RegisterUserResponse { user: Some(user.into()), created })
+        reply(pb::RegisterUserResponse {
+            user: Some(user.into()),
+            created,
+        })
     }
 
     async fn get_user(&self, request: Request<pb::GetUserRequest>) -> Reply<pb::GetUserResponse> {
         let user_id = validate::id("user_id", &request.get_ref().user_id).map_err(Error::from)?;
         let user = self.store.get_user(user_id).await?;
-        reply(pb::GetUserResponse { user: Some(user.into()) })
+        reply(pb::GetUserResponse {
+            user: Some(user.into()),
+        })
     }
 
-    async fn create_class(&self, request: Request<pb::CreateClassRequest>) -> Reply<pb::CreateClassResponse> {
+    async fn create_class(
+        &self,
+        request: Request<pb::CreateClassRequest>,
+    ) -> Reply<pb::CreateClassResponse> {
         let new = NewClass::try_from(request.into_inner()).map_err(Error::from)?;
         let class = self.store.create_class(new).await?;
-        reply(pb::CreateClassResponse { class: Some(class.into()) })
+        reply(pb::CreateClassResponse {
+            class: Some(class.into()),
+        })
     }
 
-    async fn get_class(&self, request: Request<pb::GetClassRequest>) -> Reply<pb::GetClassResponse> {
-        let class_id = validate::id("class_id", &request.get_ref().class_id).map_err(Error::from)?;
+    async fn get_class(
+        &self,
+        request: Request<pb::GetClassRequest>,
+    ) -> Reply<pb::GetClassResponse> {
+        let class_id =
+            validate::id("class_id", &request.get_ref().class_id).map_err(Error::from)?;
         let class = self.store.get_class(class_id).await?;
-        reply(pb::GetClassResponse { class: Some(class.into()) })
+        reply(pb::GetClassResponse {
+            class: Some(class.into()),
+        })
     }
 
-    async fn update_class(&self, request: Request<pb::UpdateClassRequest>) -> Reply<pb::UpdateClassResponse> {
+    async fn update_class(
+        &self,
+        request: Request<pb::UpdateClassRequest>,
+    ) -> Reply<pb::UpdateClassResponse> {
         let change = ClassChange::try_from(request.into_inner()).map_err(Error::from)?;
         let class = self.store.update_class(change).await?;
-        reply(pb::UpdateClassResponse { class: Some(class.into()) })
+        reply(pb::UpdateClassResponse {
+            class: Some(class.into()),
+        })
     }
 
     async fn create_subscription_profile(
@@ -66,34 +90,48 @@ impl EnrollmentService for EnrollmentGrpc {
     ) -> Reply<pb::CreateSubscriptionProfileResponse> {
         let new = NewProfile::try_from(request.into_inner()).map_err(Error::from)?;
         let profile = self.store.create_profile(new).await?;
-        reply(pb::CreateSubscriptionProfileResponse { profile: Some(profile.into()) })
+        reply(pb::CreateSubscriptionProfileResponse {
+            profile: Some(profile.into()),
+        })
     }
 
     async fn get_subscription_profile(
         &self,
         request: Request<pb::GetSubscriptionProfileRequest>,
     ) -> Reply<pb::GetSubscriptionProfileResponse> {
-        let profile_id = validate::id("profile_id", &request.get_ref().profile_id).map_err(Error::from)?;
+        let profile_id =
+            validate::id("profile_id", &request.get_ref().profile_id).map_err(Error::from)?;
         let profile = self.store.get_profile(profile_id).await?;
-        reply(pb::GetSubscriptionProfileResponse { profile: Some(profile.into()) })
+        reply(pb::GetSubscriptionProfileResponse {
+            profile: Some(profile.into()),
+        })
     }
 
     async fn enroll(&self, request: Request<pb::EnrollRequest>) -> Reply<pb::EnrollResponse> {
         let r = request.get_ref();
         let class_id = validate::id("class_id", &r.class_id).map_err(Error::from)?;
         let user_id = validate::id("user_id", &r.user_id).map_err(Error::from)?;
-        let source_key_id = validate::optional_id("source_key_id", &r.source_key_id).map_err(Error::from)?;
-        let (enrollment, already_enrolled) = self.store.enroll(class_id, user_id, source_key_id).await?;
-        reply(pb::EnrollResponse { enrollment: Some(enrollment.into()), already_enrolled })
+        let source_key_id =
+            validate::optional_id("source_key_id", &r.source_key_id).map_err(Error::from)?;
+        let (enrollment, already_enrolled) =
+            self.store.enroll(class_id, user_id, source_key_id).await?;
+        reply(pb::EnrollResponse {
+            enrollment: Some(enrollment.into()),
+            already_enrolled,
+        })
     }
 
     async fn cancel_enrollment(
         &self,
         request: Request<pb::CancelEnrollmentRequest>,
     ) -> Reply<pb::CancelEnrollmentResponse> {
-        let id = validate::id("enrollment_id", &request.get_ref().enrollment_id).map_err(Error::from)?;
+        let id =
+            validate::id("enrollment_id", &request.get_ref().enrollment_id).map_err(Error::from)?;
         let (enrollment, already_cancelled) = self.store.cancel_enrollment(id).await?;
-        reply(pb::CancelEnrollmentResponse { enrollment: Some(enrollment.into()), already_cancelled })
+        reply(pb::CancelEnrollmentResponse {
+            enrollment: Some(enrollment.into()),
+            already_cancelled,
+        })
     }
 
     async fn list_enrollments(
@@ -105,9 +143,18 @@ impl EnrollmentService for EnrollmentGrpc {
         let user_id = validate::optional_id("user_id", &r.user_id).map_err(Error::from)?;
         let limit = page::page_size(r.page_size).map_err(Error::from)?;
         let after = page::decode(&r.page_token).map_err(Error::from)?;
-        let rows = self.store.list_enrollments(class_id, user_id, r.include_cancelled, after, limit).await?;
-        let next_page_token = page::next_token(&rows, limit, |e| page::Cursor { time: e.enrolled_at, id: e.enrollment_id });
-        reply(pb::ListEnrollmentsResponse { enrollments: rows.into_iter().map(Into::into).collect(), next_page_token })
+        let rows = self
+            .store
+            .list_enrollments(class_id, user_id, r.include_cancelled, after, limit)
+            .await?;
+        let next_page_token = page::next_token(&rows, limit, |e| page::Cursor {
+            time: e.enrolled_at,
+            id: e.enrollment_id,
+        });
+        reply(pb::ListEnrollmentsResponse {
+            enrollments: rows.into_iter().map(Into::into).collect(),
+            next_page_token,
+        })
     }
 
     async fn assign_subscription(
@@ -117,10 +164,16 @@ impl EnrollmentService for EnrollmentGrpc {
         let r = request.get_ref();
         let profile_id = validate::id("profile_id", &r.profile_id).map_err(Error::from)?;
         let user_id = validate::id("user_id", &r.user_id).map_err(Error::from)?;
-        let source_key_id = validate::optional_id("source_key_id", &r.source_key_id).map_err(Error::from)?;
-        let (subscription, already_assigned) =
-            self.store.assign_subscription(profile_id, user_id, source_key_id).await?;
-        reply(pb::AssignSubscriptionResponse { subscription: Some(subscription.into()), already_assigned })
+        let source_key_id =
+            validate::optional_id("source_key_id", &r.source_key_id).map_err(Error::from)?;
+        let (subscription, already_assigned) = self
+            .store
+            .assign_subscription(profile_id, user_id, source_key_id)
+            .await?;
+        reply(pb::AssignSubscriptionResponse {
+            subscription: Some(subscription.into()),
+            already_assigned,
+        })
     }
 
     async fn list_subscriptions(
@@ -131,9 +184,17 @@ impl EnrollmentService for EnrollmentGrpc {
         let user_id = validate::id("user_id", &r.user_id).map_err(Error::from)?;
         let limit = page::page_size(r.page_size).map_err(Error::from)?;
         let before = page::decode(&r.page_token).map_err(Error::from)?;
-        let rows = self.store.list_subscriptions(user_id, before, limit).await?;
-        let next_page_token =
-            page::next_token(&rows, limit, |s| page::Cursor { time: s.starts_at, id: s.subscription_id });
-        reply(pb::ListSubscriptionsResponse { subscriptions: rows.into_iter().map(Into::into).collect(), next_page_token })
+        let rows = self
+            .store
+            .list_subscriptions(user_id, before, limit)
+            .await?;
+        let next_page_token = page::next_token(&rows, limit, |s| page::Cursor {
+            time: s.starts_at,
+            id: s.subscription_id,
+        });
+        reply(pb::ListSubscriptionsResponse {
+            subscriptions: rows.into_iter().map(Into::into).collect(),
+            next_page_token,
+        })
     }
 }

@@ -45,14 +45,13 @@ impl Application {
     /// Connects to PostgreSQL, applies migrations and binds the listener
     /// (port 0 picks a free port; see [`local_addr`](Self::local_addr)).
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let pool = trainingkeys_shared::db::connect(
-            &config.common.database_url,
-            SCHEMA,
-            config.common.database_max_connections,
-        )?;
-        trainingkeys_shared::db::migrate(&pool, SCHEMA, &MIGRATOR).await?;
-        let listener = TcpListener::bind(config.listen_addr).await?;
-        Ok(Self { listener, pool, config })
+        let (pool, listener) =
+            server::prepare(&config.common, SCHEMA, &MIGRATOR, config.listen_addr).await?;
+        Ok(Self {
+            listener,
+            pool,
+            config,
+        })
     }
 
     /// The address the service listens on.
@@ -71,5 +70,23 @@ impl Application {
             max_connection_age: self.config.common.max_connection_age(),
         };
         server::serve(self.listener, routes, options, shutdown).await
+    }
+}
+
+impl trainingkeys_shared::cli::Service for Application {
+    type Config = Config;
+    const NAME: &'static str = "enrollment";
+    const SCHEMA: &'static str = SCHEMA;
+    fn migrator() -> &'static sqlx::migrate::Migrator {
+        &MIGRATOR
+    }
+    fn common(config: &Config) -> &CommonConfig {
+        &config.common
+    }
+    async fn build(config: Config) -> anyhow::Result<Self> {
+        Application::build(config).await
+    }
+    async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        Application::run(self, shutdown).await
     }
 }

@@ -6,12 +6,15 @@ use sqlx::PgPool;
 use trainingkeys_shared::page::Cursor;
 use uuid::Uuid;
 
-use crate::domain::{Class, ClassChange, Enrollment, NewClass, NewProfile, NewUser, Profile, Subscription, User};
+use crate::domain::{
+    Class, ClassChange, Enrollment, NewClass, NewProfile, NewUser, Profile, Subscription, User,
+};
 use crate::error::Error;
 
 const CLASS_COLUMNS: &str = "class_id, organization_id, title, course_id, start_time, end_time, \
      max_students, lab_access_days, enrolled_count, created_at, updated_at";
-const ENROLLMENT_COLUMNS: &str = "enrollment_id, class_id, user_id, source_key_id, enrolled_at, cancelled_at";
+const ENROLLMENT_COLUMNS: &str =
+    "enrollment_id, class_id, user_id, source_key_id, enrolled_at, cancelled_at";
 
 /// The enrollment service's tables.
 #[derive(Clone)]
@@ -182,7 +185,10 @@ impl Store {
         let class_org = check.class_org.ok_or(Error::ClassNotFound(class_id))?;
         let user_org = check.user_org.ok_or(Error::UserNotFound(user_id))?;
         if class_org != user_org {
-            return Err(Error::OrganizationMismatch { user_org, target_org: class_org });
+            return Err(Error::OrganizationMismatch {
+                user_org,
+                target_org: class_org,
+            });
         }
         if let Some(id) = check.enrollment_id {
             return Ok((self.enrollment(id).await?, true));
@@ -239,7 +245,11 @@ impl Store {
             .ok_or(Error::EnrollmentNotFound(enrollment_id))
     }
 
-    async fn active_enrollment(&self, class_id: Uuid, user_id: Uuid) -> Result<Option<Enrollment>, Error> {
+    async fn active_enrollment(
+        &self,
+        class_id: Uuid,
+        user_id: Uuid,
+    ) -> Result<Option<Enrollment>, Error> {
         let sql = format!(
             "SELECT {ENROLLMENT_COLUMNS} FROM enrollments
              WHERE class_id = $1 AND user_id = $2 AND cancelled_at IS NULL"
@@ -253,7 +263,10 @@ impl Store {
 
     /// Cancels an enrollment and frees its seat in one transaction. Only the
     /// call that flips `cancelled_at` frees a seat, so repeats change nothing.
-    pub async fn cancel_enrollment(&self, enrollment_id: Uuid) -> Result<(Enrollment, bool), Error> {
+    pub async fn cancel_enrollment(
+        &self,
+        enrollment_id: Uuid,
+    ) -> Result<(Enrollment, bool), Error> {
         let mut tx = self.pool.begin().await?;
         let sql = format!(
             "UPDATE enrollments SET cancelled_at = now()
@@ -316,13 +329,17 @@ impl Store {
     ) -> Result<(Subscription, bool), Error> {
         let profile = self.get_profile(profile_id).await?;
         let mut tx = self.pool.begin().await?;
-        let user_org: String = sqlx::query_scalar("SELECT organization_id FROM users WHERE user_id = $1 FOR UPDATE")
-            .bind(user_id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(Error::UserNotFound(user_id))?;
+        let user_org: String =
+            sqlx::query_scalar("SELECT organization_id FROM users WHERE user_id = $1 FOR UPDATE")
+                .bind(user_id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(Error::UserNotFound(user_id))?;
         if user_org != profile.organization_id {
-            return Err(Error::OrganizationMismatch { user_org, target_org: profile.organization_id });
+            return Err(Error::OrganizationMismatch {
+                user_org,
+                target_org: profile.organization_id,
+            });
         }
         const COLUMNS: &str = "subscription_id, profile_id, user_id, source_key_id, starts_at, expires_at, course_ids";
         let sql = format!(

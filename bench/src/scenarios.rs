@@ -1,0 +1,534 @@
+//! The benchmark scenarios and their references, and the `bench` run that
+//! measures them side by side and writes a markdown table.
+
+use std::fmt::Write as _;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::FutureExt as _;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+use trainingkeys_proto::v1 as pb;
+use trainingkeys_proto::v1::redeem_key_request::Redeemer;
+use trainingkeys_proto::v1::redemption_service_client::RedemptionServiceClient;
+
+use crate::LoadArgs;
+use crate::load::{self, Call, Report, failed};
+use crate::setup::Admin;
+
+/// Health/Check: the ceiling for any gRPC call on this stack.
+pub async fn noop(target: &str, load: &LoadArgs) -> anyhow::Result<Report> {
+    let channels = load::channels(target, load.connections)?;
+    let call: Call = Arc::new(|_, channel| {
+        async move {
+            HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map(|_| ())
+                .map_err(|s| failed(&s))
+        }
+        .boxed()
+    });
+    Ok(load::run(&channels, load.requests, load.arrival(), call).await)
+}
+
+/// ValidateKey of one code.
+pub async fn validate(target: &str, load: &LoadArgs, code: String) -> anyhow::Result<Report> {
+    let channels = load::channels(target, load.connections)?;
+    let call: Call = Arc::new(move |_, channel| {
+        let request = pb::ValidateKeyRequest {
+            code: code.clone(),
+            user_id: String::new(),
+        };
+        async move {
+            RedemptionServiceClient::new(channel)
+                .validate_key(request)
+                .await
+                .map(|_| ())
+                .map_err(|s| failed(&s))
+        }
+        .boxed()
+    });
+    Ok(load::run(&channels, load.requests, load.arrival(), call).await)
+}
+
+/// Redemptions where request `i` is made by `users[i % len]` of `codes[i % len]`.
+async fn redeem(
+    target: &str,
+    load: &LoadArgs,
+    codes: Vec<String>,
+    users: Vec<String>,
+) -> anyhow::Result<Report> {
+    let channels = load::channels(target, load.connections)?;
+    let (codes, users) = (Arc::new(codes), Arc::new(users));
+    let call: Call = Arc::new(move |i, channel| {
+        let request = pb::RedeemKeyRequest {
+            code: codes[i % codes.len()].clone(),
+            redeemer: Some(Redeemer::UserId(users[i % users.len()].clone())),
+            idempotency_key: uuid::Uuid::new_v4().to_string(),
+        };
+        async move {
+            RedemptionServiceClient::new(channel)
+                .redeem_key(request)
+                .await
+                .map(|_| ())
+                .map_err(|s| failed(&s))
+        }
+        .boxed()
+    });
+    Ok(load::run(&channels, load.requests, load.arrival(), call).await)
+}
+
+/// A herd's figures.
+pub struct Herd {
+    pub report: Report,
+    pub enrolled: i32,
+    pub code: String,
+    pub students: Vec<String>,
+}
+
+/// `load.requests` distinct students redeem the new event key of a class of `max`.
+pub async fn herd(admin: &Admin, target: &str, load: &LoadArgs, max: i32) -> anyhow::Result<Herd> {
+    let (class_id, code) = admin.class_with_event_key(max).await?;
+    let students = admin.students(load.requests).await?;
+    let report = redeem(target, load, vec![code.clone()], students.clone()).await?;
+    let enrolled = admin.enrolled(&class_id).await?;
+    Ok(Herd {
+        report,
+        enrolled,
+        code,
+        students,
+    })
+}
+
+/// Options of the full benchmark run.
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    targets: crate::Targets,
+    /// A redemption replica with the Redis gate switched off (PostgreSQL guard only).
+    #[arg(
+        long,
+        env = "REDEMPTION_NO_GATE_URL",
+        default_value = "http://127.0.0.1:50054"
+    )]
+    no_gate: String,
+    /// The database (for the pgbench reference).
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: String,
+    /// Redis (for the redis-benchmark reference).
+    #[arg(long, env = "REDIS_URL")]
+    redis_url: String,
+    /// Where to write the markdown table.
+    #[arg(long, default_value = "bench/results.md")]
+    out: String,
+    /// Students per herd.
+    #[arg(long, default_value_t = 5000)]
+    students: usize,
+    /// Requests per throughput scenario.
+    #[arg(long, default_value_t = 20_000)]
+    requests: usize,
+}
+
+/// One row of the results table.
+struct Row {
+    scenario: String,
+    figures: String,
+    reference: String,
+    ratio: String,
+    target: String,
+}
+
+fn pct(r: &Report, q: f64) -> f64 {
+    Report::ms(&r.ok_latency, q)
+}
+
+fn pct_all(r: &Report, q: f64) -> f64 {
+    Report::ms(&r.all_latency, q)
+}
+
+/// Runs every scenario and reference, prints them and writes the table.
+pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let t = &args.targets;
+    let admin = Admin::new(&t.enrollment, &t.keys)?;
+    let closed = |requests| LoadArgs {
+        requests,
+        concurrency: 256,
+        window_ms: None,
+        connections: 8,
+    };
+    let mut rows = Vec::new();
+    let mut log = String::new();
+
+    // References first.
+    let noop = noop(&t.target, &closed(args.requests)).await?;
+    log.push_str(&noop.summary("reference: no-op RPC (Health/Check)"));
+    let pg_rate = pgbench_enroll(&args.database_url).unwrap_or_else(|e| {
+        eprintln!("pgbench reference failed: {e:#}");
+        f64::NAN
+    });
+    let redis_rate = redis_gate(&args.redis_url).unwrap_or_else(|e| {
+        eprintln!("redis-benchmark reference failed: {e:#}");
+        f64::NAN
+    });
+    let _ = writeln!(
+        log,
+        "reference: pgbench enrollment transaction: {pg_rate:.0} tx/s"
+    );
+    let _ = writeln!(
+        log,
+        "reference: redis-benchmark gate script: {redis_rate:.0} calls/s"
+    );
+    rows.push(Row {
+        scenario: "no-op RPC (reference)".into(),
+        figures: format!(
+            "{:.0} req/s, p50 {:.2} ms, p99 {:.2} ms",
+            noop.rps(),
+            pct(&noop, 0.5),
+            pct(&noop, 0.99)
+        ),
+        reference: "-".into(),
+        ratio: "-".into(),
+        target: "-".into(),
+    });
+
+    // Herds: open loop within 100 ms, and closed loop at 256 in flight.
+    let mut herd500_secs = f64::NAN;
+    for (max, window) in [(500, Some(100)), (500, None), (30, Some(100))] {
+        let load = LoadArgs {
+            requests: args.students,
+            concurrency: args.students,
+            window_ms: window,
+            connections: 8,
+        };
+        let load = if window.is_none() {
+            LoadArgs {
+                concurrency: 256,
+                ..load
+            }
+        } else {
+            load
+        };
+        let herd = herd(&admin, &t.target, &load, max).await?;
+        let name = format!(
+            "herd: {} students, class of {max}, {}",
+            args.students,
+            arrival_name(&load)
+        );
+        log.push_str(&herd.report.summary(&name));
+        let secs = herd.report.last_ok.as_secs_f64();
+        if max == 500 && window.is_some() {
+            herd500_secs = secs;
+        }
+        rows.push(Row {
+            scenario: name,
+            figures: format!(
+                "sold out in {:.3} s; {} enrolled; {} CLASS_FULL; all p99 {:.2} ms",
+                secs,
+                herd.enrolled,
+                herd.report.count("CLASS_FULL"),
+                pct_all(&herd.report, 0.99)
+            ),
+            reference: if max == 500 {
+                "500-seat class < 1 s".into()
+            } else {
+                "-".into()
+            },
+            ratio: "-".into(),
+            target: if herd.enrolled == max {
+                "exactly max: yes".into()
+            } else {
+                format!("OVERSOLD/UNDERSOLD: {}", herd.enrolled)
+            },
+        });
+
+        if max == 500 && window.is_some() {
+            // Sold out: everyone who missed out tries again.
+            let losers: Vec<String> = herd.students.iter().skip(max as usize).cloned().collect();
+            let sold_out = redeem(
+                &t.target,
+                &closed(args.requests),
+                vec![herd.code.clone()],
+                losers,
+            )
+            .await?;
+            log.push_str(&sold_out.summary("sold out: rejections after the class is full"));
+            rows.push(ratio_row(
+                "sold out (CLASS_FULL)",
+                &sold_out,
+                &noop,
+                0.5,
+                3.0,
+            ));
+            let reads = validate(&t.target, &closed(args.requests), herd.code.clone()).await?;
+            log.push_str(&reads.summary("reads: ValidateKey"));
+            rows.push(ratio_row("reads: ValidateKey", &reads, &noop, 0.5, 3.0));
+        }
+    }
+
+    // The same herd with the gate off: the design a user would otherwise pick.
+    let load = LoadArgs {
+        requests: args.students,
+        concurrency: args.students,
+        window_ms: Some(100),
+        connections: 8,
+    };
+    let plain = herd(&admin, &args.no_gate, &load, 500).await?;
+    log.push_str(
+        &plain
+            .report
+            .summary("herd without the Redis gate (PostgreSQL guard only)"),
+    );
+    let plain_secs = plain.report.last_ok.as_secs_f64();
+    rows.push(Row {
+        scenario: "herd, class of 500, gate off (reference)".into(),
+        figures: format!("sold out in {plain_secs:.3} s; {} enrolled", plain.enrolled),
+        reference: format!("gate on: {herd500_secs:.3} s"),
+        ratio: format!("{:.1}x faster with the gate", plain_secs / herd500_secs),
+        target: ">= 5x".into(),
+    });
+
+    // Spread: redemptions over 1,000 classes.
+    let mut codes = Vec::with_capacity(1000);
+    for _ in 0..1000 {
+        codes.push(admin.class_with_event_key(1000).await?.1);
+    }
+    let students = admin.students(args.requests).await?;
+    let spread = redeem(&t.target, &closed(args.requests), codes, students).await?;
+    log.push_str(&spread.summary("spread: redemptions over 1,000 classes"));
+    rows.push(Row {
+        scenario: "spread: 1,000 classes".into(),
+        figures: format!(
+            "{:.0} redemptions/s, p99 {:.2} ms, {} OK",
+            spread.rps(),
+            pct(&spread, 0.99),
+            spread.ok()
+        ),
+        reference: format!("pgbench enrollment tx: {pg_rate:.0}/s"),
+        ratio: format!("{:.2}x", spread.rps() / pg_rate),
+        target: ">= 0.6x".into(),
+    });
+
+    // Retry storm: one student, 1,000 identical concurrent redemptions.
+    let storm = retry_storm(&admin, &t.target).await?;
+    log.push_str(&storm.0);
+    rows.push(storm.1);
+
+    rows.push(Row {
+        scenario: "gate script in Redis (reference)".into(),
+        figures: format!("{redis_rate:.0} calls/s"),
+        reference: "-".into(),
+        ratio: "-".into(),
+        target: "-".into(),
+    });
+
+    let mut table = String::from(
+        "| scenario | figures | reference | ratio | target |\n|---|---|---|---|---|\n",
+    );
+    for r in &rows {
+        let _ = writeln!(
+            table,
+            "| {} | {} | {} | {} | {} |",
+            r.scenario, r.figures, r.reference, r.ratio, r.target
+        );
+    }
+    println!("{log}\n{table}");
+    let doc = format!(
+        "# Benchmark results\n\nMeasured by `make bench` on {} ({} cores).\n\n{table}\n## Raw figures\n\n```text\n{log}```\n",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    std::fs::write(&args.out, doc)?;
+    println!("written to {}", args.out);
+    Ok(())
+}
+
+fn arrival_name(load: &LoadArgs) -> String {
+    match load.window_ms {
+        Some(ms) => format!("arriving within {ms} ms"),
+        None => format!("{} in flight", load.concurrency),
+    }
+}
+
+fn ratio_row(name: &str, r: &Report, noop: &Report, min_rate: f64, max_p99: f64) -> Row {
+    let rate = r.rps() / noop.rps();
+    let p99 = pct_all(r, 0.99) / pct(noop, 0.99);
+    Row {
+        scenario: name.into(),
+        figures: format!(
+            "{:.0} req/s, p50 {:.2} ms, p99 {:.2} ms",
+            r.rps(),
+            pct_all(r, 0.5),
+            pct_all(r, 0.99)
+        ),
+        reference: format!(
+            "no-op: {:.0} req/s, p99 {:.2} ms",
+            noop.rps(),
+            pct(noop, 0.99)
+        ),
+        ratio: format!("{rate:.2}x rate, {p99:.2}x p99"),
+        target: format!(">= {min_rate}x rate, <= {max_p99}x p99"),
+    }
+}
+
+async fn retry_storm(admin: &Admin, target: &str) -> anyhow::Result<(String, Row)> {
+    use prost::Message as _;
+    let (class_id, code) = admin.class_with_event_key(10).await?;
+    let student = admin.students(1).await?.remove(0);
+    let request = pb::RedeemKeyRequest {
+        code,
+        redeemer: Some(Redeemer::UserId(student)),
+        idempotency_key: uuid::Uuid::new_v4().to_string(),
+    };
+    let channels = load::channels(target, 8)?;
+    let started = Instant::now();
+    let answers = futures::future::join_all((0..1000).map(|i| {
+        let mut client = RedemptionServiceClient::new(channels[i % channels.len()].clone());
+        let request = request.clone();
+        async move {
+            match client.redeem_key(request).await {
+                Ok(r) => r.into_inner().encode_to_vec(),
+                Err(s) => format!("{:?}", failed(&s)).into_bytes(),
+            }
+        }
+    }))
+    .await;
+    let elapsed = started.elapsed();
+    let distinct: std::collections::HashSet<_> = answers.iter().collect();
+    let enrolled = admin.enrolled(&class_id).await?;
+    let line = format!(
+        "retry storm: 1000 identical redemptions in {elapsed:.2?}: {} distinct answers, {enrolled} enrolled\n",
+        distinct.len()
+    );
+    let row = Row {
+        scenario: "retry storm: 1 student x 1,000 identical".into(),
+        figures: format!(
+            "{:.0} ms; {} distinct answer(s); {enrolled} enrollment(s)",
+            elapsed.as_secs_f64() * 1000.0,
+            distinct.len()
+        ),
+        reference: "-".into(),
+        ratio: "-".into(),
+        target: if distinct.len() == 1 && enrolled == 1 {
+            "one answer, one seat: yes".into()
+        } else {
+            "FAILED".into()
+        },
+    };
+    Ok((line, row))
+}
+
+/// pgbench running enrollment's own transaction (seat guard + roster insert)
+/// over 1,000 roomy classes: the ceiling for committed enrollments.
+fn pgbench_enroll(database_url: &str) -> anyhow::Result<f64> {
+    let psql = |sql: &str| -> anyhow::Result<()> {
+        let status = Command::new("psql")
+            .args(["-q", "-v", "ON_ERROR_STOP=1", database_url, "-c", sql])
+            .status()?;
+        anyhow::ensure!(status.success(), "psql failed");
+        Ok(())
+    };
+    psql(
+        "DROP SCHEMA IF EXISTS bench_ref CASCADE; CREATE SCHEMA bench_ref;
+         CREATE TABLE bench_ref.classes (LIKE enrollment.classes INCLUDING ALL);
+         CREATE TABLE bench_ref.enrollments (LIKE enrollment.enrollments INCLUDING ALL);
+         INSERT INTO bench_ref.classes (class_id, organization_id, title, course_id, start_time, end_time, max_students, lab_access_days)
+           SELECT ('00000000-0000-0000-0000-' || lpad(n::text, 12, '0'))::uuid, 'bench', 't', 'c', now(), now() + interval '1 day', 1000000, 0
+           FROM generate_series(1, 1000) n;",
+    )?;
+    let script = std::env::temp_dir().join("trainingkeys-pgbench.sql");
+    std::fs::write(
+        &script,
+        "\\set c random(1, 1000)\n\
+         BEGIN;\n\
+         UPDATE bench_ref.classes SET enrolled_count = enrolled_count + 1 WHERE class_id = ('00000000-0000-0000-0000-' || lpad(:c::text, 12, '0'))::uuid AND enrolled_count < max_students;\n\
+         INSERT INTO bench_ref.enrollments (enrollment_id, class_id, user_id) VALUES (gen_random_uuid(), ('00000000-0000-0000-0000-' || lpad(:c::text, 12, '0'))::uuid, gen_random_uuid()) ON CONFLICT (class_id, user_id) WHERE cancelled_at IS NULL DO NOTHING;\n\
+         COMMIT;\n",
+    )?;
+    let out = Command::new("pgbench")
+        .args([
+            "-n", "-M", "prepared", "-c", "32", "-j", "2", "-T", "10", "-f",
+        ])
+        .arg(&script)
+        .arg(database_url)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let tps = text
+        .lines()
+        .find(|l| l.starts_with("tps ="))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse::<f64>().ok())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no tps in pgbench output: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    let _ = psql("DROP SCHEMA bench_ref CASCADE");
+    Ok(tps)
+}
+
+/// redis-benchmark running the gate's own admission script (random users on
+/// a roomy class): the ceiling for admission.
+fn redis_gate(redis_url: &str) -> anyhow::Result<f64> {
+    let (host, port) = redis_url
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow::anyhow!("cannot read host:port from {redis_url}"))?;
+    let cli = |args: &[&str]| {
+        Command::new("redis-cli")
+            .args(["-h", host, "-p", port])
+            .args(args)
+            .output()
+    };
+    let script = include_str!("../../services/redemption/src/lua/gate_admit.lua");
+    let sha = String::from_utf8_lossy(&cli(&["SCRIPT", "LOAD", script])?.stdout)
+        .trim()
+        .to_owned();
+    cli(&["SET", "{class:bench}:ready", "1"])?;
+    let out = Command::new("redis-benchmark")
+        .args([
+            "-h",
+            host,
+            "-p",
+            port,
+            "-n",
+            "200000",
+            "-c",
+            "64",
+            "-r",
+            "100000000",
+            "-q",
+        ])
+        .args([
+            "EVALSHA",
+            &sha,
+            "3",
+            "{class:bench}:holds",
+            "{class:bench}:confirmed",
+            "{class:bench}:ready",
+            "user:__rand_int__",
+            "100",
+            "1000000000",
+        ])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    cli(&[
+        "DEL",
+        "{class:bench}:holds",
+        "{class:bench}:confirmed",
+        "{class:bench}:ready",
+    ])?;
+    // "EVALSHA ...: 51234.56 requests per second, p50=..."
+    text.split("requests per second")
+        .next()
+        .and_then(|s| s.rsplit(' ').find(|w| !w.is_empty()))
+        .and_then(|v| v.parse::<f64>().ok())
+        .ok_or_else(|| anyhow::anyhow!("no rate in redis-benchmark output: {text}"))
+}

@@ -1,0 +1,108 @@
+//! Seeding for load scenarios through the public API: an organization's
+//! classes, event keys and registered students.
+
+use chrono::{Duration, Utc};
+use futures::future::join_all;
+use tonic::transport::Channel;
+use trainingkeys_proto::time::to_timestamp;
+use trainingkeys_proto::v1 as pb;
+use trainingkeys_proto::v1::enrollment_service_client::EnrollmentServiceClient;
+use trainingkeys_proto::v1::key_issuance_service_client::KeyIssuanceServiceClient;
+
+/// Clients of the admin-side services.
+#[derive(Clone)]
+pub struct Admin {
+    pub enrollment: EnrollmentServiceClient<Channel>,
+    pub keys: KeyIssuanceServiceClient<Channel>,
+    /// A fresh organization per run, so runs never collide.
+    pub organization_id: String,
+}
+
+impl Admin {
+    /// Clients of the services at these URLs.
+    pub fn new(enrollment_url: &str, keys_url: &str) -> anyhow::Result<Self> {
+        let channel = |url: &str| -> anyhow::Result<Channel> {
+            Ok(Channel::from_shared(url.to_owned())?.connect_lazy())
+        };
+        Ok(Self {
+            enrollment: EnrollmentServiceClient::new(channel(enrollment_url)?),
+            keys: KeyIssuanceServiceClient::new(channel(keys_url)?),
+            organization_id: format!("bench-{}", uuid::Uuid::new_v4().simple()),
+        })
+    }
+
+    /// A class of `max` students starting tomorrow, with an event key; returns
+    /// (class id, code).
+    pub async fn class_with_event_key(&self, max: i32) -> anyhow::Result<(String, String)> {
+        let start = Utc::now() + Duration::days(1);
+        let class = self
+            .enrollment
+            .clone()
+            .create_class(pb::CreateClassRequest {
+                organization_id: self.organization_id.clone(),
+                title: format!("Bench class of {max}"),
+                course_id: "BENCH".into(),
+                start_time: Some(to_timestamp(start)),
+                end_time: Some(to_timestamp(start + Duration::days(1))),
+                max_students: max,
+                lab_access_days: 0,
+            })
+            .await?
+            .into_inner()
+            .class
+            .ok_or_else(|| anyhow::anyhow!("no class"))?;
+        let key = self
+            .keys
+            .clone()
+            .set_event_key(pb::SetEventKeyRequest {
+                class_id: class.class_id.clone(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .key
+            .ok_or_else(|| anyhow::anyhow!("no key"))?;
+        Ok((class.class_id, key.code))
+    }
+
+    /// `n` registered students; returns their ids.
+    pub async fn students(&self, n: usize) -> anyhow::Result<Vec<String>> {
+        let mut ids = Vec::with_capacity(n);
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        for chunk in (0..n).collect::<Vec<_>>().chunks(256) {
+            let batch = join_all(chunk.iter().map(|i| {
+                let mut c = self.enrollment.clone();
+                let request = pb::RegisterUserRequest {
+                    organization_id: self.organization_id.clone(),
+                    email: format!("s{i}-{tag}@example.com"),
+                    display_name: format!("Student {i}"),
+                };
+                async move {
+                    c.register_user(request)
+                        .await
+                        .map(|r| r.into_inner().user.map(|u| u.user_id))
+                }
+            }))
+            .await;
+            for r in batch {
+                ids.push(r?.ok_or_else(|| anyhow::anyhow!("no user"))?);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Enrolled count of a class.
+    pub async fn enrolled(&self, class_id: &str) -> anyhow::Result<i32> {
+        let class = self
+            .enrollment
+            .clone()
+            .get_class(pb::GetClassRequest {
+                class_id: class_id.to_owned(),
+            })
+            .await?
+            .into_inner()
+            .class
+            .ok_or_else(|| anyhow::anyhow!("no class"))?;
+        Ok(class.enrolled_count)
+    }
+}

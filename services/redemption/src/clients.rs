@@ -1,0 +1,333 @@
+//! Calls to key-issuance and enrollment. Each carries the trace context, and
+//! each failure status is turned into a local [`Error`] by its reason, never
+//! passed through blindly.
+
+use std::time::Duration;
+
+use tonic::Code;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use trainingkeys_proto::v1 as pb;
+use trainingkeys_proto::v1::enrollment_service_client::EnrollmentServiceClient;
+use trainingkeys_proto::v1::key_issuance_service_client::KeyIssuanceServiceClient;
+use trainingkeys_shared::InvalidField;
+use trainingkeys_shared::telemetry::{TraceInterceptor, inject_trace_context};
+use uuid::Uuid;
+
+use crate::error::Error;
+
+type Traced = InterceptedService<Channel, TraceInterceptor>;
+
+/// Clients of the two services redemption orchestrates.
+#[derive(Clone)]
+pub struct Clients {
+    enrollment: EnrollmentServiceClient<Traced>,
+    keys: KeyIssuanceServiceClient<Traced>,
+}
+
+/// Turns a peer's status into a local error, by its ErrorInfo reason.
+fn from_status(service: &'static str, status: tonic::Status) -> Error {
+    let reason = trainingkeys_shared::error::reason(&status).unwrap_or_default();
+    match (status.code(), reason.as_str()) {
+        (_, "KEY_MISTYPED") => Error::KeyMistyped,
+        (_, "KEY_NOT_FOUND") => Error::KeyNotFound,
+        (_, "KEY_REVOKED") => Error::KeyRevoked,
+        (_, "KEY_ALREADY_REDEEMED") => Error::KeyAlreadyRedeemed,
+        (_, "CLASS_FULL") => Error::ClassFull,
+        (_, "USER_NOT_FOUND") => Error::UserNotFound,
+        (_, "ORGANIZATION_MISMATCH") => Error::OrganizationMismatch,
+        (Code::InvalidArgument, "INVALID_FIELD") => {
+            use tonic_types::StatusExt;
+            let field = status
+                .get_details_error_info()
+                .and_then(|i| i.metadata.get("field").cloned());
+            // Only fields redemption passes through from its own request.
+            let ours = match field.as_deref() {
+                Some("email") => "new_user.email",
+                Some("organization_id") => "new_user.organization_id",
+                Some("display_name") => "new_user.display_name",
+                Some("code") => "code",
+                _ => {
+                    return Error::Upstream {
+                        service,
+                        message: status.message().to_owned(),
+                    };
+                }
+            };
+            Error::InvalidField(InvalidField::new(ours, status.message().to_owned()))
+        }
+        (
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::ResourceExhausted,
+            _,
+        ) => Error::Unavailable(service),
+        _ => Error::Upstream {
+            service,
+            message: format!("{:?}: {}", status.code(), status.message()),
+        },
+    }
+}
+
+impl Clients {
+    /// Lazily connected clients; each call gives up after `timeout`.
+    pub fn new(
+        enrollment_url: &str,
+        key_issuance_url: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let interceptor: TraceInterceptor = inject_trace_context;
+        let enrollment = trainingkeys_shared::server::channel(enrollment_url, timeout)?;
+        let keys = trainingkeys_shared::server::channel(key_issuance_url, timeout)?;
+        Ok(Self {
+            enrollment: EnrollmentServiceClient::with_interceptor(enrollment, interceptor),
+            keys: KeyIssuanceServiceClient::with_interceptor(keys, interceptor),
+        })
+    }
+
+    /// ResolveKey.
+    pub async fn resolve_key(
+        &self,
+        code: &str,
+        user_id: Option<Uuid>,
+    ) -> Result<pb::ResolveKeyResponse, Error> {
+        let request = pb::ResolveKeyRequest {
+            code: code.to_owned(),
+            user_id: opt(user_id),
+        };
+        let r = self
+            .keys
+            .clone()
+            .resolve_key(request)
+            .await
+            .map_err(|s| from_status("key-issuance", s))?;
+        Ok(r.into_inner())
+    }
+
+    /// ConsumeKey.
+    pub async fn consume_key(
+        &self,
+        key_id: Uuid,
+        user_id: Uuid,
+        redemption_id: Uuid,
+    ) -> Result<(), Error> {
+        let request = pb::ConsumeKeyRequest {
+            key_id: key_id.to_string(),
+            user_id: user_id.to_string(),
+            redemption_id: redemption_id.to_string(),
+        };
+        self.keys
+            .clone()
+            .consume_key(request)
+            .await
+            .map_err(|s| from_status("key-issuance", s))?;
+        Ok(())
+    }
+
+    /// ReleaseKey (compensation; idempotent).
+    pub async fn release_key(&self, key_id: Uuid, redemption_id: Uuid) -> Result<(), Error> {
+        let request = pb::ReleaseKeyRequest {
+            key_id: key_id.to_string(),
+            redemption_id: redemption_id.to_string(),
+        };
+        self.keys
+            .clone()
+            .release_key(request)
+            .await
+            .map_err(|s| from_status("key-issuance", s))?;
+        Ok(())
+    }
+
+    /// GetUser.
+    pub async fn get_user(&self, user_id: Uuid) -> Result<pb::User, Error> {
+        let r = self
+            .enrollment
+            .clone()
+            .get_user(pb::GetUserRequest {
+                user_id: user_id.to_string(),
+            })
+            .await
+            .map_err(|s| from_status("enrollment", s))?;
+        r.into_inner().user.ok_or_else(|| missing("GetUser.user"))
+    }
+
+    /// RegisterUser: the user and whether it was created.
+    pub async fn register_user(&self, new: &pb::NewUser) -> Result<(pb::User, bool), Error> {
+        let request = pb::RegisterUserRequest {
+            organization_id: new.organization_id.clone(),
+            email: new.email.clone(),
+            display_name: new.display_name.clone(),
+        };
+        let r = self
+            .enrollment
+            .clone()
+            .register_user(request)
+            .await
+            .map_err(|s| from_status("enrollment", s))?;
+        let r = r.into_inner();
+        Ok((
+            r.user.ok_or_else(|| missing("RegisterUser.user"))?,
+            r.created,
+        ))
+    }
+
+    /// GetClass (current dates, maximum and seats).
+    pub async fn get_class(&self, class_id: &str) -> Result<pb::Class, Error> {
+        let r = self
+            .enrollment
+            .clone()
+            .get_class(pb::GetClassRequest {
+                class_id: class_id.to_owned(),
+            })
+            .await
+            .map_err(|s| from_status("enrollment", s))?;
+        r.into_inner()
+            .class
+            .ok_or_else(|| missing("GetClass.class"))
+    }
+
+    /// GetSubscriptionProfile.
+    pub async fn get_profile(&self, profile_id: &str) -> Result<pb::SubscriptionProfile, Error> {
+        let r = self
+            .enrollment
+            .clone()
+            .get_subscription_profile(pb::GetSubscriptionProfileRequest {
+                profile_id: profile_id.to_owned(),
+            })
+            .await
+            .map_err(|s| from_status("enrollment", s))?;
+        r.into_inner()
+            .profile
+            .ok_or_else(|| missing("GetSubscriptionProfile.profile"))
+    }
+
+    /// Enroll: the enrollment and whether the user already held the seat.
+    pub async fn enroll(
+        &self,
+        class_id: Uuid,
+        user_id: Uuid,
+        key_id: Uuid,
+    ) -> Result<(pb::Enrollment, bool), Error> {
+        let request = pb::EnrollRequest {
+            class_id: class_id.to_string(),
+            user_id: user_id.to_string(),
+            source_key_id: key_id.to_string(),
+        };
+        let r = self
+            .enrollment
+            .clone()
+            .enroll(request)
+            .await
+            .map_err(|s| from_status("enrollment", s))?;
+        let r = r.into_inner();
+        Ok((
+            r.enrollment.ok_or_else(|| missing("Enroll.enrollment"))?,
+            r.already_enrolled,
+        ))
+    }
+
+    /// AssignSubscription: the subscription and whether the user already had it.
+    pub async fn assign_subscription(
+        &self,
+        profile_id: Uuid,
+        user_id: Uuid,
+        key_id: Uuid,
+    ) -> Result<(pb::Subscription, bool), Error> {
+        let request = pb::AssignSubscriptionRequest {
+            profile_id: profile_id.to_string(),
+            user_id: user_id.to_string(),
+            source_key_id: key_id.to_string(),
+        };
+        let r = self
+            .enrollment
+            .clone()
+            .assign_subscription(request)
+            .await
+            .map_err(|s| from_status("enrollment", s))?;
+        let r = r.into_inner();
+        Ok((
+            r.subscription
+                .ok_or_else(|| missing("AssignSubscription.subscription"))?,
+            r.already_assigned,
+        ))
+    }
+
+    /// The user ids holding a seat in a class (the whole roster, all pages).
+    pub async fn roster(&self, class_id: Uuid) -> Result<Vec<String>, Error> {
+        let mut users = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let request = pb::ListEnrollmentsRequest {
+                class_id: class_id.to_string(),
+                page_size: 1000,
+                page_token,
+                ..Default::default()
+            };
+            let page = self
+                .enrollment
+                .clone()
+                .list_enrollments(request)
+                .await
+                .map_err(|s| from_status("enrollment", s))?
+                .into_inner();
+            users.extend(page.enrollments.into_iter().map(|e| e.user_id));
+            if page.next_page_token.is_empty() {
+                return Ok(users);
+            }
+            page_token = page.next_page_token;
+        }
+    }
+
+    /// Whether the user holds an active seat in the class.
+    pub async fn is_enrolled(&self, class_id: &str, user_id: Uuid) -> Result<bool, Error> {
+        let request = pb::ListEnrollmentsRequest {
+            class_id: class_id.to_owned(),
+            user_id: user_id.to_string(),
+            page_size: 1,
+            ..Default::default()
+        };
+        let page = self
+            .enrollment
+            .clone()
+            .list_enrollments(request)
+            .await
+            .map_err(|s| from_status("enrollment", s))?;
+        Ok(!page.into_inner().enrollments.is_empty())
+    }
+
+    /// Whether the user holds an unexpired subscription of the profile.
+    pub async fn has_subscription(&self, profile_id: &str, user_id: Uuid) -> Result<bool, Error> {
+        let mut page_token = String::new();
+        loop {
+            let request = pb::ListSubscriptionsRequest {
+                user_id: user_id.to_string(),
+                page_size: 1000,
+                page_token,
+            };
+            let page = self
+                .enrollment
+                .clone()
+                .list_subscriptions(request)
+                .await
+                .map_err(|s| from_status("enrollment", s))?
+                .into_inner();
+            if page
+                .subscriptions
+                .iter()
+                .any(|s| s.profile_id == profile_id && s.active)
+            {
+                return Ok(true);
+            }
+            if page.next_page_token.is_empty() {
+                return Ok(false);
+            }
+            page_token = page.next_page_token;
+        }
+    }
+}
+
+fn opt(id: Option<Uuid>) -> String {
+    id.map(|u| u.to_string()).unwrap_or_default()
+}
+
+fn missing(what: &str) -> Error {
+    Error::Internal(format!("{what} missing from the response"))
+}

@@ -1,0 +1,218 @@
+//! The Redis admission gate: per class, seat holds (one per user, expiring)
+//! and confirmed seats, checked and changed atomically by Lua scripts. It
+//! turns a herd away before it reaches PostgreSQL; PostgreSQL stays the
+//! guarantee. Every key carries the hash tag `{class:ID}`, so a class's state
+//! lives on one Redis Cluster slot. Missing state is rebuilt from enrollment's
+//! roster under a short lock; when Redis is unreachable the gate steps aside.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use redis::Script;
+use trainingkeys_shared::redis::Redis;
+use uuid::Uuid;
+
+use crate::error::Error;
+
+/// How long the rebuild lock lives if its holder dies.
+const REBUILD_LOCK: Duration = Duration::from_secs(3);
+/// How long a caller waits for someone else's rebuild before stepping aside.
+const REBUILD_WAIT: Duration = Duration::from_secs(2);
+
+/// The gate's answer for one user and class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// A hold was placed: go on and enroll, then settle it.
+    Admitted,
+    /// The user already holds a seat or a hold: the idempotent path.
+    AlreadyIn,
+    /// Confirmed seats plus holds reached the maximum.
+    Full,
+    /// The gate is off or Redis is unreachable: the PostgreSQL guard alone decides.
+    Bypassed,
+}
+
+/// The admission gate.
+pub struct Gate {
+    redis: Arc<Redis>,
+    enabled: bool,
+    hold: Duration,
+    state_ttl: Duration,
+    admit: Script,
+    settle: Script,
+    rebuild: Script,
+    /// Admissions that fell back to the PostgreSQL guard (exported in logs).
+    pub bypassed: AtomicU64,
+}
+
+fn keys(class_id: Uuid) -> [String; 4] {
+    let tag = format!("{{class:{class_id}}}");
+    [
+        format!("{tag}:holds"),
+        format!("{tag}:confirmed"),
+        format!("{tag}:ready"),
+        format!("{tag}:lock"),
+    ]
+}
+
+impl Gate {
+    /// A gate on `redis`; `enabled = false` bypasses it entirely.
+    pub fn new(redis: Arc<Redis>, enabled: bool, hold: Duration, state_ttl: Duration) -> Self {
+        Self {
+            redis,
+            enabled,
+            hold,
+            state_ttl,
+            admit: Script::new(include_str!("lua/gate_admit.lua")),
+            settle: Script::new(include_str!("lua/gate_settle.lua")),
+            rebuild: Script::new(include_str!("lua/gate_rebuild.lua")),
+            bypassed: AtomicU64::new(0),
+        }
+    }
+
+    /// Asks to admit `user_id` to a class of `max_students`. `roster` fetches
+    /// enrollment's authoritative seat holders when the class's state is
+    /// missing (flush, restart, failover, expiry).
+    pub async fn admit<R, Fut>(
+        &self,
+        class_id: Uuid,
+        user_id: Uuid,
+        max_students: i32,
+        roster: R,
+    ) -> Admission
+    where
+        R: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Vec<String>, Error>>,
+    {
+        if !self.enabled {
+            return Admission::Bypassed;
+        }
+        let [holds, confirmed, ready, _] = keys(class_id);
+        let (holds, confirmed, ready) = (&holds, &confirmed, &ready);
+        let mut roster = Some(roster);
+        let deadline = tokio::time::Instant::now() + REBUILD_WAIT;
+        loop {
+            let answer = self
+                .redis
+                .run(|mut c| async move {
+                    self.admit
+                        .key(holds)
+                        .key(confirmed)
+                        .key(ready)
+                        .arg(user_id.to_string())
+                        .arg(self.hold.as_millis() as u64)
+                        .arg(max_students)
+                        .invoke_async::<String>(&mut c)
+                        .await
+                })
+                .await;
+            let answer = match answer {
+                Ok(a) => a,
+                Err(e) => return self.bypass(class_id, &e),
+            };
+            match answer.as_str() {
+                "ADMITTED" => return Admission::Admitted,
+                "CONFIRMED" | "HELD" => return Admission::AlreadyIn,
+                "FULL" => return Admission::Full,
+                _missing => {}
+            }
+            if let Some(fetch) = roster.take() {
+                match self.try_rebuild(class_id, fetch).await {
+                    Ok(_) => continue,
+                    Err(e) => return self.bypass(class_id, &e),
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                return self.bypass(class_id, &"gate state was not rebuilt in time");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Rebuilds a class's confirmed seats if this caller wins the lock.
+    /// Returns whether it rebuilt (false: someone else is rebuilding).
+    async fn try_rebuild<R, Fut>(
+        &self,
+        class_id: Uuid,
+        roster: R,
+    ) -> Result<bool, Box<dyn std::fmt::Display + Send>>
+    where
+        R: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Vec<String>, Error>>,
+    {
+        let [_, confirmed, ready, lock] = keys(class_id);
+        let token = Uuid::new_v4().to_string();
+        let locked: Option<String> = self
+            .redis
+            .run(|mut c| {
+                let (lock, token) = (lock.clone(), token.clone());
+                async move {
+                    redis::cmd("SET")
+                        .arg(&lock)
+                        .arg(&token)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(REBUILD_LOCK.as_millis() as u64)
+                        .query_async(&mut c)
+                        .await
+                }
+            })
+            .await
+            .map_err(|e| Box::new(e) as Box<dyn std::fmt::Display + Send>)?;
+        if locked.is_none() {
+            return Ok(false);
+        }
+        let users = roster()
+            .await
+            .map_err(|e| Box::new(e) as Box<dyn std::fmt::Display + Send>)?;
+        tracing::info!(%class_id, seats = users.len(), "rebuilt the gate state of a class from enrollment");
+        self.redis
+            .run(|mut c| async move {
+                let mut invocation = self.rebuild.key(&confirmed);
+                invocation
+                    .key(&ready)
+                    .key(&lock)
+                    .arg(self.state_ttl.as_millis() as u64)
+                    .arg(&token);
+                for u in &users {
+                    invocation.arg(u);
+                }
+                invocation.invoke_async::<i64>(&mut c).await
+            })
+            .await
+            .map_err(|e| Box::new(e) as Box<dyn std::fmt::Display + Send>)?;
+        Ok(true)
+    }
+
+    fn bypass(&self, class_id: Uuid, why: &dyn std::fmt::Display) -> Admission {
+        let n = self.bypassed.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::warn!(%class_id, gate_bypassed_total = n, "admission gate unavailable ({why}): PostgreSQL guard only");
+        Admission::Bypassed
+    }
+
+    /// Ends a hold: `confirm` after the enrollment committed, else release it.
+    /// Best effort: a lost settle only leaves a hold to expire.
+    pub async fn settle(&self, class_id: Uuid, user_id: Uuid, confirm: bool) {
+        if !self.enabled {
+            return;
+        }
+        let [holds, confirmed, _, _] = keys(class_id);
+        let result = self
+            .redis
+            .run(|mut c| async move {
+                self.settle
+                    .key(&holds)
+                    .key(&confirmed)
+                    .arg(user_id.to_string())
+                    .arg(if confirm { "1" } else { "0" })
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(%class_id, error = %e, confirm, "could not settle a seat hold; it will expire");
+        }
+    }
+}

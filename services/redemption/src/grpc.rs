@@ -1,0 +1,64 @@
+//! The gRPC transport of RedemptionService: validates the request, works out
+//! who the caller is (for the guessing limits), calls the flow.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use trainingkeys_proto::v1 as pb;
+use trainingkeys_proto::v1::redemption_service_server::RedemptionService;
+use trainingkeys_shared::validate;
+
+use crate::domain::{self, RedeemCommand};
+use crate::error::Error;
+use crate::redeem::Redeemer;
+
+/// `RedemptionService` over a [`Redeemer`].
+pub struct RedemptionGrpc {
+    redeemer: Arc<Redeemer>,
+}
+
+impl RedemptionGrpc {
+    /// The service over `redeemer`.
+    pub fn new(redeemer: Arc<Redeemer>) -> Self {
+        Self { redeemer }
+    }
+}
+
+/// The caller for guessing limits: the first `x-forwarded-for` address (set by
+/// the load balancer), else the peer address.
+fn caller<T>(request: &Request<T>) -> String {
+    request
+        .metadata()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .or_else(|| request.remote_addr().map(|a| a.ip().to_string()))
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+#[tonic::async_trait]
+impl RedemptionService for RedemptionGrpc {
+    async fn validate_key(
+        &self,
+        request: Request<pb::ValidateKeyRequest>,
+    ) -> Result<Response<pb::ValidateKeyResponse>, Status> {
+        let caller = caller(&request);
+        let r = request.into_inner();
+        let code = domain::code(&r.code).map_err(Error::from)?;
+        let user_id = validate::optional_id("user_id", &r.user_id).map_err(Error::from)?;
+        Ok(Response::new(
+            self.redeemer.validate(&code, user_id, &caller).await?,
+        ))
+    }
+
+    async fn redeem_key(
+        &self,
+        request: Request<pb::RedeemKeyRequest>,
+    ) -> Result<Response<pb::RedeemKeyResponse>, Status> {
+        let caller = caller(&request);
+        let cmd = RedeemCommand::try_from(request.into_inner()).map_err(Error::from)?;
+        Ok(Response::new(self.redeemer.redeem(cmd, &caller).await?))
+    }
+}

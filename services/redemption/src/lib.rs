@@ -1,0 +1,247 @@
+//! The redemption service: the public entry point that validates and redeems
+//! training keys by orchestrating key-issuance and enrollment. It owns the
+//! redemption log (also the idempotency record), the Redis admission gate,
+//! the guessing limits, and the recovery loop that finishes or compensates
+//! redemptions a crash left half-way.
+
+pub mod clients;
+pub mod domain;
+pub mod error;
+pub mod gate;
+pub mod grpc;
+pub mod limiter;
+pub mod recovery;
+pub mod redeem;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use trainingkeys_proto::v1::redemption_service_server::{RedemptionServiceServer, SERVICE_NAME};
+use trainingkeys_shared::config::CommonConfig;
+use trainingkeys_shared::server::{self, ServeOptions};
+
+/// The PostgreSQL schema this service owns.
+pub const SCHEMA: &str = "redemption";
+
+/// This service's migrations, embedded at build time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Where to stop a redemption as if the process died there (fault-injection
+/// tests only): the task hangs forever, so nothing after that point runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FaultPoint {
+    /// After the key was consumed (or the seat held), before Enroll.
+    AfterConsume,
+    /// After Enroll / AssignSubscription committed, before the reply is recorded.
+    AfterCommit,
+}
+
+/// Configuration of the redemption service.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Config {
+    /// Address to listen on for gRPC.
+    #[arg(long, env = "REDEMPTION_LISTEN_ADDR", default_value = "0.0.0.0:50053")]
+    pub listen_addr: SocketAddr,
+
+    /// The enrollment service.
+    #[arg(long, env = "ENROLLMENT_URL", default_value = "http://127.0.0.1:50051")]
+    pub enrollment_url: String,
+
+    /// The key-issuance service.
+    #[arg(
+        long,
+        env = "KEY_ISSUANCE_URL",
+        default_value = "http://127.0.0.1:50052"
+    )]
+    pub key_issuance_url: String,
+
+    /// Redis for the admission gate and the guessing limits. Redemption keeps
+    /// working (PostgreSQL guard only) while it is unreachable.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
+    pub redis_url: String,
+
+    /// Milliseconds before a Redis command gives up.
+    #[arg(long, env = "REDIS_TIMEOUT_MS", default_value_t = 250)]
+    pub redis_timeout_ms: u64,
+
+    /// Use the Redis admission gate (false: PostgreSQL guard only, for comparison).
+    #[arg(long, env = "GATE_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub gate_enabled: bool,
+
+    /// Seconds a seat hold lives in the gate if its redemption never settles.
+    #[arg(long, env = "GATE_HOLD_SECONDS", default_value_t = 30)]
+    pub gate_hold_seconds: u64,
+
+    /// Seconds a class's gate state is trusted before it is rebuilt from
+    /// enrollment (so seats freed by cancellations come back).
+    #[arg(long, env = "GATE_STATE_TTL_SECONDS", default_value_t = 60)]
+    pub gate_state_ttl_seconds: u64,
+
+    /// Failed attempts (unknown or mistyped codes) a caller or user may make
+    /// per window before being locked out.
+    #[arg(long, env = "GUESS_LIMIT", default_value_t = 10)]
+    pub guess_limit: u32,
+
+    /// Seconds of the failed-attempt window; the lock-out doubles with each
+    /// further failure.
+    #[arg(long, env = "GUESS_WINDOW_SECONDS", default_value_t = 60)]
+    pub guess_window_seconds: u64,
+
+    /// Longest lock-out, in seconds.
+    #[arg(long, env = "GUESS_MAX_LOCKOUT_SECONDS", default_value_t = 3600)]
+    pub guess_max_lockout_seconds: u64,
+
+    /// Seconds a redemption may take before the client gets UNAVAILABLE
+    /// (it is then finished by recovery).
+    #[arg(long, env = "REDEMPTION_TIMEOUT_SECONDS", default_value_t = 10)]
+    pub redemption_timeout_seconds: u64,
+
+    /// Seconds after which an unfinished redemption is taken over by recovery.
+    /// Must exceed REDEMPTION_TIMEOUT_SECONDS.
+    #[arg(long, env = "RECOVERY_AFTER_SECONDS", default_value_t = 30)]
+    pub recovery_after_seconds: u64,
+
+    /// Seconds between recovery sweeps.
+    #[arg(long, env = "RECOVERY_INTERVAL_SECONDS", default_value_t = 5)]
+    pub recovery_interval_seconds: u64,
+
+    /// Test-only fault injection.
+    #[arg(long, env = "REDEMPTION_FAULT", hide = true)]
+    pub fault: Option<FaultPoint>,
+
+    /// Settings shared by every service.
+    #[command(flatten)]
+    pub common: CommonConfig,
+}
+
+impl Config {
+    /// Defaults for tests and tools: the given database, services and Redis.
+    pub fn new(
+        common: CommonConfig,
+        enrollment_url: String,
+        key_issuance_url: String,
+        redis_url: String,
+    ) -> Self {
+        Self {
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            enrollment_url,
+            key_issuance_url,
+            redis_url,
+            redis_timeout_ms: 250,
+            gate_enabled: true,
+            gate_hold_seconds: 30,
+            gate_state_ttl_seconds: 60,
+            guess_limit: 10,
+            guess_window_seconds: 60,
+            guess_max_lockout_seconds: 3600,
+            redemption_timeout_seconds: 10,
+            recovery_after_seconds: 30,
+            recovery_interval_seconds: 5,
+            fault: None,
+            common,
+        }
+    }
+}
+
+/// A bound, migrated redemption service, ready to [`run`](Self::run).
+pub struct Application {
+    listener: TcpListener,
+    pool: PgPool,
+    config: Config,
+}
+
+impl Application {
+    /// Connects, migrates and binds (port 0 picks a free port).
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let (pool, listener) =
+            server::prepare(&config.common, SCHEMA, &MIGRATOR, config.listen_addr).await?;
+        Ok(Self {
+            listener,
+            pool,
+            config,
+        })
+    }
+
+    /// The address the service listens on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves (and runs recovery) until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let config = &self.config;
+        let call_timeout = Duration::from_secs(5);
+        let clients = clients::Clients::new(
+            &config.enrollment_url,
+            &config.key_issuance_url,
+            call_timeout,
+        )?;
+        let redis = Arc::new(trainingkeys_shared::redis::Redis::new(
+            &config.redis_url,
+            Duration::from_millis(config.redis_timeout_ms),
+        )?);
+        let gate = gate::Gate::new(
+            redis.clone(),
+            config.gate_enabled,
+            Duration::from_secs(config.gate_hold_seconds),
+            Duration::from_secs(config.gate_state_ttl_seconds),
+        );
+        let limiter = limiter::Limiter::new(
+            redis,
+            config.guess_limit,
+            Duration::from_secs(config.guess_window_seconds),
+            Duration::from_secs(config.guess_max_lockout_seconds),
+        );
+        let redeemer = Arc::new(redeem::Redeemer::new(
+            store::Store::new(self.pool.clone()),
+            clients,
+            gate,
+            limiter,
+            redeem::Settings {
+                timeout: Duration::from_secs(config.redemption_timeout_seconds),
+                fault: config.fault,
+            },
+        ));
+        let recovery = tokio::spawn(recovery::run(
+            redeemer.clone(),
+            Duration::from_secs(config.recovery_interval_seconds),
+            Duration::from_secs(config.recovery_after_seconds),
+            shutdown.clone(),
+        ));
+        let routes = tonic::service::Routes::new(RedemptionServiceServer::new(
+            grpc::RedemptionGrpc::new(redeemer),
+        ));
+        let options = ServeOptions {
+            service_names: vec![SERVICE_NAME],
+            readiness_db: self.pool,
+            grace: config.common.shutdown_grace(),
+            max_connection_age: config.common.max_connection_age(),
+        };
+        let served = server::serve(self.listener, routes, options, shutdown).await;
+        recovery.abort();
+        served
+    }
+}
+
+impl trainingkeys_shared::cli::Service for Application {
+    type Config = Config;
+    const NAME: &'static str = "redemption";
+    const SCHEMA: &'static str = SCHEMA;
+    fn migrator() -> &'static sqlx::migrate::Migrator {
+        &MIGRATOR
+    }
+    fn common(config: &Config) -> &CommonConfig {
+        &config.common
+    }
+    async fn build(config: Config) -> anyhow::Result<Self> {
+        Application::build(config).await
+    }
+    async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        Application::run(self, shutdown).await
+    }
+}

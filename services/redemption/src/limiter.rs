@@ -1,0 +1,99 @@
+//! Guessing limits: failed attempts (unknown or mistyped codes) are counted
+//! per caller and per user in Redis; past the limit every attempt is refused
+//! with TOO_MANY_ATTEMPTS (whatever the key), and each further failure doubles
+//! the lock-out. When Redis is unreachable the limiter fails open, loudly.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::Script;
+use trainingkeys_shared::redis::Redis;
+
+use crate::error::Error;
+
+/// The failed-attempt limiter.
+pub struct Limiter {
+    redis: Arc<Redis>,
+    limit: u32,
+    window: Duration,
+    max_lockout: Duration,
+    check: Script,
+    fail: Script,
+}
+
+/// Who is attempting: counters are kept for each identity separately.
+pub fn caller_key(caller: &str) -> String {
+    format!("attempts:caller:{caller}")
+}
+
+/// The counter of one user (by id, or by organization and email for a new one).
+pub fn user_key(user: &str) -> String {
+    format!("attempts:user:{user}")
+}
+
+impl Limiter {
+    /// A limiter allowing `limit` failures per `window`, locking out for at
+    /// most `max_lockout`.
+    pub fn new(redis: Arc<Redis>, limit: u32, window: Duration, max_lockout: Duration) -> Self {
+        Self {
+            redis,
+            limit,
+            window,
+            max_lockout,
+            check: Script::new(include_str!("lua/limiter_check.lua")),
+            fail: Script::new(include_str!("lua/limiter_fail.lua")),
+        }
+    }
+
+    /// Refuses when any of `counters` is locked out. One script call per
+    /// counter, so each touches one Redis Cluster slot.
+    pub async fn check(&self, counters: &[String]) -> Result<(), Error> {
+        let mut wait = 0i64;
+        for counter in counters {
+            let result = self
+                .redis
+                .run(|mut c| async move {
+                    self.check
+                        .key(counter)
+                        .arg(self.limit)
+                        .invoke_async::<i64>(&mut c)
+                        .await
+                })
+                .await;
+            match result {
+                Ok(ms) => wait = wait.max(ms),
+                Err(e) => {
+                    tracing::warn!(error = %e, "guessing limits unavailable: allowing the attempt");
+                    return Ok(());
+                }
+            }
+        }
+        if wait > 0 {
+            return Err(Error::TooManyAttempts {
+                retry_after: Duration::from_millis(wait as u64),
+            });
+        }
+        Ok(())
+    }
+
+    /// Counts a failed attempt against each of `counters`.
+    pub async fn record_failure(&self, counters: &[String]) {
+        for counter in counters {
+            let result = self
+                .redis
+                .run(|mut c| async move {
+                    self.fail
+                        .key(counter)
+                        .arg(self.limit)
+                        .arg(self.window.as_millis() as u64)
+                        .arg(self.max_lockout.as_millis() as u64)
+                        .invoke_async::<i64>(&mut c)
+                        .await
+                })
+                .await;
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "could not count a failed attempt");
+            }
+        }
+    }
+}

@@ -1,0 +1,15 @@
+-- Replaces a class's confirmed seats with enrollment's authoritative roster and
+-- marks the state trustworthy for a while. Holds in flight are kept.
+-- KEYS[1] {class:ID}:confirmed, KEYS[2] {class:ID}:ready, KEYS[3] {class:ID}:lock
+-- ARGV[1] lifetime of the state (ms), ARGV[2] the rebuild lock token,
+-- ARGV[3..] user ids holding a seat
+if redis.call('GET', KEYS[3]) ~= ARGV[2] then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+for i = 3, #ARGV, 5000 do
+  redis.call('SADD', KEYS[1], unpack(ARGV, i, math.min(i + 4999, #ARGV)))
+end
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[1])
+redis.call('DEL', KEYS[3])
+return 1

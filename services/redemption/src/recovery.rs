@@ -1,0 +1,55 @@
+//! The recovery loop: redemptions left `admitted` (a crash, a lost database
+//! connection, an outage mid-way) are claimed by one replica and driven to
+//! their end — completed, or compensated (ReleaseKey, release the hold) and
+//! failed — so no key stays consumed without its enrollment and no seat stays
+//! held.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::redeem::Redeemer;
+
+/// Redemptions handled per sweep.
+const BATCH: i64 = 100;
+
+/// Sweeps every `interval` for redemptions idle longer than `after`, until `shutdown`.
+pub async fn run(
+    redeemer: Arc<Redeemer>,
+    interval: Duration,
+    after: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        match sweep(&redeemer, after).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(redemptions = n, "recovery finished abandoned redemptions"),
+            Err(e) => tracing::warn!(error = %e, "recovery sweep failed; retrying next interval"),
+        }
+    }
+}
+
+/// One sweep: returns how many redemptions it finished.
+pub async fn sweep(redeemer: &Redeemer, after: Duration) -> Result<usize, crate::error::Error> {
+    let stale = redeemer.store().stale(after, BATCH).await?;
+    let mut finished = 0;
+    for record in stale {
+        let id = record.redemption_id;
+        match redeemer.take_over(record).await {
+            Ok(_) => finished += 1,
+            Err(e) if e.is_final() => {
+                tracing::info!(redemption_id = %id, reason = e.reason(), "recovery compensated a redemption");
+                finished += 1;
+            }
+            Err(e) => {
+                tracing::warn!(redemption_id = %id, error = %e, "recovery could not finish a redemption yet")
+            }
+        }
+    }
+    Ok(finished)
+}
