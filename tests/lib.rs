@@ -124,9 +124,11 @@ impl EnrollmentApp {
 }
 
 /// The HMAC secret key issuance uses in tests (hex, 32 bytes).
-pub const TEST_HMAC_SECRET: &str = "6b65792d69737375616e63652d746573742d686d61632d7365637265742d3332";
+pub const TEST_HMAC_SECRET: &str =
+    "6b65792d69737375616e63652d746573742d686d61632d7365637265742d3332";
 /// The encryption key key issuance uses in tests (hex, 32 bytes).
-pub const TEST_ENCRYPTION_KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+pub const TEST_ENCRYPTION_KEY: &str =
+    "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 
 /// The key issuance service on `database_url`, asking the enrollment service
 /// at `enrollment_url`.
@@ -139,11 +141,17 @@ pub async fn spawn_key_issuance(database_url: &str, enrollment_url: &str) -> Spa
         TEST_ENCRYPTION_KEY,
     );
     config.common = common_config(database_url);
-    let app = trainingkeys_key_issuance::Application::build(config).await.expect("build key issuance");
+    let app = trainingkeys_key_issuance::Application::build(config)
+        .await
+        .expect("build key issuance");
     let addr = app.local_addr().unwrap();
     let shutdown = CancellationToken::new();
     let handle = tokio::spawn(app.run(shutdown.clone()));
-    Spawned { addr, shutdown, handle }
+    Spawned {
+        addr,
+        shutdown,
+        handle,
+    }
 }
 
 /// A fresh database with the real enrollment and key issuance services on
@@ -164,7 +172,13 @@ impl KeyApp {
         let service = spawn_key_issuance(&database_url, &enrollment_service.url()).await;
         let client = KeyIssuanceServiceClient::new(service.channel().await);
         let enrollment = EnrollmentServiceClient::new(enrollment_service.channel().await);
-        Self { database_url, enrollment_service, service, client, enrollment }
+        Self {
+            database_url,
+            enrollment_service,
+            service,
+            client,
+            enrollment,
+        }
     }
 
     /// A direct connection to the database, for checks behind the API's back.
@@ -194,7 +208,10 @@ pub fn assert_status<T: std::fmt::Debug>(
 /// One metadata entry of a status's ErrorInfo.
 pub fn error_metadata(status: &tonic::Status, key: &str) -> String {
     use tonic_types::StatusExt;
-    status.get_details_error_info().and_then(|i| i.metadata.get(key).cloned()).unwrap_or_default()
+    status
+        .get_details_error_info()
+        .and_then(|i| i.metadata.get(key).cloned())
+        .unwrap_or_default()
 }
 
 /// The field an INVALID_FIELD status names.

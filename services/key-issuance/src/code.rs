@@ -33,7 +33,9 @@ fn value(symbol: u8) -> Option<u32> {
 
 /// The weighted sum `Σ i·vᵢ` (weights 1..) of `values`, mod 31.
 fn weighted_sum(values: impl Iterator<Item = u32>) -> u32 {
-    values.zip(1u32..).fold(0, |acc, (v, w)| (acc + w * v) % MODULUS)
+    values
+        .zip(1u32..)
+        .fold(0, |acc, (v, w)| (acc + w * v) % MODULUS)
 }
 
 /// The check value that makes the weighted sum of the 16 symbols ≡ 0: with
@@ -103,7 +105,11 @@ pub enum Typed {
 pub fn parse_typed(input: &str) -> Typed {
     let n = normalize(input);
     if is_key_shaped(&n) {
-        return if check_ok(&n) { Typed::Code(n) } else { Typed::Mistyped };
+        return if check_ok(&n) {
+            Typed::Code(n)
+        } else {
+            Typed::Mistyped
+        };
     }
     let allowed = n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
     if allowed && (CUSTOM_MIN..=CUSTOM_MAX).contains(&n.len()) {
@@ -130,7 +136,9 @@ impl CustomCodeError {
         match self {
             Self::Charset => "must be 4-64 of A-Z a-z 0-9 - _",
             Self::TooShort => "must hold at least 4 letters, digits or underscores",
-            Self::KeyShaped => "16 letters and digits (ignoring hyphens) are reserved for generated keys",
+            Self::KeyShaped => {
+                "16 letters and digits (ignoring hyphens) are reserved for generated keys"
+            }
         }
     }
 }
@@ -138,7 +146,9 @@ impl CustomCodeError {
 /// Checks a custom event code; returns its normalised form.
 pub fn custom(code: &str) -> Result<String, CustomCodeError> {
     let ok = (CUSTOM_MIN..=CUSTOM_MAX).contains(&code.len())
-        && code.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     if !ok {
         return Err(CustomCodeError::Charset);
     }
@@ -174,7 +184,10 @@ const ENTROPY_BLOCK: usize = 64 * 1024;
 impl Entropy {
     /// An empty source; the first use fills it.
     pub fn new() -> Self {
-        Self { buffer: vec![0; ENTROPY_BLOCK], next: ENTROPY_BLOCK }
+        Self {
+            buffer: vec![0; ENTROPY_BLOCK],
+            next: ENTROPY_BLOCK,
+        }
     }
 
     /// One random byte.
@@ -281,7 +294,10 @@ mod tests {
         assert_eq!(custom("abc"), Err(CustomCodeError::Charset));
         assert_eq!(custom("ab c"), Err(CustomCodeError::Charset));
         assert_eq!(custom("ab---"), Err(CustomCodeError::TooShort));
-        assert_eq!(custom("ABCD-EFGH-JKMN-PQRS"), Err(CustomCodeError::KeyShaped));
+        assert_eq!(
+            custom("ABCD-EFGH-JKMN-PQRS"),
+            Err(CustomCodeError::KeyShaped)
+        );
         assert_eq!(custom(&"a".repeat(65)), Err(CustomCodeError::Charset));
         // A custom code reads as itself when typed in another case.
         let n = custom("Rust-Lol-2030").unwrap();

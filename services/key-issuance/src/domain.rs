@@ -180,13 +180,18 @@ impl TryFrom<pb::GenerateSubscriptionKeysRequest> for GenerateSubscription {
     fn try_from(r: pb::GenerateSubscriptionKeysRequest) -> Result<Self, InvalidField> {
         let profile_id = validate::id("profile_id", &r.profile_id)?;
         if !(1..=MAX_SUBSCRIPTION_KEYS).contains(&r.count) {
-            return Err(InvalidField::new("count", format!("must be 1-{MAX_SUBSCRIPTION_KEYS}")));
+            return Err(InvalidField::new(
+                "count",
+                format!("must be 1-{MAX_SUBSCRIPTION_KEYS}"),
+            ));
         }
         let pool = match validate::optional_id("pool_id", &r.pool_id)? {
             Some(pool_id) => {
                 // The settings of an existing pool are fixed: say so rather
                 // than silently ignore them.
-                let only_new = |field: &'static str| InvalidField::new(field, "applies only to a new pool (pool_id empty)");
+                let only_new = |field: &'static str| {
+                    InvalidField::new(field, "applies only to a new pool (pool_id empty)")
+                };
                 if !r.pool_name.is_empty() {
                     return Err(only_new("pool_name"));
                 }
@@ -212,7 +217,12 @@ impl TryFrom<pb::GenerateSubscriptionKeysRequest> for GenerateSubscription {
                 let uses_per_key = match r.uses_per_key {
                     0 => 1,
                     n @ 1..=MAX_USES_PER_KEY => n,
-                    _ => return Err(InvalidField::new("uses_per_key", format!("must be 0-{MAX_USES_PER_KEY}"))),
+                    _ => {
+                        return Err(InvalidField::new(
+                            "uses_per_key",
+                            format!("must be 0-{MAX_USES_PER_KEY}"),
+                        ));
+                    }
                 };
                 PoolChoice::New {
                     name: validate::text("pool_name", &r.pool_name, MAX_POOL_NAME, false)?,
@@ -222,7 +232,11 @@ impl TryFrom<pb::GenerateSubscriptionKeysRequest> for GenerateSubscription {
                 }
             }
         };
-        Ok(Self { profile_id, count: r.count, pool })
+        Ok(Self {
+            profile_id,
+            count: r.count,
+            pool,
+        })
     }
 }
 
@@ -240,9 +254,15 @@ impl TryFrom<pb::GenerateClassEnrollmentKeysRequest> for GenerateClassKeys {
     fn try_from(r: pb::GenerateClassEnrollmentKeysRequest) -> Result<Self, InvalidField> {
         let class_id = validate::id("class_id", &r.class_id)?;
         if !(1..=MAX_CLASS_KEYS_PER_CALL).contains(&r.count) {
-            return Err(InvalidField::new("count", format!("must be 1-{MAX_CLASS_KEYS_PER_CALL}")));
+            return Err(InvalidField::new(
+                "count",
+                format!("must be 1-{MAX_CLASS_KEYS_PER_CALL}"),
+            ));
         }
-        Ok(Self { class_id, count: r.count })
+        Ok(Self {
+            class_id,
+            count: r.count,
+        })
     }
 }
 
@@ -273,10 +293,18 @@ impl TryFrom<pb::SetEventKeyRequest> for SetEventKey {
         let custom = if r.custom_code.is_empty() {
             None
         } else {
-            let normalized = code::custom(&r.custom_code).map_err(|e| InvalidField::new("custom_code", e.message()))?;
-            Some(CustomCode { display: r.custom_code, normalized })
+            let normalized = code::custom(&r.custom_code)
+                .map_err(|e| InvalidField::new("custom_code", e.message()))?;
+            Some(CustomCode {
+                display: r.custom_code,
+                normalized,
+            })
         };
-        Ok(Self { class_id, custom, redeemable_after_class_end: r.redeemable_after_class_end })
+        Ok(Self {
+            class_id,
+            custom,
+            redeemable_after_class_end: r.redeemable_after_class_end,
+        })
     }
 }
 
@@ -295,7 +323,10 @@ impl Scope {
         match (class_id, pool_id) {
             (Some(c), _) => validate::id("class_id", c).map(Self::Class),
             (None, Some(p)) => validate::id("pool_id", p).map(Self::Pool),
-            (None, None) => Err(InvalidField::new("class_id", "class_id or pool_id is required")),
+            (None, None) => Err(InvalidField::new(
+                "class_id",
+                "class_id or pool_id is required",
+            )),
         }
     }
 }
@@ -389,7 +420,10 @@ impl KeyRow {
     /// the class, a class key's end is left open for the caller to check.
     pub fn window(&self, class: Option<&ClassInfo>) -> Window {
         match self.kind() {
-            Kind::Subscription => Window { from: self.pool_valid_from, until: self.pool_valid_until },
+            Kind::Subscription => Window {
+                from: self.pool_valid_from,
+                until: self.pool_valid_until,
+            },
             Kind::ClassEnrollment | Kind::Event => Window {
                 from: Some(self.created_at),
                 until: class.map(|c| class_key_end(c, self.redeemable_after_class_end)),
@@ -411,7 +445,13 @@ impl KeyRow {
     }
 
     /// The wire form, with its decrypted `code` and recent `uses`.
-    pub fn to_pb(&self, code: String, class: Option<&ClassInfo>, uses: Vec<KeyUse>, now: DateTime<Utc>) -> pb::Key {
+    pub fn to_pb(
+        &self,
+        code: String,
+        class: Option<&ClassInfo>,
+        uses: Vec<KeyUse>,
+        now: DateTime<Utc>,
+    ) -> pb::Key {
         let window = self.window(class);
         pb::Key {
             key_id: self.key_id.to_string(),
@@ -435,7 +475,11 @@ impl KeyRow {
 
 /// The end of a class key's window from the class's current dates.
 pub fn class_key_end(class: &ClassInfo, redeemable_after_class_end: bool) -> DateTime<Utc> {
-    if redeemable_after_class_end { class.lab_access_end_time } else { class.end_time }
+    if redeemable_after_class_end {
+        class.lab_access_end_time
+    } else {
+        class.end_time
+    }
 }
 
 /// One use of a key.
@@ -573,6 +617,9 @@ mod tests {
             pool_name: "x".into(),
             ..Default::default()
         };
-        assert_eq!(GenerateSubscription::try_from(r).unwrap_err().field, "pool_name");
+        assert_eq!(
+            GenerateSubscription::try_from(r).unwrap_err().field,
+            "pool_name"
+        );
     }
 }

@@ -48,12 +48,16 @@ impl Enrollment {
     pub fn connect(url: &str, call_timeout: Duration) -> anyhow::Result<Self> {
         let channel = trainingkeys_shared::server::channel(url, call_timeout)?;
         let interceptor: TraceInterceptor = inject_trace_context;
-        Ok(Self { client: EnrollmentServiceClient::with_interceptor(channel, interceptor) })
+        Ok(Self {
+            client: EnrollmentServiceClient::with_interceptor(channel, interceptor),
+        })
     }
 
     /// The class `class_id` with its current dates.
     pub async fn class(&self, class_id: Uuid) -> Result<ClassInfo, Error> {
-        let request = pb::GetClassRequest { class_id: class_id.to_string() };
+        let request = pb::GetClassRequest {
+            class_id: class_id.to_string(),
+        };
         let class = self
             .client
             .clone()
@@ -62,10 +66,16 @@ impl Enrollment {
             .map_err(|s| convert(s, "CLASS_NOT_FOUND", Error::ClassNotFound(class_id)))?
             .into_inner()
             .class
-            .ok_or_else(|| Error::Enrollment(tonic::Status::internal("GetClass returned no class")))?;
+            .ok_or_else(|| {
+                Error::Enrollment(tonic::Status::internal("GetClass returned no class"))
+            })?;
         let time = |t: Option<&prost_types::Timestamp>| {
             t.and_then(trainingkeys_proto::time::from_timestamp)
-                .ok_or_else(|| Error::Enrollment(tonic::Status::internal("GetClass returned a class without dates")))
+                .ok_or_else(|| {
+                    Error::Enrollment(tonic::Status::internal(
+                        "GetClass returned a class without dates",
+                    ))
+                })
         };
         Ok(ClassInfo {
             class_id,
@@ -79,7 +89,9 @@ impl Enrollment {
 
     /// Succeeds when the profile exists.
     pub async fn check_profile(&self, profile_id: Uuid) -> Result<(), Error> {
-        let request = pb::GetSubscriptionProfileRequest { profile_id: profile_id.to_string() };
+        let request = pb::GetSubscriptionProfileRequest {
+            profile_id: profile_id.to_string(),
+        };
         self.client
             .clone()
             .get_subscription_profile(request)
@@ -96,7 +108,9 @@ use trainingkeys_proto::prost_types;
 /// unexpected answer (INTERNAL here, with the details in the log).
 fn convert(status: tonic::Status, not_found_reason: &str, not_found: Error) -> Error {
     match status.code() {
-        Code::NotFound if trainingkeys_shared::error::reason(&status).as_deref() == Some(not_found_reason) => {
+        Code::NotFound
+            if trainingkeys_shared::error::reason(&status).as_deref() == Some(not_found_reason) =>
+        {
             not_found
         }
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::ResourceExhausted => {

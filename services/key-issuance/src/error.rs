@@ -46,7 +46,9 @@ pub enum Error {
         requested: Uuid,
     },
     /// More unrevoked class enrollment keys than the class's maximum students.
-    #[error("class {class_id} allows {max_students} students and has {existing} unrevoked keys: cannot add {requested}")]
+    #[error(
+        "class {class_id} allows {max_students} students and has {existing} unrevoked keys: cannot add {requested}"
+    )]
     KeyLimitReached {
         /// The class.
         class_id: Uuid,
@@ -96,7 +98,12 @@ pub enum Error {
 }
 
 fn with_id(code: Code, reason: &str, field: &str, id: Uuid, message: String) -> Status {
-    status_with(code, reason, message, HashMap::from([(field.to_owned(), id.to_string())]))
+    status_with(
+        code,
+        reason,
+        message,
+        HashMap::from([(field.to_owned(), id.to_string())]),
+    )
 }
 
 impl From<Error> for Status {
@@ -105,15 +112,36 @@ impl From<Error> for Status {
         match e {
             Error::InvalidField(f) => f.into(),
             Error::KeyMistyped => status(Code::InvalidArgument, "KEY_MISTYPED", message),
-            Error::KeyNotFound(id) => with_id(Code::NotFound, "KEY_NOT_FOUND", "key_id", id, message),
-            Error::CodeNotFound => status(Code::NotFound, "KEY_NOT_FOUND", message),
-            Error::ClassNotFound(id) => with_id(Code::NotFound, "CLASS_NOT_FOUND", "class_id", id, message),
-            Error::ProfileNotFound(id) => with_id(Code::NotFound, "PROFILE_NOT_FOUND", "profile_id", id, message),
-            Error::PoolNotFound(id) => with_id(Code::NotFound, "POOL_NOT_FOUND", "pool_id", id, message),
-            Error::PoolProfileMismatch { pool_id, .. } => {
-                with_id(Code::FailedPrecondition, "POOL_PROFILE_MISMATCH", "pool_id", pool_id, message)
+            Error::KeyNotFound(id) => {
+                with_id(Code::NotFound, "KEY_NOT_FOUND", "key_id", id, message)
             }
-            Error::KeyLimitReached { class_id, max_students, existing, .. } => status_with(
+            Error::CodeNotFound => status(Code::NotFound, "KEY_NOT_FOUND", message),
+            Error::ClassNotFound(id) => {
+                with_id(Code::NotFound, "CLASS_NOT_FOUND", "class_id", id, message)
+            }
+            Error::ProfileNotFound(id) => with_id(
+                Code::NotFound,
+                "PROFILE_NOT_FOUND",
+                "profile_id",
+                id,
+                message,
+            ),
+            Error::PoolNotFound(id) => {
+                with_id(Code::NotFound, "POOL_NOT_FOUND", "pool_id", id, message)
+            }
+            Error::PoolProfileMismatch { pool_id, .. } => with_id(
+                Code::FailedPrecondition,
+                "POOL_PROFILE_MISMATCH",
+                "pool_id",
+                pool_id,
+                message,
+            ),
+            Error::KeyLimitReached {
+                class_id,
+                max_students,
+                existing,
+                ..
+            } => status_with(
                 Code::FailedPrecondition,
                 "KEY_LIMIT_REACHED",
                 message,
@@ -135,12 +163,30 @@ impl From<Error> for Status {
                 message,
                 HashMap::from([("placeholder".to_owned(), name)]),
             ),
-            Error::NoEventKey(id) => with_id(Code::FailedPrecondition, "NO_EVENT_KEY", "class_id", id, message),
-            Error::KeyAlreadyRedeemed(id) => {
-                with_id(Code::FailedPrecondition, "KEY_ALREADY_REDEEMED", "key_id", id, message)
+            Error::NoEventKey(id) => with_id(
+                Code::FailedPrecondition,
+                "NO_EVENT_KEY",
+                "class_id",
+                id,
+                message,
+            ),
+            Error::KeyAlreadyRedeemed(id) => with_id(
+                Code::FailedPrecondition,
+                "KEY_ALREADY_REDEEMED",
+                "key_id",
+                id,
+                message,
+            ),
+            Error::KeyRevoked(id) => with_id(
+                Code::FailedPrecondition,
+                "KEY_REVOKED",
+                "key_id",
+                id,
+                message,
+            ),
+            Error::EnrollmentUnavailable(s) => {
+                trainingkeys_shared::error::unavailable("enrollment service", &s)
             }
-            Error::KeyRevoked(id) => with_id(Code::FailedPrecondition, "KEY_REVOKED", "key_id", id, message),
-            Error::EnrollmentUnavailable(s) => trainingkeys_shared::error::unavailable("enrollment service", &s),
             Error::Enrollment(s) => internal(&s),
             Error::Decrypt(ref d) => internal(d),
             Error::Entropy(ref r) => internal(r),

@@ -26,13 +26,19 @@ pub type ExportStream = ReceiverStream<Result<pb::ExportKeysResponse, tonic::Sta
 
 /// Starts an export of `scope`. The scope is checked first, so a missing
 /// class or pool is the call's status rather than a broken stream.
-pub async fn start(service: KeyService, scope: Scope, status: Option<Status>) -> Result<ExportStream, Error> {
+pub async fn start(
+    service: KeyService,
+    scope: Scope,
+    status: Option<Status>,
+) -> Result<ExportStream, Error> {
     let window = service.scope_window(scope).await?;
     let (sender, receiver) = mpsc::channel(CHANNEL_CHUNKS);
     tokio::spawn(async move {
         let started = Instant::now();
         match write(&service, scope, window, status, &sender).await {
-            Ok(Some(rows)) => tracing::info!(?scope, rows, elapsed = ?started.elapsed(), "keys exported"),
+            Ok(Some(rows)) => {
+                tracing::info!(?scope, rows, elapsed = ?started.elapsed(), "keys exported")
+            }
             Ok(None) => tracing::info!(?scope, "export abandoned by the client"),
             Err(e) => {
                 let _ = sender.send(Err(e.into())).await;
@@ -70,7 +76,12 @@ async fn write(
         Scope::Pool(pool_id) => {
             let pool = service.store.pool(pool_id).await?;
             let until = pool.valid_until.map(csv_time).unwrap_or_default();
-            Columns { target: pool.profile_id.to_string(), pool: pool_id.to_string(), valid_until: until.clone(), lab_until: until }
+            Columns {
+                target: pool.profile_id.to_string(),
+                pool: pool_id.to_string(),
+                valid_until: until.clone(),
+                lab_until: until,
+            }
         }
     };
     let mut csv = writer();
@@ -92,25 +103,51 @@ async fn write(
 
 /// A CSV writer into a buffer with room for one chunk.
 fn writer() -> csv::Writer<Vec<u8>> {
-    csv::WriterBuilder::new().buffer_capacity(16 * 1024).from_writer(Vec::with_capacity(CHUNK_BYTES + 32 * 1024))
+    csv::WriterBuilder::new()
+        .buffer_capacity(16 * 1024)
+        .from_writer(Vec::with_capacity(CHUNK_BYTES + 32 * 1024))
 }
 
 /// Sends what the writer holds; false when the client is gone.
 async fn flush(csv: &mut csv::Writer<Vec<u8>>, sender: &Sender) -> Result<bool, Error> {
     // The writer owns its output: swap in a fresh one and take the bytes.
-    let chunk = std::mem::replace(csv, writer()).into_inner().map_err(|e| csv::Error::from(e.into_error()))?;
+    let chunk = std::mem::replace(csv, writer())
+        .into_inner()
+        .map_err(|e| csv::Error::from(e.into_error()))?;
     if chunk.is_empty() {
         return Ok(true);
     }
-    Ok(sender.send(Ok(pb::ExportKeysResponse { chunk })).await.is_ok())
+    Ok(sender
+        .send(Ok(pb::ExportKeysResponse { chunk }))
+        .await
+        .is_ok())
 }
 
-fn record(service: &KeyService, columns: &Columns, row: &ExportRow, csv: &mut csv::Writer<Vec<u8>>) -> Result<(), Error> {
-    let code = service.keyring.open(row.key_id, row.cipher_key_id, &row.code_cipher)?;
-    let valid_until = if row.redeemable_after_class_end { &columns.lab_until } else { &columns.valid_until };
+fn record(
+    service: &KeyService,
+    columns: &Columns,
+    row: &ExportRow,
+    csv: &mut csv::Writer<Vec<u8>>,
+) -> Result<(), Error> {
+    let code = service
+        .keyring
+        .open(row.key_id, row.cipher_key_id, &row.code_cipher)?;
+    let valid_until = if row.redeemable_after_class_end {
+        &columns.lab_until
+    } else {
+        &columns.valid_until
+    };
     let join = |items: Option<Vec<String>>| items.map(|v| v.join(";")).unwrap_or_default();
-    let redeemed_by = join(row.redeemed_by.as_ref().map(|v| v.iter().map(ToString::to_string).collect()));
-    let redeemed_at = join(row.redeemed_at.as_ref().map(|v| v.iter().copied().map(csv_time).collect()));
+    let redeemed_by = join(
+        row.redeemed_by
+            .as_ref()
+            .map(|v| v.iter().map(ToString::to_string).collect()),
+    );
+    let redeemed_at = join(
+        row.redeemed_at
+            .as_ref()
+            .map(|v| v.iter().copied().map(csv_time).collect()),
+    );
     let uses = row.uses.to_string();
     csv.write_record([
         code.as_str(),

@@ -25,18 +25,30 @@ pub fn generated(keyring: &Keyring, entropy: &mut Entropy) -> Result<(NewKey, St
     entropy.fill(&mut nonce)?;
     let mut code_cipher = Vec::with_capacity(64);
     keyring.seal(key_id, &display, nonce, &mut code_cipher);
-    let key = NewKey { key_id, code_hmac: keyring.lookup_hash(&normalized), code_cipher };
+    let key = NewKey {
+        key_id,
+        code_hmac: keyring.lookup_hash(&normalized),
+        code_cipher,
+    };
     Ok((key, String::from_utf8_lossy(&display).into_owned()))
 }
 
 /// A key for a custom event code: shown as typed, found by its normalised form.
-pub fn custom(keyring: &Keyring, entropy: &mut Entropy, code: &CustomCode) -> Result<NewKey, Error> {
+pub fn custom(
+    keyring: &Keyring,
+    entropy: &mut Entropy,
+    code: &CustomCode,
+) -> Result<NewKey, Error> {
     let key_id = Uuid::now_v7();
     let mut nonce = [0u8; NONCE_LEN];
     entropy.fill(&mut nonce)?;
     let mut code_cipher = Vec::with_capacity(64 + code.display.len());
     keyring.seal(key_id, code.display.as_bytes(), nonce, &mut code_cipher);
-    Ok(NewKey { key_id, code_hmac: keyring.lookup_hash(code.normalized.as_bytes()), code_cipher })
+    Ok(NewKey {
+        key_id,
+        code_hmac: keyring.lookup_hash(code.normalized.as_bytes()),
+        code_cipher,
+    })
 }
 
 /// The settings every key of one bulk generation shares.
@@ -55,9 +67,17 @@ pub struct Batch {
 /// Generates `batch.count` subscription keys as binary `COPY` chunks into
 /// `out`. Blocking: run it with `spawn_blocking`. Stops early when the
 /// receiver is gone (the call failed or was cancelled).
-pub fn subscription_chunks(keyring: &Keyring, batch: Batch, out: &mpsc::Sender<Result<Vec<u8>, Error>>) {
+pub fn subscription_chunks(
+    keyring: &Keyring,
+    batch: Batch,
+    out: &mpsc::Sender<Result<Vec<u8>, Error>>,
+) {
     let mut entropy = Entropy::new();
-    let mut key = NewKey { key_id: Uuid::nil(), code_hmac: [0; 32], code_cipher: Vec::with_capacity(64) };
+    let mut key = NewKey {
+        key_id: Uuid::nil(),
+        code_hmac: [0; 32],
+        code_cipher: Vec::with_capacity(64),
+    };
     let mut left = batch.count;
     let mut first = true;
     while left > 0 || first {
@@ -82,8 +102,20 @@ pub fn subscription_chunks(keyring: &Keyring, batch: Batch, out: &mpsc::Sender<R
             }
             key.key_id = Uuid::now_v7();
             key.code_hmac = keyring.lookup_hash(&normalized);
-            keyring.seal(key.key_id, &code::display_bytes(&normalized), nonce, &mut key.code_cipher);
-            store::copy_row(&mut chunk, &key, batch.pool_id, keyring.cipher_id(), batch.max_uses, batch.created_at);
+            keyring.seal(
+                key.key_id,
+                &code::display_bytes(&normalized),
+                nonce,
+                &mut key.code_cipher,
+            );
+            store::copy_row(
+                &mut chunk,
+                &key,
+                batch.pool_id,
+                keyring.cipher_id(),
+                batch.max_uses,
+                batch.created_at,
+            );
         }
         left -= n;
         if left == 0 {

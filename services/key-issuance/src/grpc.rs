@@ -69,7 +69,10 @@ impl KeyIssuanceService for KeyIssuanceGrpc {
         reply(self.service.generate_class_keys(cmd).await?)
     }
 
-    async fn set_event_key(&self, request: Request<pb::SetEventKeyRequest>) -> Reply<pb::SetEventKeyResponse> {
+    async fn set_event_key(
+        &self,
+        request: Request<pb::SetEventKeyRequest>,
+    ) -> Reply<pb::SetEventKeyResponse> {
         let cmd = SetEventKey::try_from(request.into_inner()).map_err(invalid)?;
         reply(self.service.set_event_key(cmd).await?)
     }
@@ -92,12 +95,19 @@ impl KeyIssuanceService for KeyIssuanceGrpc {
                 let normalized = domain::typed_code("code", code)?;
                 self.service.get_key_by_code(&normalized).await?
             }
-            None => return Err(invalid(InvalidField::new("key_id", "key_id or code is required")).into()),
+            None => {
+                return Err(
+                    invalid(InvalidField::new("key_id", "key_id or code is required")).into(),
+                );
+            }
         };
         reply(pb::GetKeyResponse { key: Some(key) })
     }
 
-    async fn list_keys(&self, request: Request<pb::ListKeysRequest>) -> Reply<pb::ListKeysResponse> {
+    async fn list_keys(
+        &self,
+        request: Request<pb::ListKeysRequest>,
+    ) -> Reply<pb::ListKeysResponse> {
         let r = request.get_ref();
         let scope = list_scope(r.scope.as_ref()).map_err(invalid)?;
         let status = domain::status_filter(r.status).map_err(invalid)?;
@@ -108,14 +118,20 @@ impl KeyIssuanceService for KeyIssuanceGrpc {
 
     type ExportKeysStream = ExportStream;
 
-    async fn export_keys(&self, request: Request<pb::ExportKeysRequest>) -> Reply<Self::ExportKeysStream> {
+    async fn export_keys(
+        &self,
+        request: Request<pb::ExportKeysRequest>,
+    ) -> Reply<Self::ExportKeysStream> {
         let r = request.get_ref();
         let scope = export_scope(r.scope.as_ref()).map_err(invalid)?;
         let status = domain::status_filter(r.status).map_err(invalid)?;
         reply(export::start(self.service.clone(), scope, status).await?)
     }
 
-    async fn revoke_key(&self, request: Request<pb::RevokeKeyRequest>) -> Reply<pb::RevokeKeyResponse> {
+    async fn revoke_key(
+        &self,
+        request: Request<pb::RevokeKeyRequest>,
+    ) -> Reply<pb::RevokeKeyResponse> {
         let key_id = validate::id("key_id", &request.get_ref().key_id).map_err(invalid)?;
         reply(self.service.revoke_key(key_id).await?)
     }
@@ -130,25 +146,43 @@ impl KeyIssuanceService for KeyIssuanceGrpc {
             let message = format!("must be at most {} characters", domain::MAX_TEMPLATE);
             return Err(invalid(InvalidField::new("template", message)).into());
         }
-        let text = self.service.render_notification(class_id, &r.template).await?;
+        let text = self
+            .service
+            .render_notification(class_id, &r.template)
+            .await?;
         reply(pb::RenderNotificationResponse { text })
     }
 
-    async fn resolve_key(&self, request: Request<pb::ResolveKeyRequest>) -> Reply<pb::ResolveKeyResponse> {
+    async fn resolve_key(
+        &self,
+        request: Request<pb::ResolveKeyRequest>,
+    ) -> Reply<pb::ResolveKeyResponse> {
         let r = request.get_ref();
         let normalized = domain::typed_code("code", &r.code)?;
         let user_id = validate::optional_id("user_id", &r.user_id).map_err(invalid)?;
         reply(self.service.resolve_key(&normalized, user_id).await?)
     }
 
-    async fn consume_key(&self, request: Request<pb::ConsumeKeyRequest>) -> Reply<pb::ConsumeKeyResponse> {
+    async fn consume_key(
+        &self,
+        request: Request<pb::ConsumeKeyRequest>,
+    ) -> Reply<pb::ConsumeKeyResponse> {
         let u = UseOfKey::try_from(request.into_inner()).map_err(invalid)?;
         let c = self.service.consume_key(u).await?;
-        reply(pb::ConsumeKeyResponse { uses: c.uses, max_uses: c.max_uses, already_consumed: c.already_consumed })
+        reply(pb::ConsumeKeyResponse {
+            uses: c.uses,
+            max_uses: c.max_uses,
+            already_consumed: c.already_consumed,
+        })
     }
 
-    async fn release_key(&self, request: Request<pb::ReleaseKeyRequest>) -> Reply<pb::ReleaseKeyResponse> {
+    async fn release_key(
+        &self,
+        request: Request<pb::ReleaseKeyRequest>,
+    ) -> Reply<pb::ReleaseKeyResponse> {
         let u = UseOfKey::try_from(request.into_inner()).map_err(invalid)?;
-        reply(pb::ReleaseKeyResponse { released: self.service.release_key(u).await? })
+        reply(pb::ReleaseKeyResponse {
+            released: self.service.release_key(u).await?,
+        })
     }
 }

@@ -44,7 +44,11 @@ const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 #[derive(Clone, Debug, clap::Args)]
 pub struct Config {
     /// Address to listen on for gRPC.
-    #[arg(long, env = "KEY_ISSUANCE_LISTEN_ADDR", default_value = "0.0.0.0:50052")]
+    #[arg(
+        long,
+        env = "KEY_ISSUANCE_LISTEN_ADDR",
+        default_value = "0.0.0.0:50052"
+    )]
     pub listen_addr: SocketAddr,
 
     /// URL of the enrollment service, asked about classes and profiles.
@@ -62,7 +66,13 @@ pub struct Config {
 
     /// Retired HMAC secrets, comma-separated, still tried on lookup so keys
     /// stored under them keep working after a rotation.
-    #[arg(long, env = "KEY_HMAC_OLD_SECRETS", default_value = "", hide_env_values = true, hide_default_value = true)]
+    #[arg(
+        long,
+        env = "KEY_HMAC_OLD_SECRETS",
+        default_value = "",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
     pub key_hmac_old_secrets: SecretString,
 
     /// AES-256-GCM key sealing codes for display: 32 bytes as 64 hex characters. Required.
@@ -74,7 +84,13 @@ pub struct Config {
     pub key_encryption_key_id: i16,
 
     /// Retired encryption keys still needed to read older rows: `id:hex,id:hex`.
-    #[arg(long, env = "KEY_ENCRYPTION_OLD_KEYS", default_value = "", hide_env_values = true, hide_default_value = true)]
+    #[arg(
+        long,
+        env = "KEY_ENCRYPTION_OLD_KEYS",
+        default_value = "",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
     pub key_encryption_old_keys: SecretString,
 
     /// Settings shared by every service.
@@ -109,19 +125,23 @@ impl Application {
     /// [`local_addr`](Self::local_addr)). The enrollment client connects lazily.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let keyring = Arc::new(config.keyring()?);
-        let pool = trainingkeys_shared::db::connect(
-            &config.common.database_url,
-            SCHEMA,
-            config.common.database_max_connections,
-        )?;
-        trainingkeys_shared::db::migrate(&pool, SCHEMA, &MIGRATOR).await?;
+        let (pool, listener) =
+            server::prepare(&config.common, SCHEMA, &MIGRATOR, config.listen_addr).await?;
         let enrollment = enrollment::Enrollment::connect(
             &config.enrollment_url,
             Duration::from_secs(config.enrollment_timeout_seconds),
         )?;
-        let service = service::KeyService { store: store::Store::new(pool.clone()), enrollment, keyring };
-        let listener = TcpListener::bind(config.listen_addr).await?;
-        Ok(Self { listener, pool, service, config })
+        let service = service::KeyService {
+            store: store::Store::new(pool.clone()),
+            enrollment,
+            keyring,
+        };
+        Ok(Self {
+            listener,
+            pool,
+            service,
+            config,
+        })
     }
 
     /// The address the service listens on.
@@ -142,6 +162,24 @@ impl Application {
             max_connection_age: self.config.common.max_connection_age(),
         };
         server::serve(self.listener, routes, options, shutdown).await
+    }
+}
+
+impl trainingkeys_shared::cli::Service for Application {
+    type Config = Config;
+    const NAME: &'static str = "key-issuance";
+    const SCHEMA: &'static str = SCHEMA;
+    fn migrator() -> &'static sqlx::migrate::Migrator {
+        &MIGRATOR
+    }
+    fn common(config: &Config) -> &CommonConfig {
+        &config.common
+    }
+    async fn build(config: Config) -> anyhow::Result<Self> {
+        Application::build(config).await
+    }
+    async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        Application::run(self, shutdown).await
     }
 }
 

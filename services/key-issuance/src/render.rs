@@ -54,7 +54,8 @@ pub fn parse(template: &str) -> Result<Vec<Piece<'_>>, Error> {
             .find("}}")
             .ok_or_else(|| InvalidField::new("template", "has a {{ without a closing }}"))?;
         let name = after[..close].trim();
-        let placeholder = Placeholder::parse(name).ok_or_else(|| Error::UnknownPlaceholder(name.to_owned()))?;
+        let placeholder =
+            Placeholder::parse(name).ok_or_else(|| Error::UnknownPlaceholder(name.to_owned()))?;
         pieces.push(Piece::Fill(placeholder));
         rest = &after[close + 2..];
     }
@@ -102,6 +103,9 @@ mod tests {
             Err(Error::UnknownPlaceholder(name)) => assert_eq!(name, "Nope"),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(parse("a {{ClassTitle"), Err(Error::InvalidField(_))));
+        assert!(matches!(
+            parse("a {{ClassTitle"),
+            Err(Error::InvalidField(_))
+        ));
     }
 }

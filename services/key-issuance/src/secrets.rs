@@ -100,7 +100,9 @@ pub struct Keyring {
 
 impl fmt::Debug for Keyring {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Keyring").field("cipher_id", &self.cipher_id).finish_non_exhaustive()
+        f.debug_struct("Keyring")
+            .field("cipher_id", &self.cipher_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -140,15 +142,24 @@ impl Keyring {
             .filter(|s| !s.trim().is_empty())
             .map(|s| hmac_secret("KEY_HMAC_OLD_SECRETS", s))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut ciphers = HashMap::from([(cipher_id, cipher("KEY_ENCRYPTION_KEY", encryption_key)?)]);
+        let mut ciphers =
+            HashMap::from([(cipher_id, cipher("KEY_ENCRYPTION_KEY", encryption_key)?)]);
         for entry in old_keys.split(',').filter(|s| !s.trim().is_empty()) {
             let (id, key) = entry.split_once(':').ok_or(ConfigError::BadOldKeys)?;
             let id: i16 = id.trim().parse().map_err(|_| ConfigError::BadOldKeys)?;
-            if ciphers.insert(id, cipher("KEY_ENCRYPTION_OLD_KEYS", key)?).is_some() {
+            if ciphers
+                .insert(id, cipher("KEY_ENCRYPTION_OLD_KEYS", key)?)
+                .is_some()
+            {
                 return Err(ConfigError::DuplicateKeyId(id));
             }
         }
-        Ok(Self { hmac, old_hmacs, cipher_id, ciphers })
+        Ok(Self {
+            hmac,
+            old_hmacs,
+            cipher_id,
+            ciphers,
+        })
     }
 
     /// The HMAC of a normalised code under the current secret: what new rows store.
@@ -185,7 +196,10 @@ impl Keyring {
         let Some(cipher) = self.ciphers.get(&self.cipher_id) else {
             return;
         };
-        let payload = Payload { msg: display, aad: key_id.as_bytes() };
+        let payload = Payload {
+            msg: display,
+            aad: key_id.as_bytes(),
+        };
         // AES-GCM encryption of a short message cannot fail (the length
         // limits are gigabytes).
         if let Ok(sealed) = cipher.encrypt(&Nonce::from(nonce), payload) {
@@ -194,8 +208,16 @@ impl Keyring {
     }
 
     /// Opens a sealed code of key `key_id` written with encryption key `cipher_key_id`.
-    pub fn open(&self, key_id: Uuid, cipher_key_id: i16, sealed: &[u8]) -> Result<String, DecryptError> {
-        let error = || DecryptError { key_id, cipher_key_id };
+    pub fn open(
+        &self,
+        key_id: Uuid,
+        cipher_key_id: i16,
+        sealed: &[u8],
+    ) -> Result<String, DecryptError> {
+        let error = || DecryptError {
+            key_id,
+            cipher_key_id,
+        };
         let cipher = self.ciphers.get(&cipher_key_id).ok_or_else(error)?;
         if sealed.len() < NONCE_LEN {
             return Err(error());
@@ -203,7 +225,13 @@ impl Keyring {
         let (nonce, body) = sealed.split_at(NONCE_LEN);
         let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| error())?;
         let plain = cipher
-            .decrypt(&Nonce::from(nonce), Payload { msg: body, aad: key_id.as_bytes() })
+            .decrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: body,
+                    aad: key_id.as_bytes(),
+                },
+            )
             .map_err(|_| error())?;
         String::from_utf8(plain).map_err(|_| error())
     }
@@ -238,7 +266,14 @@ mod tests {
         old.seal(id, b"CODE", [1; NONCE_LEN], &mut sealed);
         let hash = old.lookup_hash(b"CODE");
 
-        let new = Keyring::new(HEX_B, "a-raw-secret-that-is-long-enough-32b", HEX_B, 2, &format!("1:{HEX_A}")).unwrap();
+        let new = Keyring::new(
+            HEX_B,
+            "a-raw-secret-that-is-long-enough-32b",
+            HEX_B,
+            2,
+            &format!("1:{HEX_A}"),
+        )
+        .unwrap();
         assert_eq!(new.open(id, 1, &sealed).unwrap(), "CODE");
         assert_ne!(new.lookup_hash(b"CODE"), hash);
         assert!(new.lookup_hashes(b"CODE").contains(&hash.to_vec()));

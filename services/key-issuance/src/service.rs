@@ -12,8 +12,8 @@ use uuid::Uuid;
 
 use crate::code::Entropy;
 use crate::domain::{
-    Consumed, GenerateClassKeys, GenerateSubscription, KeyRow, KeyUse, Kind, PoolChoice, Scope, SetEventKey, Status,
-    UseOfKey,
+    Consumed, GenerateClassKeys, GenerateSubscription, KeyRow, KeyUse, Kind, PoolChoice, Scope,
+    SetEventKey, Status, UseOfKey,
 };
 use crate::enrollment::{ClassInfo, Enrollment};
 use crate::error::Error;
@@ -39,7 +39,9 @@ pub struct KeyService {
 impl KeyService {
     /// The decrypted display code of a stored key.
     fn code_of(&self, row: &KeyRow) -> Result<String, Error> {
-        Ok(self.keyring.open(row.key_id, row.cipher_key_id, &row.code_cipher)?)
+        Ok(self
+            .keyring
+            .open(row.key_id, row.cipher_key_id, &row.code_cipher)?)
     }
 
     /// The class of a class key (`None` for subscription keys).
@@ -65,24 +67,38 @@ impl KeyService {
         cmd: GenerateSubscription,
     ) -> Result<pb::GenerateSubscriptionKeysResponse, Error> {
         self.enrollment.check_profile(cmd.profile_id).await?;
-        let (mut tx, pool) = self.store.begin_generation(cmd.profile_id, &cmd.pool).await?;
+        let (mut tx, pool) = self
+            .store
+            .begin_generation(cmd.profile_id, &cmd.pool)
+            .await?;
         let max_uses = match cmd.pool {
             PoolChoice::Existing(_) => pool.uses_per_key,
             PoolChoice::New { uses_per_key, .. } => uses_per_key,
         };
         // Microsecond precision, as PostgreSQL stores it, so page cursors match.
         let now = Utc::now();
-        let created_at = chrono::DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
-        let batch = Batch { pool_id: pool.pool_id, max_uses, created_at, count: cmd.count as usize };
+        let created_at =
+            chrono::DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
+        let batch = Batch {
+            pool_id: pool.pool_id,
+            max_uses,
+            created_at,
+            count: cmd.count as usize,
+        };
         let (sender, receiver) = mpsc::channel(GENERATION_QUEUE);
         let keyring = Arc::clone(&self.keyring);
-        let producer = tokio::task::spawn_blocking(move || generate::subscription_chunks(&keyring, batch, &sender));
+        let producer = tokio::task::spawn_blocking(move || {
+            generate::subscription_chunks(&keyring, batch, &sender)
+        });
         let copied = Store::copy_keys(&mut tx, receiver).await;
         producer.await?;
         let copied = copied?;
         let pool = Store::finish_generation(tx, pool.pool_id, copied as i64).await?;
         tracing::info!(pool_id = %pool.pool_id, generated = copied, "subscription keys generated");
-        Ok(pb::GenerateSubscriptionKeysResponse { pool: Some(pool.into()), generated: copied as i32 })
+        Ok(pb::GenerateSubscriptionKeysResponse {
+            pool: Some(pool.into()),
+            generated: copied as i32,
+        })
     }
 
     /// GenerateClassEnrollmentKeys: capped by the class's current maximum.
@@ -104,19 +120,33 @@ impl KeyService {
         let count = cmd.count as usize;
         let made = tokio::task::spawn_blocking(move || {
             let mut entropy = Entropy::new();
-            (0..count).map(|_| generate::generated(&keyring, &mut entropy)).collect::<Result<Vec<_>, _>>()
+            (0..count)
+                .map(|_| generate::generated(&keyring, &mut entropy))
+                .collect::<Result<Vec<_>, _>>()
         })
         .await??;
         let (keys, codes): (Vec<_>, Vec<_>) = made.into_iter().unzip();
         let codes: HashMap<Uuid, String> = keys.iter().map(|k| k.key_id).zip(codes).collect();
         let rows = self
             .store
-            .insert_class_keys(class.class_id, class.max_students, &keys, self.keyring.cipher_id())
+            .insert_class_keys(
+                class.class_id,
+                class.max_students,
+                &keys,
+                self.keyring.cipher_id(),
+            )
             .await?;
         let now = Utc::now();
         let keys = rows
             .iter()
-            .map(|row| row.to_pb(codes.get(&row.key_id).cloned().unwrap_or_default(), Some(&class), Vec::new(), now))
+            .map(|row| {
+                row.to_pb(
+                    codes.get(&row.key_id).cloned().unwrap_or_default(),
+                    Some(&class),
+                    Vec::new(),
+                    now,
+                )
+            })
             .collect();
         Ok(pb::GenerateClassEnrollmentKeysResponse { keys })
     }
@@ -138,7 +168,13 @@ impl KeyService {
         };
         let (row, replaced) = self
             .store
-            .set_event_key(class.class_id, &key, self.keyring.cipher_id(), cmd.redeemable_after_class_end, hashes.as_deref())
+            .set_event_key(
+                class.class_id,
+                &key,
+                self.keyring.cipher_id(),
+                cmd.redeemable_after_class_end,
+                hashes.as_deref(),
+            )
             .await?;
         tracing::info!(class_id = %class.class_id, key_id = %row.key_id, custom = cmd.custom.is_some(), "event key set");
         Ok(pb::SetEventKeyResponse {
@@ -148,7 +184,10 @@ impl KeyService {
     }
 
     /// DisableEventKey: idempotent.
-    pub async fn disable_event_key(&self, class_id: Uuid) -> Result<pb::DisableEventKeyResponse, Error> {
+    pub async fn disable_event_key(
+        &self,
+        class_id: Uuid,
+    ) -> Result<pb::DisableEventKeyResponse, Error> {
         let class = self.enrollment.class(class_id).await?;
         let key = match self.store.disable_event_key(class_id).await? {
             Some(row) => {
@@ -168,7 +207,10 @@ impl KeyService {
 
     /// GetKey by (normalised) code.
     pub async fn get_key_by_code(&self, normalized: &str) -> Result<pb::Key, Error> {
-        let row = self.store.key_by_code(&self.keyring.lookup_hashes(normalized.as_bytes())).await?;
+        let row = self
+            .store
+            .key_by_code(&self.keyring.lookup_hashes(normalized.as_bytes()))
+            .await?;
         self.describe(&row).await
     }
 
@@ -177,11 +219,19 @@ impl KeyService {
         match scope {
             Scope::Class(class_id) => {
                 let class = self.enrollment.class(class_id).await?;
-                Ok(ScopeWindow { from: None, until: Some(class.end_time), lab_until: Some(class.lab_access_end_time) })
+                Ok(ScopeWindow {
+                    from: None,
+                    until: Some(class.end_time),
+                    lab_until: Some(class.lab_access_end_time),
+                })
             }
             Scope::Pool(pool_id) => {
                 let pool = self.store.pool(pool_id).await?;
-                Ok(ScopeWindow { from: pool.valid_from, until: pool.valid_until, lab_until: None })
+                Ok(ScopeWindow {
+                    from: pool.valid_from,
+                    until: pool.valid_until,
+                    lab_until: None,
+                })
             }
         }
     }
@@ -199,12 +249,22 @@ impl KeyService {
             Scope::Pool(_) => None,
         };
         let window = match &class {
-            Some(c) => ScopeWindow { from: None, until: Some(c.end_time), lab_until: Some(c.lab_access_end_time) },
+            Some(c) => ScopeWindow {
+                from: None,
+                until: Some(c.end_time),
+                lab_until: Some(c.lab_access_end_time),
+            },
             None => self.scope_window(scope).await?,
         };
         let now = Utc::now();
-        let rows = self.store.list(scope, window, status, now, after, limit).await?;
-        let next_page_token = page::next_token(&rows, limit, |k| Cursor { time: k.created_at, id: k.key_id });
+        let rows = self
+            .store
+            .list(scope, window, status, now, after, limit)
+            .await?;
+        let next_page_token = page::next_token(&rows, limit, |k| Cursor {
+            time: k.created_at,
+            id: k.key_id,
+        });
         let ids: Vec<Uuid> = rows.iter().map(|r| r.key_id).collect();
         let mut uses: HashMap<Uuid, Vec<KeyUse>> = HashMap::new();
         for u in self.store.uses_of(&ids).await? {
@@ -214,10 +274,18 @@ impl KeyService {
             .iter()
             .map(|row| {
                 let code = self.code_of(row)?;
-                Ok(row.to_pb(code, class.as_ref(), uses.remove(&row.key_id).unwrap_or_default(), now))
+                Ok(row.to_pb(
+                    code,
+                    class.as_ref(),
+                    uses.remove(&row.key_id).unwrap_or_default(),
+                    now,
+                ))
             })
             .collect::<Result<Vec<_>, Error>>()?;
-        Ok(pb::ListKeysResponse { keys, next_page_token })
+        Ok(pb::ListKeysResponse {
+            keys,
+            next_page_token,
+        })
     }
 
     /// RevokeKey: idempotent.
@@ -226,15 +294,26 @@ impl KeyService {
         if !already_revoked {
             tracing::info!(%key_id, "key revoked");
         }
-        Ok(pb::RevokeKeyResponse { key: Some(self.describe(&row).await?), already_revoked })
+        Ok(pb::RevokeKeyResponse {
+            key: Some(self.describe(&row).await?),
+            already_revoked,
+        })
     }
 
     /// RenderNotification: the template is checked before any lookup.
-    pub async fn render_notification(&self, class_id: Uuid, template: &str) -> Result<String, Error> {
+    pub async fn render_notification(
+        &self,
+        class_id: Uuid,
+        template: &str,
+    ) -> Result<String, Error> {
         let pieces = render::parse(template)?;
         let class = self.enrollment.class(class_id).await?;
         let event_code = if render::uses(&pieces, Placeholder::EventTrainingKey) {
-            let row = self.store.event_key(class_id).await?.ok_or(Error::NoEventKey(class_id))?;
+            let row = self
+                .store
+                .event_key(class_id)
+                .await?
+                .ok_or(Error::NoEventKey(class_id))?;
             self.code_of(&row)?
         } else {
             String::new()
@@ -249,8 +328,15 @@ impl KeyService {
     }
 
     /// ResolveKey: no call to enrollment (the caller checks class windows).
-    pub async fn resolve_key(&self, normalized: &str, user_id: Option<Uuid>) -> Result<pb::ResolveKeyResponse, Error> {
-        let row = self.store.key_by_code(&self.keyring.lookup_hashes(normalized.as_bytes())).await?;
+    pub async fn resolve_key(
+        &self,
+        normalized: &str,
+        user_id: Option<Uuid>,
+    ) -> Result<pb::ResolveKeyResponse, Error> {
+        let row = self
+            .store
+            .key_by_code(&self.keyring.lookup_hashes(normalized.as_bytes()))
+            .await?;
         let used_by_user = match user_id {
             Some(user_id) => self.store.used_by(row.key_id, user_id).await?,
             None => false,
@@ -274,8 +360,17 @@ impl KeyService {
 }
 
 /// The CSV header of an export.
-pub const CSV_HEADER: [&str; 9] =
-    ["code", "kind", "target", "pool", "status", "valid_until", "uses", "redeemed_by", "redeemed_at"];
+pub const CSV_HEADER: [&str; 9] = [
+    "code",
+    "kind",
+    "target",
+    "pool",
+    "status",
+    "valid_until",
+    "uses",
+    "redeemed_by",
+    "redeemed_at",
+];
 
 /// A time in exports.
 pub fn csv_time(t: chrono::DateTime<Utc>) -> String {

@@ -9,7 +9,10 @@ use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use trainingkeys_shared::page::Cursor;
 use uuid::Uuid;
 
-use crate::domain::{Consumed, Kind, KeyRow, KeyUse, MAX_REDEMPTIONS_SHOWN, Pool, PoolChoice, Scope, Status, UseOfKey};
+use crate::domain::{
+    Consumed, KeyRow, KeyUse, Kind, MAX_REDEMPTIONS_SHOWN, Pool, PoolChoice, Scope, Status,
+    UseOfKey,
+};
 use crate::error::Error;
 use crate::secrets::HMAC_LEN;
 
@@ -31,7 +34,8 @@ const KEY_COLUMNS: &str = "k.key_id, k.kind, k.pool_id, k.class_id, k.code_ciphe
 /// Where [`KEY_COLUMNS`] come from.
 const KEY_FROM: &str = "FROM keys k LEFT JOIN key_pools p ON p.pool_id = k.pool_id";
 
-const POOL_COLUMNS: &str = "pool_id, profile_id, name, valid_from, valid_until, uses_per_key, key_count, created_at";
+const POOL_COLUMNS: &str =
+    "pool_id, profile_id, name, valid_from, valid_until, uses_per_key, key_count, created_at";
 
 /// The status of `k` as SQL, for filters and exports, given the scope's
 /// window: `$1` window start (NULL: from creation), `$2` end, `$3` end for
@@ -124,7 +128,14 @@ fn field(out: &mut Vec<u8>, bytes: &[u8]) {
 
 /// Appends one subscription key to a binary `COPY` stream (the columns of
 /// `COPY_SUBSCRIPTION_KEYS`).
-pub fn copy_row(out: &mut Vec<u8>, key: &NewKey, pool_id: Uuid, cipher_key_id: i16, max_uses: i32, created_at: DateTime<Utc>) {
+pub fn copy_row(
+    out: &mut Vec<u8>,
+    key: &NewKey,
+    pool_id: Uuid,
+    cipher_key_id: i16,
+    max_uses: i32,
+    created_at: DateTime<Utc>,
+) {
     out.extend_from_slice(&8i16.to_be_bytes());
     field(out, key.key_id.as_bytes());
     field(out, &Kind::Subscription.code().to_be_bytes());
@@ -133,7 +144,10 @@ pub fn copy_row(out: &mut Vec<u8>, key: &NewKey, pool_id: Uuid, cipher_key_id: i
     field(out, &key.code_cipher);
     field(out, &cipher_key_id.to_be_bytes());
     field(out, &max_uses.to_be_bytes());
-    field(out, &(created_at.timestamp_micros() - PG_EPOCH_MICROS).to_be_bytes());
+    field(
+        out,
+        &(created_at.timestamp_micros() - PG_EPOCH_MICROS).to_be_bytes(),
+    );
 }
 
 impl Store {
@@ -162,7 +176,8 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let pool: Pool = match choice {
             PoolChoice::Existing(pool_id) => {
-                let sql = format!("SELECT {POOL_COLUMNS} FROM key_pools WHERE pool_id = $1 FOR UPDATE");
+                let sql =
+                    format!("SELECT {POOL_COLUMNS} FROM key_pools WHERE pool_id = $1 FOR UPDATE");
                 let pool: Pool = sqlx::query_as(sqlx::AssertSqlSafe(sql))
                     .bind(pool_id)
                     .fetch_optional(&mut *tx)
@@ -177,7 +192,12 @@ impl Store {
                 }
                 pool
             }
-            PoolChoice::New { name, valid_from, valid_until, uses_per_key } => {
+            PoolChoice::New {
+                name,
+                valid_from,
+                valid_until,
+                uses_per_key,
+            } => {
                 let sql = format!(
                     "INSERT INTO key_pools (pool_id, profile_id, name, valid_from, valid_until, uses_per_key)
                      VALUES ($1, $2, $3, $4, $5, $6) RETURNING {POOL_COLUMNS}"
@@ -218,8 +238,14 @@ impl Store {
     }
 
     /// Adds `added` keys to the pool's count and commits the generation.
-    pub async fn finish_generation(mut tx: Transaction<'static, Postgres>, pool_id: Uuid, added: i64) -> Result<Pool, Error> {
-        let sql = format!("UPDATE key_pools SET key_count = key_count + $2 WHERE pool_id = $1 RETURNING {POOL_COLUMNS}");
+    pub async fn finish_generation(
+        mut tx: Transaction<'static, Postgres>,
+        pool_id: Uuid,
+        added: i64,
+    ) -> Result<Pool, Error> {
+        let sql = format!(
+            "UPDATE key_pools SET key_count = key_count + $2 WHERE pool_id = $1 RETURNING {POOL_COLUMNS}"
+        );
         let pool = sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(pool_id)
             .bind(added)
@@ -240,7 +266,10 @@ impl Store {
         cipher_key_id: i16,
     ) -> Result<Vec<KeyRow>, Error> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(class_lock(class_id)).execute(&mut *tx).await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(class_lock(class_id))
+            .execute(&mut *tx)
+            .await?;
         let existing: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM keys WHERE class_id = $1 AND kind = $2 AND revoked_at IS NULL",
         )
@@ -272,8 +301,13 @@ impl Store {
         .bind(&ciphers)
         .execute(&mut *tx)
         .await?;
-        let sql = format!("SELECT {KEY_COLUMNS} {KEY_FROM} WHERE k.key_id = ANY($1) ORDER BY k.created_at, k.key_id");
-        let rows = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(&ids).fetch_all(&mut *tx).await?;
+        let sql = format!(
+            "SELECT {KEY_COLUMNS} {KEY_FROM} WHERE k.key_id = ANY($1) ORDER BY k.created_at, k.key_id"
+        );
+        let rows = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(rows)
     }
@@ -292,7 +326,10 @@ impl Store {
         lookup_hashes: Option<&[Vec<u8>]>,
     ) -> Result<(KeyRow, Option<Uuid>), Error> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(class_lock(class_id)).execute(&mut *tx).await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(class_lock(class_id))
+            .execute(&mut *tx)
+            .await?;
         let replaced: Option<Uuid> = sqlx::query_scalar(
             "UPDATE keys SET revoked_at = now() WHERE class_id = $1 AND kind = $2 AND revoked_at IS NULL RETURNING key_id",
         )
@@ -351,7 +388,9 @@ impl Store {
 
     /// The class's live event key, if any.
     pub async fn event_key(&self, class_id: Uuid) -> Result<Option<KeyRow>, Error> {
-        let sql = format!("SELECT {KEY_COLUMNS} {KEY_FROM} WHERE k.class_id = $1 AND k.kind = $2 AND k.revoked_at IS NULL");
+        let sql = format!(
+            "SELECT {KEY_COLUMNS} {KEY_FROM} WHERE k.class_id = $1 AND k.kind = $2 AND k.revoked_at IS NULL"
+        );
         Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(class_id)
             .bind(Kind::Event.code())
@@ -485,21 +524,25 @@ impl Store {
 
     /// Revokes a key; true when it was already revoked.
     pub async fn revoke(&self, key_id: Uuid) -> Result<(KeyRow, bool), Error> {
-        let revoked = sqlx::query("UPDATE keys SET revoked_at = now() WHERE key_id = $1 AND revoked_at IS NULL")
-            .bind(key_id)
-            .execute(&self.pool)
-            .await?;
+        let revoked = sqlx::query(
+            "UPDATE keys SET revoked_at = now() WHERE key_id = $1 AND revoked_at IS NULL",
+        )
+        .bind(key_id)
+        .execute(&self.pool)
+        .await?;
         let row = self.key(key_id).await?;
         Ok((row, revoked.rows_affected() == 0))
     }
 
     /// True when `user_id` has used the key.
     pub async fn used_by(&self, key_id: Uuid, user_id: Uuid) -> Result<bool, Error> {
-        Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM key_uses WHERE key_id = $1 AND user_id = $2)")
-            .bind(key_id)
-            .bind(user_id)
-            .fetch_one(&self.pool)
-            .await?)
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM key_uses WHERE key_id = $1 AND user_id = $2)",
+        )
+        .bind(key_id)
+        .bind(user_id)
+        .fetch_one(&self.pool)
+        .await?)
     }
 
     /// Uses a key once for a redemption, in one short transaction. The use
@@ -519,13 +562,19 @@ impl Store {
         .execute(&mut *tx)
         .await;
         let inserted = match inserted {
-            Err(e) if violated(&e) == Some("key_uses_key_id_fkey") => return Err(Error::KeyNotFound(u.key_id)),
+            Err(e) if violated(&e) == Some("key_uses_key_id_fkey") => {
+                return Err(Error::KeyNotFound(u.key_id));
+            }
             other => other?,
         };
         if inserted.rows_affected() == 0 {
             tx.rollback().await?;
             let key = self.key(u.key_id).await?;
-            return Ok(Consumed { uses: key.uses, max_uses: key.max_uses, already_consumed: true });
+            return Ok(Consumed {
+                uses: key.uses,
+                max_uses: key.max_uses,
+                already_consumed: true,
+            });
         }
         let bumped: Option<(i32, i32)> = sqlx::query_as(
             "UPDATE keys SET uses = uses + 1
@@ -545,7 +594,11 @@ impl Store {
             });
         };
         tx.commit().await?;
-        Ok(Consumed { uses, max_uses, already_consumed: false })
+        Ok(Consumed {
+            uses,
+            max_uses,
+            already_consumed: false,
+        })
     }
 
     /// Gives back the use a redemption took; false when it had none.

@@ -36,22 +36,35 @@ impl Drop for Service {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn secret_hex() -> anyhow::Result<String> {
     let mut bytes = [0u8; 32];
-    rand::rngs::SysRng.try_fill_bytes(&mut bytes).map_err(|e| anyhow::anyhow!("OS random source: {e}"))?;
+    rand::rngs::SysRng
+        .try_fill_bytes(&mut bytes)
+        .map_err(|e| anyhow::anyhow!("OS random source: {e}"))?;
     Ok(hex::encode(bytes))
 }
 
-fn start(name: &'static str, bin_dir: &std::path::Path, env: &[(&str, String)]) -> anyhow::Result<Service> {
+fn start(
+    name: &'static str,
+    bin_dir: &std::path::Path,
+    env: &[(&str, String)],
+) -> anyhow::Result<Service> {
     let mut command = Command::new(bin_dir.join(name));
-    command.stdout(Stdio::null()).stderr(Stdio::inherit()).env("RUST_LOG", "warn");
+    command
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .env("RUST_LOG", "warn");
     for (k, v) in env {
         command.env(k, v);
     }
-    let child = command.spawn().with_context(|| format!("start {} (run `make bench`)", bin_dir.join(name).display()))?;
+    let child = command
+        .spawn()
+        .with_context(|| format!("start {} (run `make bench`)", bin_dir.join(name).display()))?;
     Ok(Service { name, child })
 }
 
@@ -60,7 +73,9 @@ async fn connect(url: &str) -> anyhow::Result<Channel> {
     loop {
         match Channel::from_shared(url.to_owned())?.connect().await {
             Ok(channel) => return Ok(channel),
-            Err(e) if Instant::now() > deadline => return Err(e).context(format!("connect to {url}")),
+            Err(e) if Instant::now() > deadline => {
+                return Err(e).context(format!("connect to {url}"));
+            }
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
@@ -85,21 +100,35 @@ fn mib(kib: u64) -> f64 {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let count: i32 = std::env::var("BENCH_KEYS").ok().map(|v| v.parse()).transpose()?.unwrap_or(1_000_000);
-    let server_url = std::env::var("DATABASE_URL").context("DATABASE_URL must be set (make bench sources .run/env)")?;
-    let bin_dir: PathBuf = std::env::current_exe()?.parent().context("no binary directory")?.to_path_buf();
+    let count: i32 = std::env::var("BENCH_KEYS")
+        .ok()
+        .map(|v| v.parse())
+        .transpose()?
+        .unwrap_or(1_000_000);
+    let server_url = std::env::var("DATABASE_URL")
+        .context("DATABASE_URL must be set (make bench sources .run/env)")?;
+    let bin_dir: PathBuf = std::env::current_exe()?
+        .parent()
+        .context("no binary directory")?
+        .to_path_buf();
 
     // A fresh database, dropped at the end.
     let db_name = format!("bench_{}", uuid::Uuid::new_v4().simple());
     let mut admin = PgConnection::connect(&server_url).await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}"))).execute(&mut admin).await?;
-    let (base, _) = server_url.rsplit_once('/').context("DATABASE_URL has no database name")?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
+        .execute(&mut admin)
+        .await?;
+    let (base, _) = server_url
+        .rsplit_once('/')
+        .context("DATABASE_URL has no database name")?;
     let database_url = format!("{base}/{db_name}");
 
     let result = run(count, &bin_dir, &database_url).await;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")))
-        .execute(&mut admin)
-        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await?;
     result
 }
 
@@ -109,7 +138,10 @@ async fn run(count: i32, bin_dir: &std::path::Path, database_url: &str) -> anyho
     let _enrollment = start(
         "enrollment",
         bin_dir,
-        &[("DATABASE_URL", database_url.to_owned()), ("ENROLLMENT_LISTEN_ADDR", enrollment_addr.clone())],
+        &[
+            ("DATABASE_URL", database_url.to_owned()),
+            ("ENROLLMENT_LISTEN_ADDR", enrollment_addr.clone()),
+        ],
     )?;
     let keys = start(
         "key-issuance",
@@ -124,7 +156,8 @@ async fn run(count: i32, bin_dir: &std::path::Path, database_url: &str) -> anyho
     )?;
     let pid = keys.child.id();
 
-    let mut enrollment = EnrollmentServiceClient::new(connect(&format!("http://{enrollment_addr}")).await?);
+    let mut enrollment =
+        EnrollmentServiceClient::new(connect(&format!("http://{enrollment_addr}")).await?);
     let mut client = KeyIssuanceServiceClient::new(connect(&format!("http://{keys_addr}")).await?);
     let profile = enrollment
         .create_subscription_profile(pb::CreateSubscriptionProfileRequest {
@@ -138,7 +171,10 @@ async fn run(count: i32, bin_dir: &std::path::Path, database_url: &str) -> anyho
         .profile
         .context("no profile")?;
     let before = memory_kib(pid).unwrap_or_default();
-    println!("key-issuance pid {pid}: resident {:.1} MiB before generation", mib(before.0));
+    println!(
+        "key-issuance pid {pid}: resident {:.1} MiB before generation",
+        mib(before.0)
+    );
 
     let started = Instant::now();
     let response = client
@@ -152,7 +188,12 @@ async fn run(count: i32, bin_dir: &std::path::Path, database_url: &str) -> anyho
         .into_inner();
     let elapsed = started.elapsed();
     let pool = response.pool.context("no pool")?;
-    anyhow::ensure!(response.generated == count && pool.key_count == i64::from(count), "generated {} keys, pool holds {}", response.generated, pool.key_count);
+    anyhow::ensure!(
+        response.generated == count && pool.key_count == i64::from(count),
+        "generated {} keys, pool holds {}",
+        response.generated,
+        pool.key_count
+    );
     let after_generation = memory_kib(pid).unwrap_or_default();
     println!(
         "generate: {count} keys in one call in {:.2} s = {:.0} keys/s (resident {:.1} MiB, peak so far {:.1} MiB)",
@@ -179,7 +220,10 @@ async fn run(count: i32, bin_dir: &std::path::Path, database_url: &str) -> anyho
     });
     let started = Instant::now();
     let mut stream = client
-        .export_keys(pb::ExportKeysRequest { scope: Some(Scope::PoolId(pool.pool_id.clone())), status: 0 })
+        .export_keys(pb::ExportKeysRequest {
+            scope: Some(Scope::PoolId(pool.pool_id.clone())),
+            status: 0,
+        })
         .await?
         .into_inner();
     let (mut bytes, mut lines, mut chunks) = (0usize, 0usize, 0usize);
@@ -194,7 +238,10 @@ async fn run(count: i32, bin_dir: &std::path::Path, database_url: &str) -> anyho
     exporting.store(false, Ordering::Relaxed);
     sampler.await?;
     let rows = lines.saturating_sub(1);
-    anyhow::ensure!(rows == count as usize, "exported {rows} rows, expected {count}");
+    anyhow::ensure!(
+        rows == count as usize,
+        "exported {rows} rows, expected {count}"
+    );
     let end = memory_kib(pid).unwrap_or_default();
     println!(
         "export: {rows} rows, {:.1} MB in {chunks} chunks in {:.2} s = {:.1} MB/s, {:.0} rows/s (row count verified)",
