@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod system;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

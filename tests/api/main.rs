@@ -5,3 +5,4 @@
 mod enrollment;
 mod health;
 mod key_issuance;
+mod redemption;

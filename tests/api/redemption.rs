@@ -1,0 +1,988 @@
+//! RedemptionService end to end: the real three services over real gRPC,
+//! real PostgreSQL and a real Redis of the test's own. Every flow and reason,
+//! the herd against the class maximum (also with Redis flushed or stopped
+//! half-way), retries, idempotent replays and crash recovery.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::future::join_all;
+use prost::Message as _;
+use tonic::Code;
+use tonic::transport::Channel;
+use trainingkeys_proto::time::to_timestamp;
+use trainingkeys_proto::v1::redeem_key_request::Redeemer;
+use trainingkeys_proto::v1::redeem_key_response::Grant;
+use trainingkeys_proto::v1::redemption_service_client::RedemptionServiceClient;
+use trainingkeys_proto::v1::{self as pb};
+use trainingkeys_redemption::FaultPoint;
+use trainingkeys_tests::system::System;
+use trainingkeys_tests::{assert_status, eventually, reason};
+
+type Redeem = RedemptionServiceClient<Channel>;
+
+fn org() -> String {
+    format!("org-{}", uuid::Uuid::new_v4().simple())
+}
+
+fn idem() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// A class of `max` students running from `start` to `end` (days from now).
+async fn class(
+    sys: &System,
+    org: &str,
+    max: i32,
+    start_days: i64,
+    end_days: i64,
+    lab_days: i32,
+) -> pb::Class {
+    let now = Utc::now();
+    sys.enrollment_client
+        .clone()
+        .create_class(pb::CreateClassRequest {
+            organization_id: org.into(),
+            title: "Herding cats".into(),
+            course_id: "CATS-1".into(),
+            start_time: Some(to_timestamp(now + chrono::Duration::days(start_days))),
+            end_time: Some(to_timestamp(now + chrono::Duration::days(end_days))),
+            max_students: max,
+            lab_access_days: lab_days,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .class
+        .unwrap()
+}
+
+async fn event_key(sys: &System, class_id: &str, after_end: bool) -> pb::Key {
+    sys.keys_client
+        .clone()
+        .set_event_key(pb::SetEventKeyRequest {
+            class_id: class_id.into(),
+            custom_code: String::new(),
+            redeemable_after_class_end: after_end,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap()
+}
+
+async fn users(sys: &System, org: &str, n: usize) -> Vec<String> {
+    let mut ids = Vec::with_capacity(n);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
+        let batch = join_all(chunk.iter().map(|i| {
+            let mut c = sys.enrollment_client.clone();
+            let org = org.to_owned();
+            async move {
+                c.register_user(pb::RegisterUserRequest {
+                    organization_id: org,
+                    email: format!("student{i}@example.com"),
+                    display_name: format!("Student {i}"),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .user
+                .unwrap()
+                .user_id
+            }
+        }))
+        .await;
+        ids.extend(batch);
+    }
+    ids
+}
+
+fn as_user(code: &str, user_id: &str, idempotency_key: &str) -> pb::RedeemKeyRequest {
+    pb::RedeemKeyRequest {
+        code: code.into(),
+        redeemer: Some(Redeemer::UserId(user_id.into())),
+        idempotency_key: idempotency_key.into(),
+    }
+}
+
+async fn redeem(
+    client: &mut Redeem,
+    request: pb::RedeemKeyRequest,
+) -> Result<pb::RedeemKeyResponse, tonic::Status> {
+    client
+        .redeem_key(request)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn validate(client: &mut Redeem, code: &str, user_id: &str) -> pb::ValidateKeyResponse {
+    client
+        .validate_key(pb::ValidateKeyRequest {
+            code: code.into(),
+            user_id: user_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn get_class(sys: &System, class_id: &str) -> pb::Class {
+    sys.enrollment_client
+        .clone()
+        .get_class(pb::GetClassRequest {
+            class_id: class_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .class
+        .unwrap()
+}
+
+async fn get_key(sys: &System, key_id: &str) -> pb::Key {
+    sys.keys_client
+        .clone()
+        .get_key(pb::GetKeyRequest {
+            selector: Some(pb::get_key_request::Selector::KeyId(key_id.into())),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap()
+}
+
+async fn active_rows(sys: &System, class_id: &str) -> i64 {
+    let mut db = sys.db().await;
+    sqlx::query_scalar("SELECT count(*) FROM enrollment.enrollments WHERE class_id = $1::uuid AND cancelled_at IS NULL")
+        .bind(class_id)
+        .fetch_one(&mut db)
+        .await
+        .unwrap()
+}
+
+fn enrollment(r: &pb::RedeemKeyResponse) -> &pb::Enrollment {
+    match r.grant.as_ref() {
+        Some(Grant::Enrollment(e)) => e,
+        other => panic!("expected an enrollment, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn event_key_with_self_registration() {
+    let sys = System::start(1).await;
+    let org = org();
+    let class = class(&sys, &org, 3, 1, 2, 0).await;
+    let key = event_key(&sys, &class.class_id, false).await;
+    let mut client = sys.redeem(0);
+
+    let new_user = |name: &str| pb::NewUser {
+        organization_id: org.clone(),
+        email: "Grace@Example.com".into(),
+        display_name: name.into(),
+    };
+    let first = redeem(
+        &mut client,
+        pb::RedeemKeyRequest {
+            code: key.code.to_lowercase(),
+            redeemer: Some(Redeemer::NewUser(new_user("Grace"))),
+            idempotency_key: idem(),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(first.user_created && !first.already_held);
+    assert_eq!(first.kind, pb::KeyKind::Event as i32);
+    let user = first.user.clone().unwrap();
+    assert_eq!(user.email, "grace@example.com");
+    assert_eq!(enrollment(&first).source_key_id, key.key_id);
+
+    // The same email again: the same user, the same seat, no second seat.
+    let again = redeem(
+        &mut client,
+        pb::RedeemKeyRequest {
+            code: key.code.clone(),
+            redeemer: Some(Redeemer::NewUser(new_user("Grace H."))),
+            idempotency_key: idem(),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(!again.user_created && again.already_held);
+    assert_eq!(again.user.as_ref().unwrap().user_id, user.user_id);
+    assert_eq!(
+        enrollment(&again).enrollment_id,
+        enrollment(&first).enrollment_id
+    );
+    assert_eq!(get_class(&sys, &class.class_id).await.enrolled_count, 1);
+
+    let v = validate(&mut client, &key.code, &user.user_id).await;
+    assert!(v.redeemable && v.already_held_by_user, "{v:?}");
+    match v.grant {
+        Some(pb::validate_key_response::Grant::Class(c)) => {
+            assert_eq!(
+                (c.class_id.as_str(), c.seats_left, c.max_students),
+                (class.class_id.as_str(), 2, 3)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn class_enrollment_keys_are_single_use() {
+    let sys = System::start(1).await;
+    let org = org();
+    let class = class(&sys, &org, 5, 1, 2, 0).await;
+    let keys = sys
+        .keys_client
+        .clone()
+        .generate_class_enrollment_keys(pb::GenerateClassEnrollmentKeysRequest {
+            class_id: class.class_id.clone(),
+            count: 2,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    let ids = users(&sys, &org, 2).await;
+    let mut client = sys.redeem(0);
+
+    let ok = redeem(&mut client, as_user(&keys[0].code, &ids[0], &idem()))
+        .await
+        .unwrap();
+    assert!(!ok.already_held);
+    assert_eq!(get_key(&sys, &keys[0].key_id).await.uses, 1);
+
+    assert_status(
+        redeem(&mut client, as_user(&keys[0].code, &ids[1], &idem())).await,
+        Code::FailedPrecondition,
+        "KEY_ALREADY_REDEEMED",
+    );
+    let v = validate(&mut client, &keys[0].code, &ids[1]).await;
+    assert_eq!(
+        (v.redeemable, v.reason.as_str()),
+        (false, "KEY_ALREADY_REDEEMED")
+    );
+
+    // Its owner gets the seat back, marked, with no second seat.
+    let back = redeem(&mut client, as_user(&keys[0].code, &ids[0], &idem()))
+        .await
+        .unwrap();
+    assert!(back.already_held);
+    // A second key for a user who already has the seat is not used up.
+    let spare = redeem(&mut client, as_user(&keys[1].code, &ids[0], &idem()))
+        .await
+        .unwrap();
+    assert!(spare.already_held);
+    assert_eq!(get_key(&sys, &keys[1].key_id).await.uses, 0);
+    assert_eq!(get_class(&sys, &class.class_id).await.enrolled_count, 1);
+}
+
+async fn subscription_pool(
+    sys: &System,
+    org: &str,
+    count: i32,
+    from: Option<DateTime<Utc>>,
+) -> (pb::KeyPool, Vec<pb::Key>) {
+    let profile = sys
+        .enrollment_client
+        .clone()
+        .create_subscription_profile(pb::CreateSubscriptionProfileRequest {
+            organization_id: org.into(),
+            name: "Everything".into(),
+            course_ids: vec!["A".into(), "B".into()],
+            duration_days: 90,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .profile
+        .unwrap();
+    let pool = sys
+        .keys_client
+        .clone()
+        .generate_subscription_keys(pb::GenerateSubscriptionKeysRequest {
+            profile_id: profile.profile_id,
+            count,
+            valid_from: from.map(to_timestamp),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pool
+        .unwrap();
+    let keys = sys
+        .keys_client
+        .clone()
+        .list_keys(pb::ListKeysRequest {
+            scope: Some(pb::list_keys_request::Scope::PoolId(pool.pool_id.clone())),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    (pool, keys)
+}
+
+#[tokio::test]
+async fn subscription_keys_grant_a_subscription_once() {
+    let sys = System::start(1).await;
+    let org = org();
+    let (_, keys) = subscription_pool(&sys, &org, 2, None).await;
+    let ids = users(&sys, &org, 2).await;
+    let mut client = sys.redeem(0);
+
+    let v = validate(&mut client, &keys[0].code, &ids[0]).await;
+    assert!(v.redeemable && !v.already_held_by_user);
+    let r = redeem(&mut client, as_user(&keys[0].code, &ids[0], &idem()))
+        .await
+        .unwrap();
+    let Some(Grant::Subscription(sub)) = r.grant else {
+        panic!("{r:?}")
+    };
+    assert!(sub.active);
+    assert_eq!(sub.course_ids, vec!["A", "B"]);
+    assert_status(
+        redeem(&mut client, as_user(&keys[0].code, &ids[1], &idem())).await,
+        Code::FailedPrecondition,
+        "KEY_ALREADY_REDEEMED",
+    );
+
+    // The same user with the pool's second key: already subscribed, key kept.
+    let again = redeem(&mut client, as_user(&keys[1].code, &ids[0], &idem()))
+        .await
+        .unwrap();
+    assert!(again.already_held);
+    assert_eq!(get_key(&sys, &keys[1].key_id).await.uses, 0);
+    assert!(
+        validate(&mut client, &keys[1].code, &ids[0])
+            .await
+            .already_held_by_user
+    );
+}
+
+#[tokio::test]
+async fn every_reason_code() {
+    let sys = System::start(1).await;
+    let org = org();
+    let ids = users(&sys, &org, 3).await;
+    let mut client = sys.redeem(0);
+
+    // Input checks.
+    for (request, field) in [
+        (as_user("", &ids[0], &idem()), "code"),
+        (as_user("ABCD", "nope", &idem()), "user_id"),
+        (as_user("ABCD", &ids[0], ""), "idempotency_key"),
+        (
+            pb::RedeemKeyRequest {
+                code: "ABCD".into(),
+                redeemer: None,
+                idempotency_key: idem(),
+            },
+            "user_id",
+        ),
+        (
+            pb::RedeemKeyRequest {
+                code: "ABCD".into(),
+                redeemer: Some(Redeemer::NewUser(pb::NewUser {
+                    organization_id: org.clone(),
+                    email: "nope".into(),
+                    display_name: String::new(),
+                })),
+                idempotency_key: idem(),
+            },
+            "new_user.email",
+        ),
+    ] {
+        let status = assert_status(
+            redeem(&mut client, request).await,
+            Code::InvalidArgument,
+            "INVALID_FIELD",
+        );
+        assert_eq!(trainingkeys_tests::invalid_field(&status), field);
+    }
+
+    // Mistyped: a valid key with one symbol changed.
+    let open = class(&sys, &org, 1, 1, 2, 0).await;
+    let key = event_key(&sys, &open.class_id, false).await;
+    let mut typo: Vec<char> = key.code.chars().collect();
+    typo[0] = if typo[0] == 'A' { 'B' } else { 'A' };
+    let typo: String = typo.into_iter().collect();
+    assert_status(
+        redeem(&mut client, as_user(&typo, &ids[0], &idem())).await,
+        Code::InvalidArgument,
+        "KEY_MISTYPED",
+    );
+    assert_eq!(
+        validate(&mut client, &typo, "").await.reason,
+        "KEY_MISTYPED"
+    );
+    assert_status(
+        redeem(&mut client, as_user("NO-SUCH-KEY", &ids[0], &idem())).await,
+        Code::NotFound,
+        "KEY_NOT_FOUND",
+    );
+
+    // Unknown user.
+    let stranger = uuid::Uuid::new_v4().to_string();
+    assert_status(
+        redeem(&mut client, as_user(&key.code, &stranger, &idem())).await,
+        Code::NotFound,
+        "USER_NOT_FOUND",
+    );
+
+    // Full.
+    redeem(&mut client, as_user(&key.code, &ids[0], &idem()))
+        .await
+        .unwrap();
+    assert_status(
+        redeem(&mut client, as_user(&key.code, &ids[1], &idem())).await,
+        Code::ResourceExhausted,
+        "CLASS_FULL",
+    );
+    assert_eq!(
+        validate(&mut client, &key.code, &ids[1]).await.reason,
+        "CLASS_FULL"
+    );
+
+    // Revoked.
+    let other = class(&sys, &org, 5, 1, 2, 0).await;
+    let revoked = event_key(&sys, &other.class_id, false).await;
+    sys.keys_client
+        .clone()
+        .revoke_key(pb::RevokeKeyRequest {
+            key_id: revoked.key_id.clone(),
+        })
+        .await
+        .unwrap();
+    assert_status(
+        redeem(&mut client, as_user(&revoked.code, &ids[0], &idem())).await,
+        Code::FailedPrecondition,
+        "KEY_REVOKED",
+    );
+
+    // Not yet valid: a pool whose window opens tomorrow.
+    let (_, later) =
+        subscription_pool(&sys, &org, 1, Some(Utc::now() + chrono::Duration::days(1))).await;
+    assert_status(
+        redeem(&mut client, as_user(&later[0].code, &ids[0], &idem())).await,
+        Code::FailedPrecondition,
+        "KEY_NOT_YET_VALID",
+    );
+
+    // Idempotency key reused for another request.
+    let key_a = idem();
+    let (_, pool_keys) = subscription_pool(&sys, &org, 1, None).await;
+    redeem(&mut client, as_user(&pool_keys[0].code, &ids[2], &key_a))
+        .await
+        .unwrap();
+    assert_status(
+        redeem(&mut client, as_user(&pool_keys[0].code, &ids[1], &key_a)).await,
+        Code::InvalidArgument,
+        "IDEMPOTENCY_KEY_REUSED",
+    );
+}
+
+#[tokio::test]
+async fn event_key_windows_follow_the_class() {
+    let sys = System::start(1).await;
+    let org = org();
+    let ids = users(&sys, &org, 2).await;
+    let mut client = sys.redeem(0);
+
+    // Ended yesterday, 3 days of lab access.
+    let ended = class(&sys, &org, 5, -3, -1, 3).await;
+    let strict = event_key(&sys, &ended.class_id, false).await;
+    assert_status(
+        redeem(&mut client, as_user(&strict.code, &ids[0], &idem())).await,
+        Code::FailedPrecondition,
+        "KEY_EXPIRED",
+    );
+    let lab = event_key(&sys, &ended.class_id, true).await;
+    redeem(&mut client, as_user(&lab.code, &ids[0], &idem()))
+        .await
+        .unwrap();
+
+    // Lab access over too: expired even with redeemable_after_class_end.
+    let long_ago = class(&sys, &org, 5, -30, -20, 3).await;
+    let late = event_key(&sys, &long_ago.class_id, true).await;
+    assert_status(
+        redeem(&mut client, as_user(&late.code, &ids[1], &idem())).await,
+        Code::FailedPrecondition,
+        "KEY_EXPIRED",
+    );
+
+    // Rescheduling moves the window: the same key works once the class ends later.
+    let now = Utc::now();
+    sys.enrollment_client
+        .clone()
+        .update_class(pb::UpdateClassRequest {
+            class_id: long_ago.class_id.clone(),
+            start_time: Some(to_timestamp(now + chrono::Duration::days(1))),
+            end_time: Some(to_timestamp(now + chrono::Duration::days(2))),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    redeem(&mut client, as_user(&late.code, &ids[1], &idem()))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn guessing_is_limited_and_indistinguishable() {
+    let sys = System::start_with(1, |c| c.guess_limit = 3).await;
+    let org = org();
+    let ids = users(&sys, &org, 1).await;
+    let open = class(&sys, &org, 5, 1, 2, 0).await;
+    let key = event_key(&sys, &open.class_id, false).await;
+    let mut client = sys.redeem(0);
+    for i in 0..3 {
+        assert_status(
+            redeem(
+                &mut client,
+                as_user(&format!("GUESS-{i}"), &ids[0], &idem()),
+            )
+            .await,
+            Code::NotFound,
+            "KEY_NOT_FOUND",
+        );
+    }
+    // Over the limit, even a good key gets the same answer as a bad one.
+    for code in [key.code.as_str(), "GUESS-X"] {
+        let status = assert_status(
+            redeem(&mut client, as_user(code, &ids[0], &idem())).await,
+            Code::ResourceExhausted,
+            "TOO_MANY_ATTEMPTS",
+        );
+        use tonic_types::StatusExt as _;
+        let retry = status
+            .get_details_retry_info()
+            .expect("RetryInfo")
+            .retry_delay
+            .expect("a delay");
+        assert!(retry > Duration::ZERO && retry <= Duration::from_secs(3600));
+    }
+    let status = client
+        .validate_key(pb::ValidateKeyRequest {
+            code: key.code.clone(),
+            user_id: String::new(),
+        })
+        .await;
+    assert_status(status, Code::ResourceExhausted, "TOO_MANY_ATTEMPTS");
+}
+
+#[tokio::test]
+async fn raising_the_maximum_takes_effect_at_the_gate_at_once() {
+    let sys = System::start(1).await;
+    let org = org();
+    let ids = users(&sys, &org, 2).await;
+    let open = class(&sys, &org, 1, 1, 2, 0).await;
+    let key = event_key(&sys, &open.class_id, false).await;
+    let mut client = sys.redeem(0);
+    redeem(&mut client, as_user(&key.code, &ids[0], &idem()))
+        .await
+        .unwrap();
+    assert_status(
+        redeem(&mut client, as_user(&key.code, &ids[1], &idem())).await,
+        Code::ResourceExhausted,
+        "CLASS_FULL",
+    );
+    sys.enrollment_client
+        .clone()
+        .update_class(pb::UpdateClassRequest {
+            class_id: open.class_id.clone(),
+            max_students: Some(2),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    redeem(&mut client, as_user(&key.code, &ids[1], &idem()))
+        .await
+        .unwrap();
+}
+
+/// What a herd did.
+struct HerdOutcome {
+    ok: usize,
+    full: usize,
+    other: Vec<tonic::Status>,
+}
+
+/// `users` redeem `code` at once, spread over all replicas; `midway` runs
+/// once half of the answers are in.
+async fn herd<F, Fut>(sys: &System, code: &str, users: &[String], midway: F) -> HerdOutcome
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let half = users.len() / 2;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let calls = users.iter().enumerate().map(|(i, user)| {
+        let mut client = sys.redeem(i);
+        let request = as_user(code, user, &idem());
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            // A client retries outages with the same idempotency key, as told.
+            let mut result = redeem(&mut client, request.clone()).await;
+            for _ in 0..20 {
+                match &result {
+                    Err(s)
+                        if matches!(
+                            s.code(),
+                            Code::Unavailable | Code::Aborted | Code::Internal
+                        ) =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        result = redeem(&mut client, request.clone()).await;
+                    }
+                    _ => break,
+                }
+            }
+            let _ = tx.send(());
+            result
+        })
+    });
+    let handles: Vec<_> = calls.collect();
+    drop(tx);
+    for _ in 0..half {
+        rx.recv().await;
+    }
+    midway().await;
+    let mut outcome = HerdOutcome {
+        ok: 0,
+        full: 0,
+        other: Vec::new(),
+    };
+    for h in handles {
+        match h.await.unwrap() {
+            Ok(_) => outcome.ok += 1,
+            Err(s) if s.code() == Code::ResourceExhausted && reason(&s) == "CLASS_FULL" => {
+                outcome.full += 1
+            }
+            Err(s) => outcome.other.push(s),
+        }
+    }
+    outcome
+}
+
+async fn assert_sold_exactly(
+    sys: &System,
+    class_id: &str,
+    max: i32,
+    outcome: &HerdOutcome,
+    students: usize,
+) {
+    assert!(
+        outcome.other.is_empty(),
+        "unexpected answers: {:?}",
+        &outcome.other[..outcome.other.len().min(3)]
+    );
+    assert_eq!(
+        (outcome.ok, outcome.full),
+        (max as usize, students - max as usize)
+    );
+    let class = get_class(sys, class_id).await;
+    assert_eq!(class.enrolled_count, max);
+    assert_eq!(
+        active_rows(sys, class_id).await,
+        i64::from(max),
+        "PostgreSQL rows equal the seat count"
+    );
+    // After settling, no holds are left and Redis agrees with PostgreSQL.
+    let holds_key = format!("{{class:{class_id}}}:holds");
+    let confirmed_key = format!("{{class:{class_id}}}:confirmed");
+    let settled = eventually(Duration::from_secs(5), || async {
+        let holds: i64 = sys.redis.cmd(&["ZCARD", &holds_key]).await.unwrap_or(-1);
+        holds == 0
+    })
+    .await;
+    assert!(settled, "holds left in the gate");
+    let confirmed: i64 = sys.redis.cmd(&["SCARD", &confirmed_key]).await.unwrap();
+    assert!(confirmed <= i64::from(max));
+}
+
+#[tokio::test]
+async fn herd_of_2000_on_a_class_of_100_through_3_replicas() {
+    let sys = System::start(3).await;
+    let org = org();
+    let class = class(&sys, &org, 100, 1, 2, 0).await;
+    let key = event_key(&sys, &class.class_id, false).await;
+    let students = users(&sys, &org, 2000).await;
+    let outcome = herd(&sys, &key.code, &students, || async {}).await;
+    assert_sold_exactly(&sys, &class.class_id, 100, &outcome, 2000).await;
+    let confirmed: i64 = sys
+        .redis
+        .cmd(&["SCARD", &format!("{{class:{}}}:confirmed", class.class_id)])
+        .await
+        .unwrap();
+    assert_eq!(confirmed, 100, "the gate confirmed every seat");
+}
+
+#[tokio::test]
+async fn herd_with_redis_flushed_half_way() {
+    let sys = System::start(3).await;
+    let org = org();
+    let class = class(&sys, &org, 100, 1, 2, 0).await;
+    let key = event_key(&sys, &class.class_id, false).await;
+    let students = users(&sys, &org, 1000).await;
+    let outcome = herd(&sys, &key.code, &students, || async {
+        let _: String = sys.redis.cmd(&["FLUSHALL"]).await.unwrap();
+    })
+    .await;
+    assert_sold_exactly(&sys, &class.class_id, 100, &outcome, 1000).await;
+}
+
+#[tokio::test]
+async fn herd_with_redis_stopped_half_way() {
+    let mut sys = System::start(3).await;
+    let org = org();
+    let class = class(&sys, &org, 100, 1, 2, 0).await;
+    let key = event_key(&sys, &class.class_id, false).await;
+    let students = users(&sys, &org, 1000).await;
+    let redis_port = sys.redis.port;
+    let sys_ref = &sys;
+    let outcome = herd(sys_ref, &key.code, &students, || async move {
+        // Stop the server: every gate call now fails (fast, once the circuit opens).
+        let _ = std::process::Command::new("redis-cli")
+            .args(["-p", &redis_port.to_string(), "shutdown", "nosave"])
+            .status();
+    })
+    .await;
+    assert!(
+        outcome.other.is_empty(),
+        "{:?}",
+        &outcome.other[..outcome.other.len().min(3)]
+    );
+    assert_eq!((outcome.ok, outcome.full), (100, 900));
+    assert_eq!(get_class(&sys, &class.class_id).await.enrolled_count, 100);
+    assert_eq!(active_rows(&sys, &class.class_id).await, 100);
+    // With Redis back (empty), the gate rebuilds from enrollment and agrees.
+    sys.redis.restart().await;
+    // (Once the replicas' circuit breakers close again, within about a second.)
+    let late = &students[0];
+    let confirmed_key = format!("{{class:{}}}:confirmed", class.class_id);
+    let agrees = eventually(Duration::from_secs(10), || async {
+        let answer = redeem(&mut sys.redeem(0), as_user(&key.code, late, &idem())).await;
+        let confirmed: i64 = sys
+            .redis
+            .cmd(&["SCARD", &confirmed_key])
+            .await
+            .unwrap_or(-1);
+        let settled = answer
+            .as_ref()
+            .map_or_else(|s| reason(s) == "CLASS_FULL", |r| r.already_held);
+        settled && confirmed == 100
+    })
+    .await;
+    assert!(agrees, "the gate was not rebuilt from enrollment");
+    assert_eq!(get_class(&sys, &class.class_id).await.enrolled_count, 100);
+}
+
+#[tokio::test]
+async fn one_user_redeeming_20_times_concurrently_takes_one_seat() {
+    let sys = System::start(2).await;
+    let org = org();
+    let class = class(&sys, &org, 10, 1, 2, 0).await;
+    let key = event_key(&sys, &class.class_id, false).await;
+    let user = users(&sys, &org, 1).await.remove(0);
+
+    // Twenty different attempts (idempotency keys) at once.
+    let results = join_all((0..20).map(|i| {
+        let mut client = sys.redeem(i);
+        let request = as_user(&key.code, &user, &idem());
+        async move { redeem(&mut client, request).await.unwrap() }
+    }))
+    .await;
+    let seats: HashSet<_> = results
+        .iter()
+        .map(|r| enrollment(r).enrollment_id.clone())
+        .collect();
+    assert_eq!(seats.len(), 1);
+    assert_eq!(get_class(&sys, &class.class_id).await.enrolled_count, 1);
+    assert_eq!(active_rows(&sys, &class.class_id).await, 1);
+
+    // One attempt retried 50 times at once: one answer, byte for byte.
+    let same = as_user(&key.code, &user, &idem());
+    let replies = join_all((0..50).map(|i| {
+        let mut client = sys.redeem(i);
+        let request = same.clone();
+        async move { redeem(&mut client, request).await.unwrap().encode_to_vec() }
+    }))
+    .await;
+    let distinct: HashSet<_> = replies.iter().collect();
+    assert_eq!(distinct.len(), 1, "every caller got the same answer");
+}
+
+#[tokio::test]
+async fn idempotent_replays_are_byte_identical() {
+    let sys = System::start(2).await;
+    let org = org();
+    let class = class(&sys, &org, 1, 1, 2, 0).await;
+    let key = event_key(&sys, &class.class_id, false).await;
+    let ids = users(&sys, &org, 2).await;
+    let request = as_user(&key.code, &ids[0], &idem());
+    let first = redeem(&mut sys.redeem(0), request.clone()).await.unwrap();
+    let replay = redeem(&mut sys.redeem(1), request.clone()).await.unwrap();
+    assert_eq!(first.encode_to_vec(), replay.encode_to_vec());
+
+    // A recorded final failure replays too.
+    let loser = as_user(&key.code, &ids[1], &idem());
+    assert_status(
+        redeem(&mut sys.redeem(0), loser.clone()).await,
+        Code::ResourceExhausted,
+        "CLASS_FULL",
+    );
+    assert_status(
+        redeem(&mut sys.redeem(1), loser).await,
+        Code::ResourceExhausted,
+        "CLASS_FULL",
+    );
+}
+
+async fn redemption_state(sys: &System, idempotency_key: &str) -> Option<String> {
+    let mut db = sys.db().await;
+    sqlx::query_scalar("SELECT state FROM redemption.redemptions WHERE idempotency_key = $1")
+        .bind(idempotency_key)
+        .fetch_optional(&mut db)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_replica_killed_after_consume_is_finished_by_recovery() {
+    let mut sys = System::start_with(1, |c| {
+        c.fault = Some(FaultPoint::AfterConsume);
+        c.recovery_interval_seconds = 3600;
+    })
+    .await;
+    let org = org();
+    let class = class(&sys, &org, 5, 1, 2, 0).await;
+    let keys = sys
+        .keys_client
+        .clone()
+        .generate_class_enrollment_keys(pb::GenerateClassEnrollmentKeysRequest {
+            class_id: class.class_id.clone(),
+            count: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    let user = users(&sys, &org, 1).await.remove(0);
+    let attempt = idem();
+    let mut request = tonic::Request::new(as_user(&keys[0].code, &user, &attempt));
+    request.set_timeout(Duration::from_secs(1));
+    let lost = sys.redeem(0).redeem_key(request).await;
+    assert!(lost.is_err(), "the faulty replica never answers");
+    assert_eq!(
+        get_key(&sys, &keys[0].key_id).await.uses,
+        1,
+        "the key was consumed"
+    );
+    assert_eq!(
+        redemption_state(&sys, &attempt).await.as_deref(),
+        Some("admitted")
+    );
+    sys.stop_replica(0).await;
+
+    // A healthy replica's recovery loop finishes the redemption.
+    sys.add_replica(|_| {}).await;
+    let done = eventually(Duration::from_secs(20), || async {
+        redemption_state(&sys, &attempt).await.as_deref() != Some("admitted")
+    })
+    .await;
+    assert!(done, "recovery did not finish the redemption");
+    let key = get_key(&sys, &keys[0].key_id).await;
+    let seats = active_rows(&sys, &class.class_id).await;
+    assert!(
+        key.uses == 1 && seats == 1 || key.uses == 0 && seats == 0,
+        "consumed without enrollment: uses {} seats {seats}",
+        key.uses
+    );
+    // The client's retry gets the recovered answer.
+    let retry = redeem(&mut sys.redeem(0), as_user(&keys[0].code, &user, &attempt))
+        .await
+        .unwrap();
+    assert_eq!(enrollment(&retry).user_id, user);
+}
+
+#[tokio::test]
+async fn a_crash_between_commit_and_reply_is_replayed_to_the_retry() {
+    let mut sys = System::start_with(1, |c| c.fault = Some(FaultPoint::AfterCommit)).await;
+    let org = org();
+    let class = class(&sys, &org, 5, 1, 2, 0).await;
+    let key = event_key(&sys, &class.class_id, false).await;
+    let user = users(&sys, &org, 1).await.remove(0);
+    let attempt = idem();
+    let mut request = tonic::Request::new(as_user(&key.code, &user, &attempt));
+    request.set_timeout(Duration::from_secs(1));
+    assert!(sys.redeem(0).redeem_key(request).await.is_err());
+    assert_eq!(
+        active_rows(&sys, &class.class_id).await,
+        1,
+        "committed before the crash"
+    );
+    sys.stop_replica(0).await;
+    sys.add_replica(|_| {}).await;
+
+    // The client retries with the same idempotency key until it is answered.
+    let mut answer = None;
+    for _ in 0..40 {
+        match redeem(&mut sys.redeem(0), as_user(&key.code, &user, &attempt)).await {
+            Ok(r) => {
+                answer = Some(r);
+                break;
+            }
+            Err(s) => {
+                assert!(
+                    matches!(s.code(), Code::Aborted | Code::Unavailable),
+                    "{s:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+    let answer = answer.expect("the retry was never answered");
+    assert_eq!(enrollment(&answer).user_id, user);
+    let again = redeem(&mut sys.redeem(0), as_user(&key.code, &user, &attempt))
+        .await
+        .unwrap();
+    assert_eq!(answer.encode_to_vec(), again.encode_to_vec());
+    assert_eq!(get_class(&sys, &class.class_id).await.enrolled_count, 1);
+}
+
+#[tokio::test]
+async fn redemption_works_without_redis() {
+    let sys = System::start_with(1, |c| c.redis_url = "redis://127.0.0.1:1/".into()).await;
+    let org = org();
+    let class = class(&sys, &org, 2, 1, 2, 0).await;
+    let key = event_key(&sys, &class.class_id, false).await;
+    let ids = users(&sys, &org, 3).await;
+    let mut client = sys.redeem(0);
+    let results = join_all(ids.iter().map(|u| {
+        let mut c = client.clone();
+        let r = as_user(&key.code, u, &idem());
+        async move { redeem(&mut c, r).await }
+    }))
+    .await;
+    let by_reason: HashMap<String, usize> = results.iter().fold(HashMap::new(), |mut m, r| {
+        *m.entry(r.as_ref().map(|_| "OK".to_owned()).unwrap_or_else(reason))
+            .or_default() += 1;
+        m
+    });
+    assert_eq!(
+        by_reason,
+        HashMap::from([("OK".to_owned(), 2), ("CLASS_FULL".to_owned(), 1)])
+    );
+    assert!(
+        validate(&mut client, &key.code, &ids[0])
+            .await
+            .already_held_by_user
+    );
+}
