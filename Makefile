@@ -25,6 +25,11 @@ run: build env ## Set up, start every service, print addresses and grpcurl calls
 test: env ## Set up, then run the whole test suite against real PostgreSQL and Redis
 	@source .run/env && $(CARGO) nextest run --workspace --no-fail-fast $(TEST_ARGS)
 
+.PHONY: bench
+bench: env ## Release build; 1,000,000 keys generated in one call and exported by the real binaries (keys/s, MB/s, peak memory)
+	$(CARGO) build --release -p trainingkeys-enrollment -p trainingkeys-key-issuance
+	@source .run/env && "$${CARGO_TARGET_DIR:-target}/release/keys-bench"
+
 .PHONY: lint
 lint: ## rustfmt, clippy -D warnings, buf lint
 	$(CARGO) fmt --all --check

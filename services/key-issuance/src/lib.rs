@@ -125,12 +125,8 @@ impl Application {
     /// [`local_addr`](Self::local_addr)). The enrollment client connects lazily.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let keyring = Arc::new(config.keyring()?);
-        let pool = trainingkeys_shared::db::connect(
-            &config.common.database_url,
-            SCHEMA,
-            config.common.database_max_connections,
-        )?;
-        trainingkeys_shared::db::migrate(&pool, SCHEMA, &MIGRATOR).await?;
+        let (pool, listener) =
+            server::prepare(&config.common, SCHEMA, &MIGRATOR, config.listen_addr).await?;
         let enrollment = enrollment::Enrollment::connect(
             &config.enrollment_url,
             Duration::from_secs(config.enrollment_timeout_seconds),
@@ -140,7 +136,6 @@ impl Application {
             enrollment,
             keyring,
         };
-        let listener = TcpListener::bind(config.listen_addr).await?;
         Ok(Self {
             listener,
             pool,
@@ -167,6 +162,24 @@ impl Application {
             max_connection_age: self.config.common.max_connection_age(),
         };
         server::serve(self.listener, routes, options, shutdown).await
+    }
+}
+
+impl trainingkeys_shared::cli::Service for Application {
+    type Config = Config;
+    const NAME: &'static str = "key-issuance";
+    const SCHEMA: &'static str = SCHEMA;
+    fn migrator() -> &'static sqlx::migrate::Migrator {
+        &MIGRATOR
+    }
+    fn common(config: &Config) -> &CommonConfig {
+        &config.common
+    }
+    async fn build(config: Config) -> anyhow::Result<Self> {
+        Application::build(config).await
+    }
+    async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        Application::run(self, shutdown).await
     }
 }
 

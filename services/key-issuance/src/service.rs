@@ -107,15 +107,6 @@ impl KeyService {
         cmd: GenerateClassKeys,
     ) -> Result<pb::GenerateClassEnrollmentKeysResponse, Error> {
         let class = self.enrollment.class(cmd.class_id).await?;
-        // Fail before generating when even an empty class could not take them.
-        if cmd.count > class.max_students {
-            return Err(Error::KeyLimitReached {
-                class_id: class.class_id,
-                max_students: class.max_students,
-                existing: 0,
-                requested: cmd.count,
-            });
-        }
         let keyring = Arc::clone(&self.keyring);
         let count = cmd.count as usize;
         let made = tokio::task::spawn_blocking(move || {
