@@ -25,6 +25,11 @@ run: build env ## Set up, start every service (REPLICAS=N: N redemption replicas
 demo: ## With `make run` going in another terminal: seed a class, an event key and a subscription pool, print redeem calls
 	@$(CARGO) run -q -p trainingkeys-bench --bin loadgen -- demo
 
+.PHONY: interop
+interop: ## With `make run` going: a Python client built from server reflection alone enrolls 5 students into 3 seats
+	@python3 -c 'import grpc_reflection, grpc_status' 2>/dev/null || pip install -q grpcio grpcio-reflection grpcio-status
+	@python3 tests/interop/reflection_client.py 127.0.0.1:$${ENROLLMENT_PORT:-50051}
+
 .PHONY: test
 test: env ## Set up, then run the whole test suite against real PostgreSQL and Redis
 	@source .run/env && $(CARGO) nextest run --workspace --no-fail-fast $(TEST_ARGS)

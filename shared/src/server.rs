@@ -55,10 +55,21 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(trainingkeys_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Both reflection versions: grpcurl speaks v1, many generated tools
+    // (Python's grpcio-reflection among them) still speak v1alpha.
+    // List only what this server serves, though the descriptors of the whole
+    // contract are there to resolve.
+    let reflection = || {
+        options.service_names.iter().fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(trainingkeys_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .with_service_name("grpc.health.v1.Health"),
+            |builder, name| builder.with_service_name(*name),
+        )
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let names: Vec<&'static str> = std::iter::once("")
         .chain(options.service_names.iter().copied())
@@ -111,7 +122,12 @@ pub async fn serve(
     }
     let local_addr = listener.local_addr()?;
     let server = builder
-        .add_routes(routes.add_service(health_service).add_service(reflection))
+        .add_routes(
+            routes
+                .add_service(health_service)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha),
+        )
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listener),
             shutdown.clone().cancelled_owned(),
