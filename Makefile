@@ -18,17 +18,21 @@ build: ## Build every crate
 	$(CARGO) build --workspace --bins
 
 .PHONY: run
-run: build env ## Set up, start every service, print addresses and grpcurl calls; Ctrl-C stops all
-	@scripts/run.sh
+run: build env ## Set up, start every service (REPLICAS=N: N redemption replicas behind haproxy); Ctrl-C stops all
+	@REPLICAS=$(REPLICAS) scripts/run.sh
+
+.PHONY: demo
+demo: ## With `make run` going in another terminal: seed a class, an event key and a subscription pool, print redeem calls
+	@$(CARGO) run -q -p trainingkeys-bench --bin loadgen -- demo
 
 .PHONY: test
 test: env ## Set up, then run the whole test suite against real PostgreSQL and Redis
 	@source .run/env && $(CARGO) nextest run --workspace --no-fail-fast $(TEST_ARGS)
 
 .PHONY: bench
-bench: env ## Release build; 1,000,000 keys generated in one call and exported by the real binaries (keys/s, MB/s, peak memory)
-	$(CARGO) build --release -p trainingkeys-enrollment -p trainingkeys-key-issuance
-	@source .run/env && "$${CARGO_TARGET_DIR:-target}/release/keys-bench"
+bench: env ## Release build; key generation/export figures, then every redemption scenario vs its reference (bench/results.md)
+	$(CARGO) build --release --workspace --bins
+	@scripts/bench.sh
 
 .PHONY: lint
 lint: ## rustfmt, clippy -D warnings, buf lint

@@ -108,6 +108,12 @@ enum Command {
     },
     /// Every scenario with its reference, written as a markdown table.
     Bench(scenarios::BenchArgs),
+    /// Seed an organization, a class with an event key and a subscription
+    /// pool on running services, and print grpcurl calls that redeem them.
+    Demo {
+        #[command(flatten)]
+        targets: Targets,
+    },
 }
 
 #[tokio::main]
@@ -135,6 +141,7 @@ async fn main() -> anyhow::Result<()> {
             );
         }
         Command::Bench(args) => scenarios::bench(args).await?,
+        Command::Demo { targets } => setup::demo(&targets).await?,
     }
     Ok(())
 }

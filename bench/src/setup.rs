@@ -27,7 +27,7 @@ impl Admin {
         Ok(Self {
             enrollment: EnrollmentServiceClient::new(channel(enrollment_url)?),
             keys: KeyIssuanceServiceClient::new(channel(keys_url)?),
-            organization_id: format!("bench-{}", uuid::Uuid::new_v4().simple()),
+            organization_id: format!("org-{}", uuid::Uuid::new_v4().simple()),
         })
     }
 
@@ -105,4 +105,79 @@ impl Admin {
             .ok_or_else(|| anyhow::anyhow!("no class"))?;
         Ok(class.enrolled_count)
     }
+}
+
+/// `make demo`: seeds data and prints ready-to-paste redeem calls.
+pub async fn demo(targets: &crate::Targets) -> anyhow::Result<()> {
+    let admin = Admin::new(&targets.enrollment, &targets.keys)?;
+    let org = &admin.organization_id;
+    let (class_id, event_code) = admin.class_with_event_key(3).await?;
+    let profile = admin
+        .enrollment
+        .clone()
+        .create_subscription_profile(pb::CreateSubscriptionProfileRequest {
+            organization_id: org.clone(),
+            name: "All access".into(),
+            course_ids: vec!["RUST-101".into(), "GO-101".into()],
+            duration_days: 90,
+        })
+        .await?
+        .into_inner()
+        .profile
+        .ok_or_else(|| anyhow::anyhow!("no profile"))?;
+    let pool = admin
+        .keys
+        .clone()
+        .generate_subscription_keys(pb::GenerateSubscriptionKeysRequest {
+            profile_id: profile.profile_id.clone(),
+            count: 5,
+            pool_name: "Demo pool".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .pool
+        .ok_or_else(|| anyhow::anyhow!("no pool"))?;
+    let keys = admin
+        .keys
+        .clone()
+        .list_keys(pb::ListKeysRequest {
+            scope: Some(pb::list_keys_request::Scope::PoolId(pool.pool_id.clone())),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .keys;
+    let sub_code = keys.first().map(|k| k.code.clone()).unwrap_or_default();
+    let r = targets.target.trim_start_matches("http://");
+    let k = targets.keys.trim_start_matches("http://");
+    println!("Seeded organization {org}:");
+    println!("  class {class_id} (3 seats) with event key {event_code}");
+    println!(
+        "  subscription profile {} with pool {} of 5 keys, e.g. {sub_code}",
+        profile.profile_id, pool.pool_id
+    );
+    println!();
+    println!("Validate and redeem the event key (a new student registers on the spot):");
+    println!(
+        "  grpcurl -plaintext -d '{{\"code\":\"{event_code}\"}}' {r} trainingkeys.v1.RedemptionService/ValidateKey"
+    );
+    for (i, name) in ["ada", "grace", "linus", "barbara"].iter().enumerate() {
+        println!(
+            "  grpcurl -plaintext -d '{{\"code\":\"{event_code}\",\"new_user\":{{\"organization_id\":\"{org}\",\"email\":\"{name}@example.com\",\"display_name\":\"{name}\"}},\"idempotency_key\":\"demo-{i}-{name}\"}}' {r} trainingkeys.v1.RedemptionService/RedeemKey"
+        );
+    }
+    println!("  (the fourth student gets RESOURCE_EXHAUSTED CLASS_FULL)");
+    println!();
+    println!("Redeem a subscription key:");
+    println!(
+        "  grpcurl -plaintext -d '{{\"code\":\"{sub_code}\",\"new_user\":{{\"organization_id\":\"{org}\",\"email\":\"ada@example.com\",\"display_name\":\"Ada\"}},\"idempotency_key\":\"demo-sub-ada\"}}' {r} trainingkeys.v1.RedemptionService/RedeemKey"
+    );
+    println!();
+    println!("Export the pool as CSV (base64 chunks):");
+    println!(
+        "  grpcurl -plaintext -d '{{\"pool_id\":\"{}\"}}' {k} trainingkeys.v1.KeyIssuanceService/ExportKeys",
+        pool.pool_id
+    );
+    Ok(())
 }

@@ -5,9 +5,10 @@
 //! lives on one Redis Cluster slot. Missing state is rebuilt from enrollment's
 //! roster under a short lock; when Redis is unreachable the gate steps aside.
 
+use std::collections::HashSet;
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use redis::Script;
@@ -45,6 +46,9 @@ pub struct Gate {
     rebuild: Script,
     /// Admissions that fell back to the PostgreSQL guard (exported in logs).
     pub bypassed: AtomicU64,
+    /// Classes whose Redis state may disagree with PostgreSQL (a settle was
+    /// lost): rebuilt by [`repair`](Self::repair).
+    dirty: Mutex<HashSet<Uuid>>,
 }
 
 fn keys(class_id: Uuid) -> [String; 4] {
@@ -69,6 +73,7 @@ impl Gate {
             settle: Script::new(include_str!("lua/gate_settle.lua")),
             rebuild: Script::new(include_str!("lua/gate_rebuild.lua")),
             bypassed: AtomicU64::new(0),
+            dirty: Mutex::new(HashSet::new()),
         }
     }
 
@@ -187,6 +192,7 @@ impl Gate {
     }
 
     fn bypass(&self, class_id: Uuid, why: &dyn std::fmt::Display) -> Admission {
+        self.mark_dirty(class_id);
         let n = self.bypassed.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::warn!(%class_id, gate_bypassed_total = n, "admission gate unavailable ({why}): PostgreSQL guard only");
         Admission::Bypassed
@@ -212,7 +218,45 @@ impl Gate {
             })
             .await;
         if let Err(e) = result {
-            tracing::warn!(%class_id, error = %e, confirm, "could not settle a seat hold; it will expire");
+            tracing::warn!(%class_id, error = %e, confirm, "could not settle a seat hold; the class will be rebuilt");
+            self.mark_dirty(class_id);
         }
+    }
+
+    fn mark_dirty(&self, class_id: Uuid) {
+        self.dirty
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(class_id);
+    }
+
+    /// Rebuilds every class whose state may have drifted from PostgreSQL
+    /// (a lost settle, an admission that bypassed Redis), so the gate and
+    /// PostgreSQL agree again once Redis is back. `roster` fetches a class's
+    /// seat holders. Returns how many classes were repaired.
+    pub async fn repair<R, Fut>(&self, roster: R) -> usize
+    where
+        R: Fn(Uuid) -> Fut,
+        Fut: Future<Output = Result<Vec<String>, Error>>,
+    {
+        if !self.enabled {
+            return 0;
+        }
+        let dirty: Vec<Uuid> = self
+            .dirty
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain()
+            .collect();
+        let mut repaired = 0;
+        for class_id in dirty {
+            match self.try_rebuild(class_id, || roster(class_id)).await {
+                Ok(true) => repaired += 1,
+                // Someone else holds the rebuild lock, or Redis is still
+                // away: try again on the next sweep.
+                Ok(false) | Err(_) => self.mark_dirty(class_id),
+            }
+        }
+        repaired
     }
 }

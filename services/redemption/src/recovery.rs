@@ -2,7 +2,8 @@
 //! connection, an outage mid-way) are claimed by one replica and driven to
 //! their end — completed, or compensated (ReleaseKey, release the hold) and
 //! failed — so no key stays consumed without its enrollment and no seat stays
-//! held.
+//! held. It also rebuilds the gate state of classes where a Redis outage
+//! made the gate and PostgreSQL disagree.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +26,13 @@ pub async fn run(
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(interval) => {}
+        }
+        let repaired = redeemer.repair_gate().await;
+        if repaired > 0 {
+            tracing::info!(
+                classes = repaired,
+                "rebuilt drifted gate state from enrollment"
+            );
         }
         match sweep(&redeemer, after).await {
             Ok(0) => {}

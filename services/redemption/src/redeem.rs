@@ -76,6 +76,13 @@ impl Redeemer {
         }
     }
 
+    /// Rebuilds drifted gate state from enrollment (for recovery).
+    pub async fn repair_gate(&self) -> usize {
+        self.gate
+            .repair(|class_id| self.clients.roster(class_id))
+            .await
+    }
+
     /// The redemption log (for recovery).
     pub fn store(&self) -> &Store {
         &self.store
