@@ -39,6 +39,11 @@ bench: env ## Release build; key generation/export figures, then every redemptio
 	$(CARGO) build --release --workspace --bins
 	@scripts/bench.sh
 
+.PHONY: chaos
+chaos: env ## Fault-injection suite, long form: bigger herds, repeated rounds (make test runs a short form)
+	@source .run/env && CHAOS_STUDENTS=$${CHAOS_STUDENTS:-1000} CHAOS_ROUNDS=$${CHAOS_ROUNDS:-3} \
+		$(CARGO) nextest run -p trainingkeys-tests --no-fail-fast chaos
+
 .PHONY: lint
 lint: ## rustfmt, clippy -D warnings, buf lint
 	$(CARGO) fmt --all --check

@@ -11,13 +11,19 @@ use trainingkeys_proto::v1::enrollment_service_client::EnrollmentServiceClient;
 use trainingkeys_proto::v1::key_issuance_service_client::KeyIssuanceServiceClient;
 use trainingkeys_proto::v1::redemption_service_client::RedemptionServiceClient;
 
+use chrono::Utc;
+use futures::future::join_all;
+use trainingkeys_proto::time::to_timestamp;
+use trainingkeys_proto::v1 as pb;
+use trainingkeys_proto::v1::redeem_key_request::Redeemer;
+
 use crate::{Spawned, common_config, fresh_database, spawn_enrollment, spawn_key_issuance};
 
 /// A throwaway `redis-server` on a free port, killed on drop.
 pub struct RedisServer {
     /// Its port.
     pub port: u16,
-    child: Option<Child>,
+    child: std::sync::Mutex<Option<Child>>,
 }
 
 fn free_port() -> u16 {
@@ -31,9 +37,9 @@ fn free_port() -> u16 {
 impl RedisServer {
     /// Starts one and waits until it answers.
     pub async fn start() -> Self {
-        let mut server = Self {
+        let server = Self {
             port: free_port(),
-            child: None,
+            child: std::sync::Mutex::new(None),
         };
         server.restart().await;
         server
@@ -45,15 +51,24 @@ impl RedisServer {
     }
 
     /// Kills it with SIGKILL (all state is lost: it never persists).
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
+    pub fn kill(&self) {
+        if let Some(mut child) = self.child.lock().unwrap().take() {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 
+    /// Sends a signal (`STOP`, `CONT`, ...) to the server process.
+    pub fn signal(&self, signal: &str) {
+        if let Some(child) = self.child.lock().unwrap().as_ref() {
+            let _ = Command::new("kill")
+                .args([&format!("-{signal}"), &child.id().to_string()])
+                .status();
+        }
+    }
+
     /// Starts it again, empty, on the same port.
-    pub async fn restart(&mut self) {
+    pub async fn restart(&self) {
         self.kill();
         let child = Command::new("redis-server")
             .args([
@@ -70,7 +85,7 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (make test installs it)");
-        self.child = Some(child);
+        *self.child.lock().unwrap() = Some(child);
         let url = self.url();
         let up = crate::eventually(Duration::from_secs(10), || {
             let url = url.clone();
@@ -225,4 +240,106 @@ impl System {
             .await
             .unwrap()
     }
+}
+
+// Seeding and reading helpers shared by the redemption and chaos tests.
+
+/// A fresh organization id.
+pub fn org() -> String {
+    format!("org-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A fresh idempotency key.
+pub fn idem() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// A class of `max` students running from `start` to `end` (days from now).
+pub async fn class(
+    sys: &System,
+    org: &str,
+    max: i32,
+    start_days: i64,
+    end_days: i64,
+    lab_days: i32,
+) -> pb::Class {
+    let now = Utc::now();
+    sys.enrollment_client
+        .clone()
+        .create_class(pb::CreateClassRequest {
+            organization_id: org.into(),
+            title: "Herding cats".into(),
+            course_id: "CATS-1".into(),
+            start_time: Some(to_timestamp(now + chrono::Duration::days(start_days))),
+            end_time: Some(to_timestamp(now + chrono::Duration::days(end_days))),
+            max_students: max,
+            lab_access_days: lab_days,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .class
+        .unwrap()
+}
+
+/// A new event key for the class.
+pub async fn event_key(sys: &System, class_id: &str, after_end: bool) -> pb::Key {
+    sys.keys_client
+        .clone()
+        .set_event_key(pb::SetEventKeyRequest {
+            class_id: class_id.into(),
+            custom_code: String::new(),
+            redeemable_after_class_end: after_end,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap()
+}
+
+/// `n` registered students of `org`; their ids.
+pub async fn users(sys: &System, org: &str, n: usize) -> Vec<String> {
+    let mut ids = Vec::with_capacity(n);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
+        let batch = join_all(chunk.iter().map(|i| {
+            let mut c = sys.enrollment_client.clone();
+            let org = org.to_owned();
+            async move {
+                c.register_user(pb::RegisterUserRequest {
+                    organization_id: org,
+                    email: format!("student{i}@example.com"),
+                    display_name: format!("Student {i}"),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .user
+                .unwrap()
+                .user_id
+            }
+        }))
+        .await;
+        ids.extend(batch);
+    }
+    ids
+}
+
+/// RedeemKey of `code` by an existing user.
+pub fn as_user(code: &str, user_id: &str, idempotency_key: &str) -> pb::RedeemKeyRequest {
+    pb::RedeemKeyRequest {
+        code: code.into(),
+        redeemer: Some(Redeemer::UserId(user_id.into())),
+        idempotency_key: idempotency_key.into(),
+    }
+}
+
+/// Active roster rows of a class, counted in PostgreSQL.
+pub async fn active_rows(sys: &System, class_id: &str) -> i64 {
+    let mut db = sys.db().await;
+    sqlx::query_scalar("SELECT count(*) FROM enrollment.enrollments WHERE class_id = $1::uuid AND cancelled_at IS NULL")
+        .bind(class_id)
+        .fetch_one(&mut db)
+        .await
+        .unwrap()
 }

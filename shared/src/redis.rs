@@ -19,7 +19,7 @@ pub enum RedisUnavailable {
     #[error("redis skipped after a recent failure")]
     CircuitOpen,
     /// The call failed (connection refused, timeout, ...).
-    #[error("redis error")]
+    #[error("redis error: {0}")]
     Failed(#[from] redis::RedisError),
 }
 
@@ -30,6 +30,10 @@ pub struct Redis {
     conn: OnceCell<ConnectionManager>,
     /// Unix ms until which calls skip Redis.
     open_until_ms: AtomicU64,
+    /// Unix ms of the last successful call: a timeout while others succeed
+    /// is overload, not an outage, and does not open the circuit.
+    last_ok_ms: AtomicU64,
+    timeout_ms: u64,
 }
 
 fn now_ms() -> u64 {
@@ -53,6 +57,8 @@ impl Redis {
             config,
             conn: OnceCell::new(),
             open_until_ms: AtomicU64::new(0),
+            last_ok_ms: AtomicU64::new(0),
+            timeout_ms: timeout.as_millis() as u64,
         })
     }
 
@@ -78,17 +84,27 @@ impl Redis {
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let conn = self.connection().await?;
-        f(conn).await.map_err(|e| {
-            // A script error is a bug, not an outage; only I/O trips the circuit.
-            if e.is_io_error()
-                || e.is_timeout()
-                || e.is_connection_dropped()
-                || e.is_connection_refusal()
-            {
-                self.trip();
+        match f(conn).await {
+            Ok(value) => {
+                self.last_ok_ms.store(now_ms(), Ordering::Relaxed);
+                Ok(value)
             }
-            RedisUnavailable::Failed(e)
-        })
+            Err(e) => {
+                // A script error is a bug, not an outage; a lost connection
+                // is; a timeout is only when nothing succeeded lately either
+                // (otherwise it is overload, and Redis is still the gate).
+                let silent = now_ms().saturating_sub(self.last_ok_ms.load(Ordering::Relaxed))
+                    > self.timeout_ms;
+                if e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || (e.is_timeout() && silent)
+                {
+                    self.trip();
+                }
+                Err(RedisUnavailable::Failed(e))
+            }
+        }
     }
 
     fn trip(&self) {

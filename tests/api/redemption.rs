@@ -17,95 +17,12 @@ use trainingkeys_proto::v1::redeem_key_response::Grant;
 use trainingkeys_proto::v1::redemption_service_client::RedemptionServiceClient;
 use trainingkeys_proto::v1::{self as pb};
 use trainingkeys_redemption::FaultPoint;
-use trainingkeys_tests::system::System;
+use trainingkeys_tests::system::{
+    System, active_rows, as_user, class, event_key, idem, org, users,
+};
 use trainingkeys_tests::{assert_status, eventually, reason};
 
 type Redeem = RedemptionServiceClient<Channel>;
-
-fn org() -> String {
-    format!("org-{}", uuid::Uuid::new_v4().simple())
-}
-
-fn idem() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
-/// A class of `max` students running from `start` to `end` (days from now).
-async fn class(
-    sys: &System,
-    org: &str,
-    max: i32,
-    start_days: i64,
-    end_days: i64,
-    lab_days: i32,
-) -> pb::Class {
-    let now = Utc::now();
-    sys.enrollment_client
-        .clone()
-        .create_class(pb::CreateClassRequest {
-            organization_id: org.into(),
-            title: "Herding cats".into(),
-            course_id: "CATS-1".into(),
-            start_time: Some(to_timestamp(now + chrono::Duration::days(start_days))),
-            end_time: Some(to_timestamp(now + chrono::Duration::days(end_days))),
-            max_students: max,
-            lab_access_days: lab_days,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .class
-        .unwrap()
-}
-
-async fn event_key(sys: &System, class_id: &str, after_end: bool) -> pb::Key {
-    sys.keys_client
-        .clone()
-        .set_event_key(pb::SetEventKeyRequest {
-            class_id: class_id.into(),
-            custom_code: String::new(),
-            redeemable_after_class_end: after_end,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .key
-        .unwrap()
-}
-
-async fn users(sys: &System, org: &str, n: usize) -> Vec<String> {
-    let mut ids = Vec::with_capacity(n);
-    for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
-        let batch = join_all(chunk.iter().map(|i| {
-            let mut c = sys.enrollment_client.clone();
-            let org = org.to_owned();
-            async move {
-                c.register_user(pb::RegisterUserRequest {
-                    organization_id: org,
-                    email: format!("student{i}@example.com"),
-                    display_name: format!("Student {i}"),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .user
-                .unwrap()
-                .user_id
-            }
-        }))
-        .await;
-        ids.extend(batch);
-    }
-    ids
-}
-
-fn as_user(code: &str, user_id: &str, idempotency_key: &str) -> pb::RedeemKeyRequest {
-    pb::RedeemKeyRequest {
-        code: code.into(),
-        redeemer: Some(Redeemer::UserId(user_id.into())),
-        idempotency_key: idempotency_key.into(),
-    }
-}
 
 async fn redeem(
     client: &mut Redeem,
@@ -151,15 +68,6 @@ async fn get_key(sys: &System, key_id: &str) -> pb::Key {
         .unwrap()
         .into_inner()
         .key
-        .unwrap()
-}
-
-async fn active_rows(sys: &System, class_id: &str) -> i64 {
-    let mut db = sys.db().await;
-    sqlx::query_scalar("SELECT count(*) FROM enrollment.enrollments WHERE class_id = $1::uuid AND cancelled_at IS NULL")
-        .bind(class_id)
-        .fetch_one(&mut db)
-        .await
         .unwrap()
 }
 
@@ -745,7 +653,7 @@ async fn herd_with_redis_flushed_half_way() {
 
 #[tokio::test]
 async fn herd_with_redis_stopped_half_way() {
-    let mut sys = System::start(3).await;
+    let sys = System::start(3).await;
     let org = org();
     let class = class(&sys, &org, 100, 1, 2, 0).await;
     let key = event_key(&sys, &class.class_id, false).await;

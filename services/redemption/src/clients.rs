@@ -1,6 +1,7 @@
-//! Calls to key-issuance and enrollment. Each carries the trace context, and
-//! each failure status is turned into a local [`Error`] by its reason, never
-//! passed through blindly.
+//! Calls to key-issuance and enrollment. Each carries the trace context, each
+//! failure status is turned into a local [`Error`] by its reason (never passed
+//! through blindly), and an outage (a refused stream when a connection ages
+//! out, a timeout) is retried: every call redemption makes is idempotent.
 
 use std::time::Duration;
 
@@ -67,6 +68,41 @@ fn from_status(service: &'static str, status: tonic::Status) -> Error {
     }
 }
 
+const KEYS: &str = "key-issuance";
+const ENROLLMENT: &str = "enrollment";
+
+/// Attempts per call when the peer is unavailable.
+const ATTEMPTS: u32 = 3;
+
+/// Runs an idempotent call on a clone of `client`, retrying outages with a
+/// short back-off.
+async fn call<C, R, T, F, Fut>(
+    service: &'static str,
+    client: &C,
+    request: R,
+    send: F,
+) -> Result<T, Error>
+where
+    C: Clone,
+    R: Clone,
+    F: Fn(C, R) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let mut attempt = 1;
+    loop {
+        match send(client.clone(), request.clone()).await {
+            Ok(response) => return Ok(response.into_inner()),
+            Err(status) => match from_status(service, status) {
+                Error::Unavailable(_) if attempt < ATTEMPTS => {
+                    tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+                    attempt += 1;
+                }
+                error => return Err(error),
+            },
+        }
+    }
+}
+
 impl Clients {
     /// Lazily connected clients; each call gives up after `timeout`.
     pub fn new(
@@ -93,13 +129,10 @@ impl Clients {
             code: code.to_owned(),
             user_id: opt(user_id),
         };
-        let r = self
-            .keys
-            .clone()
-            .resolve_key(request)
-            .await
-            .map_err(|s| from_status("key-issuance", s))?;
-        Ok(r.into_inner())
+        call(KEYS, &self.keys, request, |mut c, r| async move {
+            c.resolve_key(r).await
+        })
+        .await
     }
 
     /// ConsumeKey.
@@ -114,12 +147,11 @@ impl Clients {
             user_id: user_id.to_string(),
             redemption_id: redemption_id.to_string(),
         };
-        self.keys
-            .clone()
-            .consume_key(request)
-            .await
-            .map_err(|s| from_status("key-issuance", s))?;
-        Ok(())
+        call(KEYS, &self.keys, request, |mut c, r| async move {
+            c.consume_key(r).await
+        })
+        .await
+        .map(drop)
     }
 
     /// ReleaseKey (compensation; idempotent).
@@ -128,25 +160,26 @@ impl Clients {
             key_id: key_id.to_string(),
             redemption_id: redemption_id.to_string(),
         };
-        self.keys
-            .clone()
-            .release_key(request)
-            .await
-            .map_err(|s| from_status("key-issuance", s))?;
-        Ok(())
+        call(KEYS, &self.keys, request, |mut c, r| async move {
+            c.release_key(r).await
+        })
+        .await
+        .map(drop)
     }
 
     /// GetUser.
     pub async fn get_user(&self, user_id: Uuid) -> Result<pb::User, Error> {
-        let r = self
-            .enrollment
-            .clone()
-            .get_user(pb::GetUserRequest {
-                user_id: user_id.to_string(),
-            })
-            .await
-            .map_err(|s| from_status("enrollment", s))?;
-        r.into_inner().user.ok_or_else(|| missing("GetUser.user"))
+        let request = pb::GetUserRequest {
+            user_id: user_id.to_string(),
+        };
+        let r = call(
+            ENROLLMENT,
+            &self.enrollment,
+            request,
+            |mut c, r| async move { c.get_user(r).await },
+        )
+        .await?;
+        r.user.ok_or_else(|| missing("GetUser.user"))
     }
 
     /// RegisterUser: the user and whether it was created.
@@ -156,13 +189,13 @@ impl Clients {
             email: new.email.clone(),
             display_name: new.display_name.clone(),
         };
-        let r = self
-            .enrollment
-            .clone()
-            .register_user(request)
-            .await
-            .map_err(|s| from_status("enrollment", s))?;
-        let r = r.into_inner();
+        let r = call(
+            ENROLLMENT,
+            &self.enrollment,
+            request,
+            |mut c, r| async move { c.register_user(r).await },
+        )
+        .await?;
         Ok((
             r.user.ok_or_else(|| missing("RegisterUser.user"))?,
             r.created,
@@ -171,31 +204,32 @@ impl Clients {
 
     /// GetClass (current dates, maximum and seats).
     pub async fn get_class(&self, class_id: &str) -> Result<pb::Class, Error> {
-        let r = self
-            .enrollment
-            .clone()
-            .get_class(pb::GetClassRequest {
-                class_id: class_id.to_owned(),
-            })
-            .await
-            .map_err(|s| from_status("enrollment", s))?;
-        r.into_inner()
-            .class
-            .ok_or_else(|| missing("GetClass.class"))
+        let request = pb::GetClassRequest {
+            class_id: class_id.to_owned(),
+        };
+        let r = call(
+            ENROLLMENT,
+            &self.enrollment,
+            request,
+            |mut c, r| async move { c.get_class(r).await },
+        )
+        .await?;
+        r.class.ok_or_else(|| missing("GetClass.class"))
     }
 
     /// GetSubscriptionProfile.
     pub async fn get_profile(&self, profile_id: &str) -> Result<pb::SubscriptionProfile, Error> {
-        let r = self
-            .enrollment
-            .clone()
-            .get_subscription_profile(pb::GetSubscriptionProfileRequest {
-                profile_id: profile_id.to_owned(),
-            })
-            .await
-            .map_err(|s| from_status("enrollment", s))?;
-        r.into_inner()
-            .profile
+        let request = pb::GetSubscriptionProfileRequest {
+            profile_id: profile_id.to_owned(),
+        };
+        let r = call(
+            ENROLLMENT,
+            &self.enrollment,
+            request,
+            |mut c, r| async move { c.get_subscription_profile(r).await },
+        )
+        .await?;
+        r.profile
             .ok_or_else(|| missing("GetSubscriptionProfile.profile"))
     }
 
@@ -211,13 +245,13 @@ impl Clients {
             user_id: user_id.to_string(),
             source_key_id: key_id.to_string(),
         };
-        let r = self
-            .enrollment
-            .clone()
-            .enroll(request)
-            .await
-            .map_err(|s| from_status("enrollment", s))?;
-        let r = r.into_inner();
+        let r = call(
+            ENROLLMENT,
+            &self.enrollment,
+            request,
+            |mut c, r| async move { c.enroll(r).await },
+        )
+        .await?;
         Ok((
             r.enrollment.ok_or_else(|| missing("Enroll.enrollment"))?,
             r.already_enrolled,
@@ -236,13 +270,13 @@ impl Clients {
             user_id: user_id.to_string(),
             source_key_id: key_id.to_string(),
         };
-        let r = self
-            .enrollment
-            .clone()
-            .assign_subscription(request)
-            .await
-            .map_err(|s| from_status("enrollment", s))?;
-        let r = r.into_inner();
+        let r = call(
+            ENROLLMENT,
+            &self.enrollment,
+            request,
+            |mut c, r| async move { c.assign_subscription(r).await },
+        )
+        .await?;
         Ok((
             r.subscription
                 .ok_or_else(|| missing("AssignSubscription.subscription"))?,
@@ -250,24 +284,38 @@ impl Clients {
         ))
     }
 
+    /// One page of a class's active roster (optionally one user's seat).
+    async fn roster_page(
+        &self,
+        class_id: &str,
+        user_id: Option<Uuid>,
+        page_size: i32,
+        page_token: String,
+    ) -> Result<pb::ListEnrollmentsResponse, Error> {
+        let request = pb::ListEnrollmentsRequest {
+            class_id: class_id.to_owned(),
+            user_id: opt(user_id),
+            page_size,
+            page_token,
+            include_cancelled: false,
+        };
+        call(
+            ENROLLMENT,
+            &self.enrollment,
+            request,
+            |mut c, r| async move { c.list_enrollments(r).await },
+        )
+        .await
+    }
+
     /// The user ids holding a seat in a class (the whole roster, all pages).
     pub async fn roster(&self, class_id: Uuid) -> Result<Vec<String>, Error> {
         let mut users = Vec::new();
         let mut page_token = String::new();
         loop {
-            let request = pb::ListEnrollmentsRequest {
-                class_id: class_id.to_string(),
-                page_size: 1000,
-                page_token,
-                ..Default::default()
-            };
             let page = self
-                .enrollment
-                .clone()
-                .list_enrollments(request)
-                .await
-                .map_err(|s| from_status("enrollment", s))?
-                .into_inner();
+                .roster_page(&class_id.to_string(), None, 1000, page_token)
+                .await?;
             users.extend(page.enrollments.into_iter().map(|e| e.user_id));
             if page.next_page_token.is_empty() {
                 return Ok(users);
@@ -278,19 +326,10 @@ impl Clients {
 
     /// Whether the user holds an active seat in the class.
     pub async fn is_enrolled(&self, class_id: &str, user_id: Uuid) -> Result<bool, Error> {
-        let request = pb::ListEnrollmentsRequest {
-            class_id: class_id.to_owned(),
-            user_id: user_id.to_string(),
-            page_size: 1,
-            ..Default::default()
-        };
         let page = self
-            .enrollment
-            .clone()
-            .list_enrollments(request)
-            .await
-            .map_err(|s| from_status("enrollment", s))?;
-        Ok(!page.into_inner().enrollments.is_empty())
+            .roster_page(class_id, Some(user_id), 1, String::new())
+            .await?;
+        Ok(!page.enrollments.is_empty())
     }
 
     /// Whether the user holds an unexpired subscription of the profile.
@@ -302,13 +341,13 @@ impl Clients {
                 page_size: 1000,
                 page_token,
             };
-            let page = self
-                .enrollment
-                .clone()
-                .list_subscriptions(request)
-                .await
-                .map_err(|s| from_status("enrollment", s))?
-                .into_inner();
+            let page = call(
+                ENROLLMENT,
+                &self.enrollment,
+                request,
+                |mut c, r| async move { c.list_subscriptions(r).await },
+            )
+            .await?;
             if page
                 .subscriptions
                 .iter()

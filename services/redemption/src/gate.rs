@@ -39,6 +39,8 @@ pub enum Admission {
 pub struct Gate {
     redis: Arc<Redis>,
     enabled: bool,
+    /// Rebuild missing state from enrollment (only tests turn this off).
+    rebuild_enabled: bool,
     hold: Duration,
     state_ttl: Duration,
     admit: Script,
@@ -63,10 +65,17 @@ fn keys(class_id: Uuid) -> [String; 4] {
 
 impl Gate {
     /// A gate on `redis`; `enabled = false` bypasses it entirely.
-    pub fn new(redis: Arc<Redis>, enabled: bool, hold: Duration, state_ttl: Duration) -> Self {
+    pub fn new(
+        redis: Arc<Redis>,
+        enabled: bool,
+        hold: Duration,
+        state_ttl: Duration,
+        rebuild: bool,
+    ) -> Self {
         Self {
             redis,
             enabled,
+            rebuild_enabled: rebuild,
             hold,
             state_ttl,
             admit: Script::new(include_str!("lua/gate_admit.lua")),
@@ -124,7 +133,13 @@ impl Gate {
                 _missing => {}
             }
             if let Some(fetch) = roster.take() {
-                match self.try_rebuild(class_id, fetch).await {
+                let rebuilt = if self.rebuild_enabled {
+                    self.try_rebuild(class_id, fetch).await
+                } else {
+                    self.try_rebuild(class_id, || async { Ok(Vec::new()) })
+                        .await
+                };
+                match rebuilt {
                     Ok(_) => continue,
                     Err(e) => return self.bypass(class_id, &e),
                 }
@@ -239,7 +254,7 @@ impl Gate {
         R: Fn(Uuid) -> Fut,
         Fut: Future<Output = Result<Vec<String>, Error>>,
     {
-        if !self.enabled {
+        if !self.enabled || !self.rebuild_enabled {
             return 0;
         }
         let dirty: Vec<Uuid> = self

@@ -66,7 +66,7 @@ pub struct Config {
     pub redis_url: String,
 
     /// Milliseconds before a Redis command gives up.
-    #[arg(long, env = "REDIS_TIMEOUT_MS", default_value_t = 250)]
+    #[arg(long, env = "REDIS_TIMEOUT_MS", default_value_t = 500)]
     pub redis_timeout_ms: u64,
 
     /// Use the Redis admission gate (false: PostgreSQL guard only, for comparison).
@@ -110,6 +110,17 @@ pub struct Config {
     #[arg(long, env = "RECOVERY_INTERVAL_SECONDS", default_value_t = 5)]
     pub recovery_interval_seconds: u64,
 
+    /// Test-only: never rebuild a class's gate state from enrollment (missing
+    /// state is taken as empty), to show that the chaos checker catches a gate
+    /// that disagrees with PostgreSQL.
+    #[arg(
+        long,
+        env = "GATE_REBUILD_DISABLED",
+        hide = true,
+        default_value_t = false
+    )]
+    pub gate_rebuild_disabled: bool,
+
     /// Test-only fault injection.
     #[arg(long, env = "REDEMPTION_FAULT", hide = true)]
     pub fault: Option<FaultPoint>,
@@ -132,7 +143,7 @@ impl Config {
             enrollment_url,
             key_issuance_url,
             redis_url,
-            redis_timeout_ms: 250,
+            redis_timeout_ms: 500,
             gate_enabled: true,
             gate_hold_seconds: 30,
             gate_state_ttl_seconds: 60,
@@ -143,6 +154,7 @@ impl Config {
             recovery_after_seconds: 30,
             recovery_interval_seconds: 5,
             fault: None,
+            gate_rebuild_disabled: false,
             common,
         }
     }
@@ -190,6 +202,7 @@ impl Application {
             config.gate_enabled,
             Duration::from_secs(config.gate_hold_seconds),
             Duration::from_secs(config.gate_state_ttl_seconds),
+            !config.gate_rebuild_disabled,
         );
         let limiter = limiter::Limiter::new(
             redis,

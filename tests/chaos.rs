@@ -1,0 +1,263 @@
+//! The fault-injection harness: a herd of redemptions through the system
+//! while a fault strikes, every attempt's outcome recorded per idempotency
+//! key (ok / failed with a reason / unknown after retries), and a checker of
+//! the invariants of DESIGN.md over PostgreSQL and Redis once things settle.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::time::Duration;
+
+use tonic::Code;
+use trainingkeys_proto::v1 as pb;
+
+use crate::system::{System, as_user, idem};
+
+/// How one redemption attempt ended, as its client saw it.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Acknowledged: the seat must be in PostgreSQL.
+    Ok(Box<pb::RedeemKeyResponse>),
+    /// A final answer (e.g. CLASS_FULL): nothing may be left taken.
+    Failed(Code, String),
+    /// No final answer, even after retries with the same idempotency key.
+    Unknown(String),
+}
+
+/// One student's attempt.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub user_id: String,
+    pub idempotency_key: String,
+    pub outcome: Outcome,
+}
+
+/// Answers a client retries with the same idempotency key.
+fn retryable(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable
+            | Code::Aborted
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::Unknown
+            | Code::Internal
+    )
+}
+
+/// Every user redeems `code` once (one idempotency key each), retrying
+/// outages on the next replica; `fault` runs when a third of the answers
+/// are in. `deadline` bounds each call, like a real client's.
+pub async fn herd<F, Fut>(
+    sys: &System,
+    code: &str,
+    users: &[String],
+    deadline: Duration,
+    fault: F,
+) -> Vec<Attempt>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let handles: Vec<_> = users
+        .iter()
+        .enumerate()
+        .map(|(i, user)| {
+            let clients: Vec<_> = (0..sys.redeem_clients.len())
+                .map(|r| sys.redeem(i + r))
+                .collect();
+            let key = idem();
+            let request = as_user(code, user, &key);
+            let user = user.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut last = String::new();
+                let mut outcome = None;
+                for attempt in 0..40 {
+                    let mut client = clients[attempt % clients.len()].clone();
+                    let mut call = tonic::Request::new(request.clone());
+                    call.set_timeout(deadline);
+                    match client.redeem_key(call).await {
+                        Ok(r) => {
+                            outcome = Some(Outcome::Ok(Box::new(r.into_inner())));
+                            break;
+                        }
+                        Err(s) if retryable(&s) => {
+                            last = format!("{:?} {}", s.code(), s.message());
+                            tokio::time::sleep(Duration::from_millis(100 + 50 * attempt as u64))
+                                .await;
+                        }
+                        Err(s) => {
+                            outcome = Some(Outcome::Failed(s.code(), crate::reason(&s)));
+                            break;
+                        }
+                    }
+                }
+                let _ = tx.send(());
+                Attempt {
+                    user_id: user,
+                    idempotency_key: key,
+                    outcome: outcome.unwrap_or(Outcome::Unknown(last)),
+                }
+            })
+        })
+        .collect();
+    drop(tx);
+    for _ in 0..users.len() / 3 {
+        rx.recv().await;
+    }
+    fault().await;
+    let mut attempts = Vec::with_capacity(handles.len());
+    for h in handles {
+        attempts.push(h.await.expect("attempt task"));
+    }
+    attempts
+}
+
+/// Checks the invariants after the herd, once recovery has had time to
+/// settle: returns every violation found (empty = all hold).
+pub async fn check(
+    sys: &System,
+    class_id: &str,
+    max: i32,
+    attempts: &[Attempt],
+    settle: Duration,
+) -> Vec<String> {
+    let mut violations = Vec::new();
+    let mut db = sys.db().await;
+
+    // Unfinished redemptions are finished or compensated by recovery.
+    let settled = crate::eventually(settle, || async {
+        let mut db = sys.db().await;
+        let open: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM redemption.redemptions WHERE state = 'admitted'",
+        )
+        .fetch_one(&mut db)
+        .await
+        .unwrap_or(-1);
+        open == 0
+    })
+    .await;
+    if !settled {
+        violations.push("redemptions left half-way after settling".to_owned());
+    }
+
+    let roster: Vec<String> = sqlx::query_scalar(
+        "SELECT user_id::text FROM enrollment.enrollments WHERE class_id = $1::uuid AND cancelled_at IS NULL",
+    )
+    .bind(class_id)
+    .fetch_all(&mut db)
+    .await
+    .unwrap_or_default();
+    let seat_count: i32 = sqlx::query_scalar(
+        "SELECT enrolled_count FROM enrollment.classes WHERE class_id = $1::uuid",
+    )
+    .bind(class_id)
+    .fetch_one(&mut db)
+    .await
+    .unwrap_or(-1);
+    let enrolled: HashSet<&str> = roster.iter().map(String::as_str).collect();
+
+    // 1. Never more than the maximum.
+    if roster.len() > max as usize || seat_count > max {
+        violations.push(format!(
+            "oversold: {} roster rows, seat count {seat_count}, maximum {max}",
+            roster.len()
+        ));
+    }
+    if seat_count != roster.len() as i32 {
+        violations.push(format!(
+            "seat count {seat_count} differs from {} roster rows",
+            roster.len()
+        ));
+    }
+    // 2. At most once per student.
+    if enrolled.len() != roster.len() {
+        violations.push(format!(
+            "{} students hold two seats",
+            roster.len() - enrolled.len()
+        ));
+    }
+    // 3. Every acknowledged redemption is committed; 4. no final failure left a seat.
+    let mut by_user: HashMap<&str, &Attempt> = HashMap::new();
+    for a in attempts {
+        by_user.insert(a.user_id.as_str(), a);
+        match &a.outcome {
+            Outcome::Ok(_) if !enrolled.contains(a.user_id.as_str()) => {
+                violations.push(format!(
+                    "acknowledged redemption {} is not in PostgreSQL",
+                    a.idempotency_key
+                ));
+            }
+            Outcome::Failed(code, reason) if enrolled.contains(a.user_id.as_str()) => {
+                violations.push(format!(
+                    "failed redemption ({code:?} {reason}) left a seat for {}",
+                    a.user_id
+                ));
+            }
+            _ => {}
+        }
+    }
+    // A sold-out class sells every seat, unless answers were lost.
+    let ok = attempts
+        .iter()
+        .filter(|a| matches!(a.outcome, Outcome::Ok(_)))
+        .count();
+    if ok > max as usize {
+        violations.push(format!("{ok} acknowledged redemptions for {max} seats"));
+    }
+
+    // 5. After settling, Redis agrees with PostgreSQL: confirmed seats are the
+    // roster, and no unexpired hold is left.
+    let confirmed_key = format!("{{class:{class_id}}}:confirmed");
+    let holds_key = format!("{{class:{class_id}}}:holds");
+    let agrees = crate::eventually(settle, || async {
+        let confirmed: Vec<String> = sys
+            .redis
+            .cmd(&["SMEMBERS", &confirmed_key])
+            .await
+            .unwrap_or_default();
+        let now: Vec<String> = sys.redis.cmd(&["TIME"]).await.unwrap_or_default();
+        let now_ms = now.first().and_then(|s| s.parse::<u64>().ok()).unwrap_or(0) * 1000;
+        let live_holds: i64 = sys
+            .redis
+            .cmd(&["ZCOUNT", &holds_key, &format!("({now_ms}"), "+inf"])
+            .await
+            .unwrap_or(-1);
+        let confirmed: HashSet<&str> = confirmed.iter().map(String::as_str).collect();
+        confirmed == enrolled && live_holds == 0
+    })
+    .await;
+    if !agrees {
+        let confirmed: Vec<String> = sys
+            .redis
+            .cmd(&["SMEMBERS", &confirmed_key])
+            .await
+            .unwrap_or_default();
+        violations.push(format!(
+            "Redis disagrees with PostgreSQL after settling: {} confirmed in Redis, {} enrolled",
+            confirmed.len(),
+            enrolled.len()
+        ));
+    }
+    violations
+}
+
+/// A one-line summary of the outcomes, for failure messages and logs.
+pub fn summary(attempts: &[Attempt]) -> String {
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for a in attempts {
+        let key = match &a.outcome {
+            Outcome::Ok(_) => "ok".to_owned(),
+            Outcome::Failed(code, reason) => format!("{code:?} {reason}"),
+            Outcome::Unknown(last) => format!("unknown ({last})"),
+        };
+        *counts.entry(key).or_default() += 1;
+    }
+    let mut parts: Vec<_> = counts
+        .into_iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect();
+    parts.sort();
+    parts.join(", ")
+}
