@@ -154,11 +154,23 @@ async fn the_checker_catches_a_gate_whose_rebuild_is_disabled() {
         c.gate_rebuild_disabled = true;
     })
     .await;
-    let (class_id, attempts) = run(&sys, DEADLINE, || async {
-        let _: String = sys.redis.cmd(&["FLUSHALL"]).await.unwrap();
-    })
+    let org = org();
+    let class = class(&sys, &org, MAX, 1, 2, 0).await;
+    let key = event_key(&sys, &class.class_id, false).await;
+    let students = users(&sys, &org, students()).await;
+    let mut attempts = chaos::herd(&sys, &key.code, &students, DEADLINE, || async {}).await;
+    // Redis loses everything; without a rebuild the gate starts from empty.
+    let _: String = sys.redis.cmd(&["FLUSHALL"]).await.unwrap();
+    let late = users(&sys, &org, 1).await;
+    attempts.extend(chaos::herd(&sys, &key.code, &late, DEADLINE, || async {}).await);
+    let violations = chaos::check(
+        &sys,
+        &class.class_id,
+        MAX,
+        &attempts,
+        Duration::from_secs(3),
+    )
     .await;
-    let violations = chaos::check(&sys, &class_id, MAX, &attempts, Duration::from_secs(3)).await;
     // PostgreSQL still refuses the oversell; the gate's drift is caught.
     assert!(
         !violations.iter().any(|v| v.starts_with("oversold")),

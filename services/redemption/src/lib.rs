@@ -5,6 +5,7 @@
 //! redemptions a crash left half-way.
 
 pub mod clients;
+pub mod coalesce;
 pub mod domain;
 pub mod error;
 pub mod gate;

@@ -25,11 +25,15 @@ use uuid::Uuid;
 
 use crate::FaultPoint;
 use crate::clients::Clients;
+use crate::coalesce::Coalesce;
 use crate::domain::{self, RedeemCommand, Who, peer_id};
 use crate::error::Error;
 use crate::gate::{Admission, Gate};
 use crate::limiter::{Limiter, caller_key, user_key};
 use crate::store::{Record, Store};
+
+/// How long an event key's ResolveKey answer is reused.
+const EVENT_KEY_KEEP: Duration = Duration::from_secs(1);
 
 /// Tunables of the flow.
 pub struct Settings {
@@ -55,6 +59,10 @@ pub struct Redeemer {
     limiter: Limiter,
     settings: Settings,
     in_flight: Mutex<HashMap<String, InFlight>>,
+    /// ResolveKey answers by code (event keys kept briefly).
+    resolved: Coalesce<String, pb::ResolveKeyResponse>,
+    /// GetClass answers by class id (in-flight calls shared).
+    classes: Coalesce<String, pb::Class>,
 }
 
 impl Redeemer {
@@ -73,6 +81,8 @@ impl Redeemer {
             limiter,
             settings,
             in_flight: Mutex::new(HashMap::new()),
+            resolved: Coalesce::new(EVENT_KEY_KEEP),
+            classes: Coalesce::new(Duration::ZERO),
         }
     }
 
@@ -159,20 +169,20 @@ impl Redeemer {
         cmd: &RedeemCommand,
         counters: &[String],
     ) -> Result<pb::RedeemKeyResponse, Error> {
-        let existing_user = match &cmd.who {
-            Who::Existing(id) => Some(*id),
-            Who::New(_) => None,
+        let resolved = self.resolve(&cmd.code, counters).await?;
+        // An existing user is looked up only once admitted: a full class turns
+        // the herd away after one Redis call, without a call for each user.
+        let (user, user_id, user_created) = match &cmd.who {
+            Who::Existing(id) => (None, *id, false),
+            Who::New(new) => {
+                let (user, created) = self.clients.register_user(new).await?;
+                let id = peer_id("user_id", &user.user_id)?;
+                (Some(user), id, created)
+            }
         };
-        let mut resolved = self.resolve(&cmd.code, existing_user, counters).await?;
-        let (user, user_created) = match &cmd.who {
-            Who::Existing(id) => (self.clients.get_user(*id).await?, false),
-            Who::New(new) => self.clients.register_user(new).await?,
-        };
-        let user_id = peer_id("user_id", &user.user_id)?;
-        if existing_user.is_none() && !user_created {
-            // A returning user: ask whether they already used the key.
-            resolved = self.resolve(&cmd.code, Some(user_id), counters).await?;
-        }
+        let resolved = self
+            .with_user(resolved, &cmd.code, user_id, counters)
+            .await?;
         let key = resolved
             .key
             .clone()
@@ -183,7 +193,7 @@ impl Redeemer {
         let (target_id, class) = match kind {
             pb::KeyKind::Subscription => (peer_id("profile_id", &key.profile_id)?, None),
             _ => {
-                let class = self.clients.get_class(&key.class_id).await?;
+                let class = self.class(&key.class_id).await?;
                 (peer_id("class_id", &class.class_id)?, Some(class))
             }
         };
@@ -201,6 +211,18 @@ impl Redeemer {
         if admission == Admission::Full {
             return Err(Error::ClassFull);
         }
+        let user = match user {
+            Some(user) => user,
+            None => match self.clients.get_user(user_id).await {
+                Ok(user) => user,
+                Err(e) => {
+                    if admission == Admission::Admitted {
+                        self.gate.settle(target_id, user_id, false).await;
+                    }
+                    return Err(e);
+                }
+            },
+        };
 
         let record = Record {
             redemption_id: Uuid::now_v7(),
@@ -240,19 +262,66 @@ impl Redeemer {
     }
 
     /// ResolveKey; unknown and mistyped codes count as failed attempts.
+    /// Concurrent look-ups of one code share a call, and an event key's
+    /// answer is kept for a second (the hot key of a herd; a revocation
+    /// takes effect within that second).
     async fn resolve(
         &self,
         code: &str,
-        user: Option<Uuid>,
         counters: &[String],
     ) -> Result<pb::ResolveKeyResponse, Error> {
-        match self.clients.resolve_key(code, user).await {
+        let clients = self.clients.clone();
+        let owned = code.to_owned();
+        let fetch = async move { clients.resolve_key(&owned, None).await };
+        let is_event = |r: &pb::ResolveKeyResponse| {
+            r.key
+                .as_ref()
+                .is_some_and(|k| k.kind == pb::KeyKind::Event as i32)
+        };
+        match self.resolved.get(code.to_owned(), fetch, is_event).await {
             Err(e @ (Error::KeyMistyped | Error::KeyNotFound)) => {
                 self.limiter.record_failure(counters).await;
                 Err(e)
             }
             other => other,
         }
+    }
+
+    /// Whether this user used the key matters only once it is used up: then
+    /// ask again, for this user.
+    async fn with_user(
+        &self,
+        resolved: pb::ResolveKeyResponse,
+        code: &str,
+        user_id: Uuid,
+        counters: &[String],
+    ) -> Result<pb::ResolveKeyResponse, Error> {
+        match &resolved.key {
+            Some(k) if k.max_uses > 0 && k.uses >= k.max_uses => {
+                match self.clients.resolve_key(code, Some(user_id)).await {
+                    Err(e @ (Error::KeyMistyped | Error::KeyNotFound)) => {
+                        self.limiter.record_failure(counters).await;
+                        Err(e)
+                    }
+                    other => other,
+                }
+            }
+            _ => Ok(resolved),
+        }
+    }
+
+    /// GetClass; concurrent look-ups of one class share a call (nothing is
+    /// kept, so a changed maximum or schedule counts at once).
+    async fn class(&self, class_id: &str) -> Result<pb::Class, Error> {
+        let clients = self.clients.clone();
+        let owned = class_id.to_owned();
+        self.classes
+            .get(
+                class_id.to_owned(),
+                async move { clients.get_class(&owned).await },
+                |_| false,
+            )
+            .await
     }
 
     /// Takes a recorded redemption to its end: completed, or compensated and
@@ -457,7 +526,14 @@ impl Redeemer {
         let mut counters = vec![caller_key(caller)];
         counters.extend(user_id.map(|u| user_key(&u.to_string())));
         self.limiter.check(&counters).await?;
-        let resolved = match self.resolve(code, user_id, &counters).await {
+        let looked_up = match user_id {
+            Some(user) => match self.resolve(code, &counters).await {
+                Ok(r) => self.with_user(r, code, user, &counters).await,
+                Err(e) => Err(e),
+            },
+            None => self.resolve(code, &counters).await,
+        };
+        let resolved = match looked_up {
             Ok(r) => r,
             Err(e @ (Error::KeyMistyped | Error::KeyNotFound)) => {
                 return Ok(pb::ValidateKeyResponse {
@@ -495,7 +571,7 @@ impl Redeemer {
             }
             (None, None)
         } else {
-            let class = self.clients.get_class(&key.class_id).await?;
+            let class = self.class(&key.class_id).await?;
             if let Some(user) = user_id {
                 response.already_held_by_user =
                     self.clients.is_enrolled(&class.class_id, user).await?;

@@ -1,0 +1,143 @@
+//! Look-ups that many concurrent redemptions share: concurrent requests for
+//! the same key wait on one call, and a result may be kept for a short time
+//! (zero keeps nothing: only calls already in flight are shared, so nothing
+//! read is older than the call that read it).
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt as _;
+use futures::future::{BoxFuture, Shared};
+
+use crate::error::Error;
+
+type Pending<V> = Shared<BoxFuture<'static, Result<V, Error>>>;
+
+enum Entry<V> {
+    /// A call in flight that later callers join.
+    Pending(Pending<V>),
+    /// A result kept until the instant.
+    Ready(V, Instant),
+}
+
+/// A coalescing, briefly caching map of look-ups.
+pub struct Coalesce<K, V> {
+    keep: Duration,
+    entries: Arc<Mutex<HashMap<K, Entry<V>>>>,
+}
+
+impl<K, V> Coalesce<K, V>
+where
+    K: Eq + Hash + Clone + Send + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// Results are kept for `keep` (zero: only in-flight calls are shared).
+    pub fn new(keep: Duration) -> Self {
+        Self {
+            keep,
+            entries: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// The value for `key`: kept, joined, or fetched by `fetch`. `keep_it`
+    /// says whether a fetched value may be kept (errors never are). The
+    /// bookkeeping runs inside the shared call, so it happens even if the
+    /// caller that started it goes away.
+    pub async fn get<F, P>(&self, key: K, fetch: F, keep_it: P) -> Result<V, Error>
+    where
+        F: Future<Output = Result<V, Error>> + Send + 'static,
+        P: Fn(&V) -> bool + Send + 'static,
+    {
+        let pending = {
+            let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+            match entries.get(&key) {
+                Some(Entry::Ready(value, until)) if Instant::now() < *until => {
+                    return Ok(value.clone());
+                }
+                Some(Entry::Pending(pending)) => pending.clone(),
+                _ => {
+                    let (map, keep, k) = (self.entries.clone(), self.keep, key.clone());
+                    let pending = async move {
+                        let result = fetch.await;
+                        let mut entries = map.lock().unwrap_or_else(PoisonError::into_inner);
+                        match &result {
+                            Ok(value) if !keep.is_zero() && keep_it(value) => {
+                                entries
+                                    .insert(k, Entry::Ready(value.clone(), Instant::now() + keep));
+                            }
+                            _ => {
+                                entries.remove(&k);
+                            }
+                        }
+                        // Expired entries go when the map grows: it holds hot keys only.
+                        if entries.len() > 10_000 {
+                            let now = Instant::now();
+                            entries.retain(|_, e| match e {
+                                Entry::Pending(_) => true,
+                                Entry::Ready(_, until) => *until > now,
+                            });
+                        }
+                        result
+                    }
+                    .boxed()
+                    .shared();
+                    entries.insert(key, Entry::Pending(pending.clone()));
+                    pending
+                }
+            }
+        };
+        pending.await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn concurrent_lookups_share_one_call_and_errors_are_not_kept() {
+        let cache: Arc<Coalesce<u32, u32>> = Arc::new(Coalesce::new(Duration::ZERO));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let lookups = (0..50).map(|_| {
+            let (cache, calls) = (cache.clone(), calls.clone());
+            tokio::spawn(async move {
+                let fetch = async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Ok(7)
+                };
+                cache.get(1, fetch, |_| true).await
+            })
+        });
+        for l in futures::future::join_all(lookups).await {
+            assert_eq!(l.unwrap().unwrap(), 7);
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // Nothing kept with a zero keep: the next look-up calls again.
+        let again = cache.get(1, async { Ok(8) }, |_| true).await.unwrap();
+        assert_eq!(again, 8);
+        assert!(
+            cache
+                .get(2, async { Err(Error::KeyNotFound) }, |_| true)
+                .await
+                .is_err()
+        );
+        assert_eq!(cache.get(2, async { Ok(3) }, |_| true).await.unwrap(), 3);
+    }
+
+    #[tokio::test]
+    async fn kept_values_expire() {
+        let cache: Coalesce<u32, u32> = Coalesce::new(Duration::from_millis(30));
+        assert_eq!(cache.get(1, async { Ok(1) }, |_| true).await.unwrap(), 1);
+        assert_eq!(cache.get(1, async { Ok(2) }, |_| true).await.unwrap(), 1);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert_eq!(cache.get(1, async { Ok(3) }, |_| true).await.unwrap(), 3);
+        // A value `keep_it` refuses is not kept.
+        assert_eq!(cache.get(9, async { Ok(0) }, |v| *v > 0).await.unwrap(), 0);
+        assert_eq!(cache.get(9, async { Ok(5) }, |v| *v > 0).await.unwrap(), 5);
+    }
+}
