@@ -7,3 +7,4 @@ mod enrollment;
 mod health;
 mod key_issuance;
 mod redemption;
+mod traces;

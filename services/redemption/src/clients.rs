@@ -61,11 +61,23 @@ fn from_status(service: &'static str, status: tonic::Status) -> Error {
             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::ResourceExhausted,
             _,
         ) => Error::Unavailable(service),
+        // Transport trouble surfaces without a reason: a stream refused by a
+        // connection that is going away, a reset, a broken connection.
+        (Code::Internal | Code::Unknown, "") if is_transport_error(status.message()) => {
+            Error::Unavailable(service)
+        }
         _ => Error::Upstream {
             service,
             message: format!("{:?}: {}", status.code(), status.message()),
         },
     }
+}
+
+/// Messages tonic gives statuses made from transport errors (no ErrorInfo).
+fn is_transport_error(message: &str) -> bool {
+    ["h2 protocol error", "transport error", "connection"]
+        .iter()
+        .any(|m| message.contains(m))
 }
 
 const KEYS: &str = "key-issuance";
@@ -369,4 +381,26 @@ fn opt(id: Option<Uuid>) -> String {
 
 fn missing(what: &str) -> Error {
     Error::Internal(format!("{what} missing from the response"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_errors_are_outages_and_reasons_are_kept() {
+        let refused = tonic::Status::internal("h2 protocol error: http2 error");
+        assert!(matches!(
+            from_status(ENROLLMENT, refused),
+            Error::Unavailable(ENROLLMENT)
+        ));
+        let bug = tonic::Status::internal("internal error");
+        assert!(matches!(
+            from_status(ENROLLMENT, bug),
+            Error::Upstream { .. }
+        ));
+        let full =
+            trainingkeys_shared::error::status(Code::ResourceExhausted, "CLASS_FULL", "full");
+        assert!(matches!(from_status(ENROLLMENT, full), Error::ClassFull));
+    }
 }

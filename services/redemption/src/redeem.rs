@@ -19,6 +19,7 @@ use chrono::Utc;
 use futures::FutureExt as _;
 use futures::future::{BoxFuture, Shared};
 use prost::Message as _;
+use tracing::Instrument as _;
 use trainingkeys_proto::v1 as pb;
 use trainingkeys_proto::v1::redeem_key_response::Grant;
 use uuid::Uuid;
@@ -138,14 +139,19 @@ impl Redeemer {
         let key = cmd.idempotency_key.clone();
         let request = cmd.request.clone();
         let this = self.clone();
-        let task = tokio::spawn(async move {
-            let result = this.execute(&cmd, &counters).await;
-            this.in_flight
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&cmd.idempotency_key);
-            result
-        });
+        // The task carries the caller's span, so its calls to the other
+        // services stay in the caller's trace.
+        let task = tokio::spawn(
+            async move {
+                let result = this.execute(&cmd, &counters).await;
+                this.in_flight
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&cmd.idempotency_key);
+                result
+            }
+            .instrument(tracing::Span::current()),
+        );
         let outcome = task
             .map(|joined| {
                 joined.unwrap_or_else(|e| {

@@ -1,0 +1,86 @@
+//! One trace per redemption: the W3C trace context travels in gRPC metadata
+//! from redemption to key-issuance and enrollment, so an OpenTelemetry
+//! backend shows redeem → resolve → consume → enroll as one trace. The spans
+//! are recorded in memory by a test exporter.
+
+use std::sync::{Arc, Mutex};
+
+use opentelemetry::trace::{TraceId, TracerProvider as _};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+use tracing_subscriber::layer::SubscriberExt as _;
+use trainingkeys_proto::v1 as pb;
+use trainingkeys_tests::system::{System, as_user, class, idem, org, users};
+
+/// Keeps (span name, trace id) of every finished span.
+#[derive(Debug, Clone, Default)]
+struct Recorder(Arc<Mutex<Vec<(String, TraceId)>>>);
+
+impl SpanExporter for Recorder {
+    fn export(&self, batch: Vec<SpanData>) -> impl Future<Output = OTelSdkResult> + Send {
+        let mut spans = self.0.lock().unwrap();
+        spans.extend(
+            batch
+                .into_iter()
+                .map(|s| (s.name.to_string(), s.span_context.trace_id())),
+        );
+        std::future::ready(Ok(()))
+    }
+}
+
+#[tokio::test]
+async fn a_redemption_is_one_trace_across_the_three_services() {
+    let recorder = Recorder::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(recorder.clone())
+        .build();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("tests")));
+    tracing::subscriber::set_global_default(subscriber)
+        .expect("the test process's only subscriber");
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
+
+    let sys = System::start(1).await;
+    let org = org();
+    let class = class(&sys, &org, 5, 1, 2, 0).await;
+    let keys = sys
+        .keys_client
+        .clone()
+        .generate_class_enrollment_keys(pb::GenerateClassEnrollmentKeysRequest {
+            class_id: class.class_id.clone(),
+            count: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    let user = users(&sys, &org, 1).await.remove(0);
+    sys.redeem(0)
+        .redeem_key(as_user(&keys[0].code, &user, &idem()))
+        .await
+        .unwrap();
+    let _ = provider.force_flush();
+
+    let spans = recorder.0.lock().unwrap().clone();
+    let trace_of = |name: &str| {
+        spans
+            .iter()
+            .filter(|(n, _)| n.ends_with(name))
+            .map(|(_, t)| *t)
+            .collect::<Vec<_>>()
+    };
+    let redeem = trace_of("RedemptionService/RedeemKey");
+    assert_eq!(redeem.len(), 1, "spans: {spans:?}");
+    for step in [
+        "KeyIssuanceService/ResolveKey",
+        "KeyIssuanceService/ConsumeKey",
+        "EnrollmentService/Enroll",
+    ] {
+        assert!(
+            trace_of(step).contains(&redeem[0]),
+            "{step} is not in the redemption's trace: {spans:?}"
+        );
+    }
+}
