@@ -3,6 +3,7 @@
 # `make test` use, and writes their URLs to .run/env.
 #   scripts/env.sh up     install what is missing, start what is not running
 #   scripts/env.sh down   stop what `up` started
+#   scripts/env.sh restart-pg   crash-restart the throwaway PostgreSQL (chaos tests)
 # Given DATABASE_URL / REDIS_URL in the environment, it uses those instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,7 @@ as_pg() {
 install_missing() {
   local missing=()
   command -v redis-server >/dev/null || missing+=(redis-server)
+  command -v haproxy >/dev/null || missing+=(haproxy)
   [ -x "$PG_BIN/postgres" ] || missing+=(postgresql-15)
   command -v psql >/dev/null || missing+=(postgresql-client)
   if [ ${#missing[@]} -gt 0 ]; then
@@ -71,6 +73,15 @@ case "${1:-up}" in
     start_postgres
     start_redis
     printf 'export DATABASE_URL=%q\nexport REDIS_URL=%q\n' "$DATABASE_URL" "$REDIS_URL" > "$RUN_DIR/env"
+    # Chaos tests may crash-restart PostgreSQL only when it is our own.
+    if [ -f "$PG_DIR/port" ] && [[ "$DATABASE_URL" == *":$(cat "$PG_DIR/port")/"* ]]; then
+      printf 'export TEST_PG_RESTART=%q\n' "$PWD/scripts/env.sh restart-pg" >> "$RUN_DIR/env"
+    fi
+    ;;
+  restart-pg)
+    # For the chaos test "PostgreSQL restarted mid-herd": an immediate
+    # (crash-like) restart of the throwaway server, same port and options.
+    as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m immediate -w -t 30 restart >/dev/null
     ;;
   down)
     if [ -f "$PG_DIR/data/PG_VERSION" ]; then as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m fast stop >/dev/null 2>&1 || true; fi

@@ -117,6 +117,85 @@ impl Drop for RedisServer {
     }
 }
 
+/// haproxy in front of the redemption replicas: HTTP/2 both ways, balanced
+/// per request, as in production behind a load balancer. Killed on drop.
+pub struct LoadBalancer {
+    /// Its port.
+    pub port: u16,
+    config: std::path::PathBuf,
+    child: std::sync::Mutex<Option<Child>>,
+}
+
+impl LoadBalancer {
+    /// Starts haproxy over `replicas` and waits until it listens.
+    pub async fn start(replicas: &[std::net::SocketAddr]) -> Self {
+        let port = free_port();
+        let servers: String = replicas
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("  server r{i} {a} proto h2\n"))
+            .collect();
+        let config = std::env::temp_dir().join(format!("trainingkeys-lb-{port}.cfg"));
+        std::fs::write(
+            &config,
+            format!(
+                "global\n  maxconn 4000\ndefaults\n  mode http\n  option forwardfor\n  timeout connect 2s\n  timeout client 60s\n  timeout server 60s\n\
+                 frontend redemption\n  bind 127.0.0.1:{port} proto h2\n  default_backend replicas\nbackend replicas\n  balance roundrobin\n{servers}"
+            ),
+        )
+        .unwrap();
+        let lb = Self {
+            port,
+            config,
+            child: std::sync::Mutex::new(None),
+        };
+        lb.restart().await;
+        lb
+    }
+
+    /// `http://127.0.0.1:port`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills it (connections through it break).
+    pub fn kill(&self) {
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub async fn restart(&self) {
+        self.kill();
+        let child = Command::new("haproxy")
+            .arg("-f")
+            .arg(&self.config)
+            .arg("-db")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("haproxy must be installed (make test installs it)");
+        *self.child.lock().unwrap() = Some(child);
+        let port = self.port;
+        let up = crate::eventually(Duration::from_secs(10), || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        })
+        .await;
+        assert!(up, "haproxy did not start");
+    }
+}
+
+impl Drop for LoadBalancer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
 /// Test settings for a redemption replica: short timeouts so faults show fast.
 pub fn redemption_config(
     database_url: &str,
@@ -161,8 +240,10 @@ pub struct System {
     pub replicas: Vec<Spawned>,
     pub enrollment_client: EnrollmentServiceClient<Channel>,
     pub keys_client: KeyIssuanceServiceClient<Channel>,
-    /// One client per replica.
+    /// One client per replica (or, behind the load balancer, per connection).
     pub redeem_clients: Vec<RedemptionServiceClient<Channel>>,
+    /// The load balancer, once [`behind_load_balancer`](Self::behind_load_balancer) ran.
+    pub lb: Option<LoadBalancer>,
 }
 
 impl System {
@@ -191,6 +272,7 @@ impl System {
             enrollment_client,
             keys_client,
             redeem_clients: Vec::new(),
+            lb: None,
         };
         for _ in 0..replicas {
             system.add_replica(&tweak).await;
@@ -220,6 +302,19 @@ impl System {
             .push(RedemptionServiceClient::new(replica.channel().await));
         self.replicas.push(replica);
         self.replicas.len() - 1
+    }
+
+    /// Puts haproxy in front of the replicas started so far: from now on
+    /// clients (three connections) go through it.
+    pub async fn behind_load_balancer(&mut self) {
+        let addrs: Vec<_> = self.replicas.iter().map(|r| r.addr).collect();
+        let lb = LoadBalancer::start(&addrs).await;
+        self.redeem_clients = (0..3)
+            .map(|_| {
+                RedemptionServiceClient::new(Channel::from_shared(lb.url()).unwrap().connect_lazy())
+            })
+            .collect();
+        self.lb = Some(lb);
     }
 
     /// Stops replica `i` (as far as its clients can tell, it is gone).

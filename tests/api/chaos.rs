@@ -1,5 +1,5 @@
-//! Fault injection: a herd redeems one event key through three replicas while
-//! a fault strikes; every attempt's outcome is recorded per idempotency key
+//! Fault injection: a herd redeems one event key through a load balancer
+//! (haproxy) in front of three replicas while a fault strikes; every attempt's outcome is recorded per idempotency key
 //! and the checker (tests/chaos.rs) verifies the invariants once recovery has
 //! settled. `make chaos` runs these with more students and rounds
 //! (CHAOS_STUDENTS, CHAOS_ROUNDS); `make test` runs a short form.
@@ -57,9 +57,16 @@ async fn assert_invariants(sys: &System, class_id: &str, attempts: &[Attempt]) {
 
 const DEADLINE: Duration = Duration::from_secs(5);
 
+/// Three replicas of `tweak`ed settings behind haproxy.
+async fn behind_lb(tweak: impl Fn(&mut Config)) -> System {
+    let mut sys = System::start_with(3, tweak).await;
+    sys.behind_load_balancer().await;
+    sys
+}
+
 #[tokio::test]
 async fn chaos_redis_killed_and_restarted_empty() {
-    let sys = System::start_with(3, quick).await;
+    let sys = behind_lb(quick).await;
     for _ in 0..rounds() {
         let (class_id, attempts) = run(&sys, DEADLINE, || async {
             sys.redis.kill();
@@ -73,7 +80,7 @@ async fn chaos_redis_killed_and_restarted_empty() {
 
 #[tokio::test]
 async fn chaos_redis_paused_past_the_client_timeout() {
-    let sys = System::start_with(3, quick).await;
+    let sys = behind_lb(quick).await;
     for _ in 0..rounds() {
         let (class_id, attempts) = run(&sys, DEADLINE, || async {
             sys.redis.signal("STOP");
@@ -95,6 +102,7 @@ async fn chaos_replica_dies_between_admission_and_commit() {
         c.fault = Some(FaultPoint::AfterConsume);
     })
     .await;
+    sys.behind_load_balancer().await;
     for _ in 0..rounds() {
         let (class_id, attempts) = run(&sys, Duration::from_secs(1), || async {}).await;
         assert_invariants(&sys, &class_id, &attempts).await;
@@ -109,6 +117,7 @@ async fn chaos_replica_dies_between_commit_and_reply() {
         c.fault = Some(FaultPoint::AfterCommit);
     })
     .await;
+    sys.behind_load_balancer().await;
     for _ in 0..rounds() {
         let (class_id, attempts) = run(&sys, Duration::from_secs(1), || async {}).await;
         assert_invariants(&sys, &class_id, &attempts).await;
@@ -117,7 +126,7 @@ async fn chaos_replica_dies_between_commit_and_reply() {
 
 #[tokio::test]
 async fn chaos_clients_retry_after_deadline_exceeded() {
-    let sys = System::start_with(3, quick).await;
+    let sys = behind_lb(quick).await;
     for _ in 0..rounds() {
         // Deadlines so short that many calls give up mid-way and are retried
         // with the same idempotency key.
@@ -127,8 +136,51 @@ async fn chaos_clients_retry_after_deadline_exceeded() {
 }
 
 #[tokio::test]
+async fn chaos_load_balancer_restarted() {
+    let sys = behind_lb(quick).await;
+    for _ in 0..rounds() {
+        let (class_id, attempts) = run(&sys, DEADLINE, || async {
+            let lb = sys.lb.as_ref().expect("behind the load balancer");
+            lb.kill();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            lb.restart().await;
+        })
+        .await;
+        assert_invariants(&sys, &class_id, &attempts).await;
+    }
+}
+
+#[tokio::test]
+async fn chaos_postgres_restarted_mid_herd() {
+    // `make test` sets TEST_PG_RESTART when PostgreSQL is its own throwaway
+    // server; nextest runs this test alone (.config/nextest.toml).
+    let restart = std::env::var("TEST_PG_RESTART")
+        .expect("TEST_PG_RESTART: run with `make test`, which owns the test PostgreSQL");
+    let sys = behind_lb(quick).await;
+    for _ in 0..rounds() {
+        let (class_id, attempts) = run(&sys, DEADLINE, || async {
+            let restart = restart.clone();
+            let status = tokio::task::spawn_blocking(move || {
+                std::process::Command::new("bash")
+                    .arg("-c")
+                    .arg(restart)
+                    .status()
+            })
+            .await
+            .unwrap();
+            assert!(
+                status.is_ok_and(|s| s.success()),
+                "PostgreSQL restart failed"
+            );
+        })
+        .await;
+        assert_invariants(&sys, &class_id, &attempts).await;
+    }
+}
+
+#[tokio::test]
 async fn the_checker_catches_an_oversell() {
-    let sys = System::start_with(3, quick).await;
+    let sys = behind_lb(quick).await;
     let (class_id, attempts) = run(&sys, DEADLINE, || async {}).await;
     assert_invariants(&sys, &class_id, &attempts).await;
     // Sneak one more student in behind the guard's back.
@@ -149,7 +201,7 @@ async fn the_checker_catches_an_oversell() {
 
 #[tokio::test]
 async fn the_checker_catches_a_gate_whose_rebuild_is_disabled() {
-    let sys = System::start_with(3, |c| {
+    let sys = behind_lb(|c| {
         quick(c);
         c.gate_rebuild_disabled = true;
     })
