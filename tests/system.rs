@@ -68,12 +68,40 @@ impl RedisServer {
     }
 
     /// Starts it again, empty, on the same port.
+    /// The file [`snapshot`](Self::snapshot) writes.
+    fn snapshot_file(&self) -> String {
+        format!("trainingkeys-redis-{}.rdb", self.port)
+    }
+
+    /// Saves the data set now (as a replica would hold it).
+    pub async fn snapshot(&self) {
+        let _: String = self.cmd(&["SAVE"]).await.unwrap();
+    }
+
+    /// Kills the server and starts it from the last snapshot: a replica that
+    /// missed every write since, promoted in its place.
+    pub async fn fail_over_to_stale_replica(&self) {
+        self.start_process(true).await;
+    }
+
+    /// Starts it again, empty, on the same port.
     pub async fn restart(&self) {
+        self.start_process(false).await;
+    }
+
+    async fn start_process(&self, from_snapshot: bool) {
         self.kill();
+        let dir = std::env::temp_dir();
+        if !from_snapshot {
+            let _ = std::fs::remove_file(dir.join(self.snapshot_file()));
+        }
+        let port = self.port.to_string();
+        let dir = dir.to_string_lossy().into_owned();
+        let file = self.snapshot_file();
         let child = Command::new("redis-server")
             .args([
                 "--port",
-                &self.port.to_string(),
+                &port,
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -81,6 +109,7 @@ impl RedisServer {
                 "--appendonly",
                 "no",
             ])
+            .args(["--dir", &dir, "--dbfilename", &file])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -114,6 +143,7 @@ async fn command<T: redis::FromRedisValue>(url: &str, args: &[&str]) -> redis::R
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+        let _ = std::fs::remove_file(std::env::temp_dir().join(self.snapshot_file()));
     }
 }
 

@@ -93,6 +93,20 @@ async fn chaos_redis_paused_past_the_client_timeout() {
 }
 
 #[tokio::test]
+async fn chaos_redis_replaced_by_a_replica_that_missed_the_last_writes() {
+    let sys = behind_lb(quick).await;
+    for _ in 0..rounds() {
+        let (class_id, attempts) = run(&sys, DEADLINE, || async {
+            sys.redis.snapshot().await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            sys.redis.fail_over_to_stale_replica().await;
+        })
+        .await;
+        assert_invariants(&sys, &class_id, &attempts).await;
+    }
+}
+
+#[tokio::test]
 async fn chaos_replica_dies_between_admission_and_commit() {
     // Replica 0 stops every redemption after admission (and, for keys that
     // are consumed, after ConsumeKey), as if it died there each time.

@@ -51,7 +51,19 @@ pub struct Gate {
     /// Classes whose Redis state may disagree with PostgreSQL (a settle was
     /// lost): rebuilt by [`repair`](Self::repair).
     dirty: Mutex<HashSet<Uuid>>,
+    /// Classes this replica admitted to lately. A Redis failure may mean a
+    /// restart or a failover to a replica that missed writes, which can leave
+    /// any class's state stale, not just the one in the failed call: all of
+    /// them are rebuilt once Redis answers again.
+    active: Mutex<HashSet<Uuid>>,
+    /// The Redis server's `run_id` at the last repair: a new one means a
+    /// restart or a failover (the client reconnects without an error, so
+    /// this is how the gate learns its state may be stale).
+    run_id: Mutex<Option<String>>,
 }
+
+/// Most classes remembered as active; beyond it the memory starts afresh.
+const MAX_ACTIVE: usize = 10_000;
 
 fn keys(class_id: Uuid) -> [String; 4] {
     let tag = format!("{{class:{class_id}}}");
@@ -83,6 +95,8 @@ impl Gate {
             rebuild: Script::new(include_str!("lua/gate_rebuild.lua")),
             bypassed: AtomicU64::new(0),
             dirty: Mutex::new(HashSet::new()),
+            active: Mutex::new(HashSet::new()),
+            run_id: Mutex::new(None),
         }
     }
 
@@ -103,6 +117,7 @@ impl Gate {
         if !self.enabled {
             return Admission::Bypassed;
         }
+        self.mark_active(class_id);
         let [holds, confirmed, ready, _] = keys(class_id);
         let (holds, confirmed, ready) = (&holds, &confirmed, &ready);
         let mut roster = Some(roster);
@@ -238,11 +253,70 @@ impl Gate {
         }
     }
 
-    fn mark_dirty(&self, class_id: Uuid) {
-        self.dirty
+    /// Marks every class admitted to lately for a rebuild when Redis is not
+    /// the server it was at the last look (restarted, or failed over). Called
+    /// once at start-up for a baseline, then by every repair sweep.
+    pub async fn notice_new_server(&self) {
+        let info = self
+            .redis
+            .run(|mut c| async move {
+                redis::cmd("INFO")
+                    .arg("server")
+                    .query_async::<String>(&mut c)
+                    .await
+            })
+            .await;
+        let Ok(info) = info else { return };
+        let Some(run_id) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .map(|r| r.trim().to_owned())
+        else {
+            return;
+        };
+        let previous = self
+            .run_id
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(class_id);
+            .replace(run_id.clone());
+        if previous.is_some_and(|p| p != run_id) {
+            tracing::warn!(
+                "redis restarted or failed over: rebuilding the gate state of every active class"
+            );
+            let active: Vec<Uuid> = self
+                .active
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .copied()
+                .collect();
+            self.dirty
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend(active);
+        }
+    }
+
+    /// Marks `class_id` and every class admitted to lately for a rebuild.
+    fn mark_dirty(&self, class_id: Uuid) {
+        let active: Vec<Uuid> = self
+            .active
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .copied()
+            .collect();
+        let mut dirty = self.dirty.lock().unwrap_or_else(PoisonError::into_inner);
+        dirty.insert(class_id);
+        dirty.extend(active);
+    }
+
+    fn mark_active(&self, class_id: Uuid) {
+        let mut active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
+        if active.len() >= MAX_ACTIVE {
+            active.clear();
+        }
+        active.insert(class_id);
     }
 
     /// Rebuilds every class whose state may have drifted from PostgreSQL
@@ -257,6 +331,7 @@ impl Gate {
         if !self.enabled || !self.rebuild_enabled {
             return 0;
         }
+        self.notice_new_server().await;
         let dirty: Vec<Uuid> = self
             .dirty
             .lock()

@@ -221,6 +221,7 @@ impl Application {
                 fault: config.fault,
             },
         ));
+        redeemer.observe_redis().await;
         let recovery = tokio::spawn(recovery::run(
             redeemer.clone(),
             Duration::from_secs(config.recovery_interval_seconds),

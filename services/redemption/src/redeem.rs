@@ -87,6 +87,11 @@ impl Redeemer {
         }
     }
 
+    /// Notes which Redis server the gate talks to (at start-up).
+    pub async fn observe_redis(&self) {
+        self.gate.notice_new_server().await;
+    }
+
     /// Rebuilds drifted gate state from enrollment (for recovery).
     pub async fn repair_gate(&self) -> usize {
         self.gate
