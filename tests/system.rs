@@ -423,6 +423,20 @@ pub async fn event_key(sys: &System, class_id: &str, after_end: bool) -> pb::Key
         .unwrap()
 }
 
+/// `count` new class enrollment keys of a class.
+pub async fn class_keys(sys: &System, class_id: &str, count: i32) -> Vec<pb::Key> {
+    sys.keys_client
+        .clone()
+        .generate_class_enrollment_keys(pb::GenerateClassEnrollmentKeysRequest {
+            class_id: class_id.into(),
+            count,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .keys
+}
+
 /// `n` registered students of `org`; their ids.
 pub async fn users(sys: &System, org: &str, n: usize) -> Vec<String> {
     let mut ids = Vec::with_capacity(n);

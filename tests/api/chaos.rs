@@ -106,14 +106,13 @@ async fn chaos_redis_replaced_by_a_replica_that_missed_the_last_writes() {
     }
 }
 
-#[tokio::test]
-async fn chaos_replica_dies_between_admission_and_commit() {
-    // Replica 0 stops every redemption after admission (and, for keys that
-    // are consumed, after ConsumeKey), as if it died there each time.
+/// Two healthy replicas and one that stops every redemption at `point`, as
+/// if it died there each time, behind the load balancer.
+async fn replica_dies_at(point: FaultPoint) {
     let mut sys = System::start_with(2, quick).await;
     sys.add_replica(|c| {
         quick(c);
-        c.fault = Some(FaultPoint::AfterConsume);
+        c.fault = Some(point);
     })
     .await;
     sys.behind_load_balancer().await;
@@ -124,18 +123,14 @@ async fn chaos_replica_dies_between_admission_and_commit() {
 }
 
 #[tokio::test]
+async fn chaos_replica_dies_between_admission_and_commit() {
+    // After admission, and for keys that are consumed, after ConsumeKey.
+    replica_dies_at(FaultPoint::AfterConsume).await;
+}
+
+#[tokio::test]
 async fn chaos_replica_dies_between_commit_and_reply() {
-    let mut sys = System::start_with(2, quick).await;
-    sys.add_replica(|c| {
-        quick(c);
-        c.fault = Some(FaultPoint::AfterCommit);
-    })
-    .await;
-    sys.behind_load_balancer().await;
-    for _ in 0..rounds() {
-        let (class_id, attempts) = run(&sys, Duration::from_secs(1), || async {}).await;
-        assert_invariants(&sys, &class_id, &attempts).await;
-    }
+    replica_dies_at(FaultPoint::AfterCommit).await;
 }
 
 #[tokio::test]

@@ -18,7 +18,7 @@ use trainingkeys_proto::v1::redemption_service_client::RedemptionServiceClient;
 use trainingkeys_proto::v1::{self as pb};
 use trainingkeys_redemption::FaultPoint;
 use trainingkeys_tests::system::{
-    System, active_rows, as_user, class, event_key, idem, org, users,
+    System, active_rows, as_user, class, class_keys, event_key, idem, org, users,
 };
 use trainingkeys_tests::{assert_status, eventually, reason};
 
@@ -144,17 +144,7 @@ async fn class_enrollment_keys_are_single_use() {
     let sys = System::start(1).await;
     let org = org();
     let class = class(&sys, &org, 5, 1, 2, 0).await;
-    let keys = sys
-        .keys_client
-        .clone()
-        .generate_class_enrollment_keys(pb::GenerateClassEnrollmentKeysRequest {
-            class_id: class.class_id.clone(),
-            count: 2,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .keys;
+    let keys = class_keys(&sys, &class.class_id, 2).await;
     let ids = users(&sys, &org, 2).await;
     let mut client = sys.redeem(0);
 
@@ -776,17 +766,7 @@ async fn a_replica_killed_after_consume_is_finished_by_recovery() {
     .await;
     let org = org();
     let class = class(&sys, &org, 5, 1, 2, 0).await;
-    let keys = sys
-        .keys_client
-        .clone()
-        .generate_class_enrollment_keys(pb::GenerateClassEnrollmentKeysRequest {
-            class_id: class.class_id.clone(),
-            count: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .keys;
+    let keys = class_keys(&sys, &class.class_id, 1).await;
     let user = users(&sys, &org, 1).await.remove(0);
     let attempt = idem();
     let mut request = tonic::Request::new(as_user(&keys[0].code, &user, &attempt));

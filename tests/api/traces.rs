@@ -9,8 +9,7 @@ use opentelemetry::trace::{TraceId, TracerProvider as _};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use tracing_subscriber::layer::SubscriberExt as _;
-use trainingkeys_proto::v1 as pb;
-use trainingkeys_tests::system::{System, as_user, class, idem, org, users};
+use trainingkeys_tests::system::{System, as_user, class, class_keys, idem, org, users};
 
 /// Keeps (span name, trace id) of every finished span.
 #[derive(Debug, Clone, Default)]
@@ -45,17 +44,7 @@ async fn a_redemption_is_one_trace_across_the_three_services() {
     let sys = System::start(1).await;
     let org = org();
     let class = class(&sys, &org, 5, 1, 2, 0).await;
-    let keys = sys
-        .keys_client
-        .clone()
-        .generate_class_enrollment_keys(pb::GenerateClassEnrollmentKeysRequest {
-            class_id: class.class_id.clone(),
-            count: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .keys;
+    let keys = class_keys(&sys, &class.class_id, 1).await;
     let user = users(&sys, &org, 1).await.remove(0);
     sys.redeem(0)
         .redeem_key(as_user(&keys[0].code, &user, &idem()))
