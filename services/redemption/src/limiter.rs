@@ -17,7 +17,6 @@ pub struct Limiter {
     limit: u32,
     window: Duration,
     max_lockout: Duration,
-    check: Script,
     fail: Script,
 }
 
@@ -40,34 +39,35 @@ impl Limiter {
             limit,
             window,
             max_lockout,
-            check: Script::new(include_str!("lua/limiter_check.lua")),
             fail: Script::new(include_str!("lua/limiter_fail.lua")),
         }
     }
 
-    /// Refuses when any of `counters` is locked out. One script call per
-    /// counter, so each touches one Redis Cluster slot.
+    /// Refuses when any of `counters` is locked out. One round trip for all
+    /// of them: a pipeline of plain reads (`GET` and `PTTL` per counter,
+    /// each touching one key, so each goes to its own Redis Cluster slot).
     pub async fn check(&self, counters: &[String]) -> Result<(), Error> {
-        let mut wait = 0i64;
+        let mut pipe = redis::pipe();
         for counter in counters {
-            let result = self
-                .redis
-                .run(|mut c| async move {
-                    self.check
-                        .key(counter)
-                        .arg(self.limit)
-                        .invoke_async::<i64>(&mut c)
-                        .await
-                })
-                .await;
-            match result {
-                Ok(ms) => wait = wait.max(ms),
-                Err(e) => {
-                    tracing::warn!(error = %e, "guessing limits unavailable: allowing the attempt");
-                    return Ok(());
-                }
-            }
+            pipe.get(counter).cmd("PTTL").arg(counter);
         }
+        let result = self
+            .redis
+            .run(|mut c| async move { pipe.query_async::<Vec<(Option<u32>, i64)>>(&mut c).await })
+            .await;
+        let counts = match result {
+            Ok(counts) => counts,
+            Err(e) => {
+                tracing::warn!(error = %e, "guessing limits unavailable: allowing the attempt");
+                return Ok(());
+            }
+        };
+        let wait = counts
+            .into_iter()
+            .filter(|(failures, _)| failures.unwrap_or(0) >= self.limit)
+            .map(|(_, ttl_ms)| ttl_ms)
+            .max()
+            .unwrap_or(0);
         if wait > 0 {
             return Err(Error::TooManyAttempts {
                 retry_after: Duration::from_millis(wait as u64),
