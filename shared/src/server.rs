@@ -46,6 +46,23 @@ pub struct ServeOptions {
     pub max_connection_age: Option<Duration>,
 }
 
+impl ServeOptions {
+    /// Options for one gRPC service, with the grace period and connection
+    /// age from the shared configuration.
+    pub fn new(
+        service_name: &'static str,
+        readiness_db: PgPool,
+        common: &crate::config::CommonConfig,
+    ) -> Self {
+        Self {
+            service_names: vec![service_name],
+            readiness_db,
+            grace: common.shutdown_grace(),
+            max_connection_age: common.max_connection_age(),
+        }
+    }
+}
+
 /// Serves `routes` (plus health and reflection) on `listener` until `shutdown`
 /// is cancelled, then drains for at most `options.grace`.
 pub async fn serve(

@@ -63,12 +63,7 @@ impl Application {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let service = grpc::EnrollmentGrpc::new(store::Store::new(self.pool.clone()));
         let routes = tonic::service::Routes::new(EnrollmentServiceServer::new(service));
-        let options = ServeOptions {
-            service_names: vec![SERVICE_NAME],
-            readiness_db: self.pool,
-            grace: self.config.common.shutdown_grace(),
-            max_connection_age: self.config.common.max_connection_age(),
-        };
+        let options = ServeOptions::new(SERVICE_NAME, self.pool, &self.config.common);
         server::serve(self.listener, routes, options, shutdown).await
     }
 }

@@ -155,12 +155,7 @@ impl Application {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let routes = tonic::service::Routes::new(service);
-        let options = ServeOptions {
-            service_names: vec![SERVICE_NAME],
-            readiness_db: self.pool,
-            grace: self.config.common.shutdown_grace(),
-            max_connection_age: self.config.common.max_connection_age(),
-        };
+        let options = ServeOptions::new(SERVICE_NAME, self.pool, &self.config.common);
         server::serve(self.listener, routes, options, shutdown).await
     }
 }
