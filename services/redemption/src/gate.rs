@@ -65,13 +65,14 @@ pub struct Gate {
 /// Most classes remembered as active; beyond it the memory starts afresh.
 const MAX_ACTIVE: usize = 10_000;
 
-fn keys(class_id: Uuid) -> [String; 4] {
+fn keys(class_id: Uuid) -> [String; 5] {
     let tag = format!("{{class:{class_id}}}");
     [
         format!("{tag}:holds"),
         format!("{tag}:confirmed"),
         format!("{tag}:ready"),
         format!("{tag}:lock"),
+        format!("{tag}:recent"),
     ]
 }
 
@@ -118,7 +119,7 @@ impl Gate {
             return Admission::Bypassed;
         }
         self.mark_active(class_id);
-        let [holds, confirmed, ready, _] = keys(class_id);
+        let [holds, confirmed, ready, _, _] = keys(class_id);
         let (holds, confirmed, ready) = (&holds, &confirmed, &ready);
         let mut roster = Some(roster);
         let deadline = tokio::time::Instant::now() + REBUILD_WAIT;
@@ -177,7 +178,7 @@ impl Gate {
         R: FnOnce() -> Fut,
         Fut: Future<Output = Result<Vec<String>, Error>>,
     {
-        let [_, confirmed, ready, lock] = keys(class_id);
+        let [_, confirmed, ready, lock, recent] = keys(class_id);
         let token = Uuid::new_v4().to_string();
         let locked: Option<String> = self
             .redis
@@ -209,6 +210,7 @@ impl Gate {
                 invocation
                     .key(&ready)
                     .key(&lock)
+                    .key(&recent)
                     .arg(self.state_ttl.as_millis() as u64)
                     .arg(&token);
                 for u in &users {
@@ -234,13 +236,15 @@ impl Gate {
         if !self.enabled {
             return;
         }
-        let [holds, confirmed, _, _] = keys(class_id);
+        let [holds, confirmed, _, lock, recent] = keys(class_id);
         let result = self
             .redis
             .run(|mut c| async move {
                 self.settle
                     .key(&holds)
                     .key(&confirmed)
+                    .key(&lock)
+                    .key(&recent)
                     .arg(user_id.to_string())
                     .arg(if confirm { "1" } else { "0" })
                     .invoke_async::<i64>(&mut c)

@@ -231,12 +231,7 @@ impl Application {
         let routes = tonic::service::Routes::new(RedemptionServiceServer::new(
             grpc::RedemptionGrpc::new(redeemer),
         ));
-        let options = ServeOptions {
-            service_names: vec![SERVICE_NAME],
-            readiness_db: self.pool,
-            grace: config.common.shutdown_grace(),
-            max_connection_age: config.common.max_connection_age(),
-        };
+        let options = ServeOptions::new(SERVICE_NAME, self.pool, &config.common);
         let served = server::serve(self.listener, routes, options, shutdown).await;
         recovery.abort();
         served

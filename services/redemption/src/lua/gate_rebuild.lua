@@ -1,6 +1,8 @@
--- Replaces a class's confirmed seats with enrollment's authoritative roster and
--- marks the state trustworthy for a while. Holds in flight are kept.
--- KEYS[1] {class:ID}:confirmed, KEYS[2] {class:ID}:ready, KEYS[3] {class:ID}:lock
+-- Replaces a class's confirmed seats with enrollment's authoritative roster,
+-- plus the seats confirmed while the roster was being read, and marks the
+-- state trustworthy for a while. Holds in flight are kept.
+-- KEYS[1] {class:ID}:confirmed, KEYS[2] {class:ID}:ready, KEYS[3] {class:ID}:lock,
+-- KEYS[4] {class:ID}:recent
 -- ARGV[1] lifetime of the state (ms), ARGV[2] the rebuild lock token,
 -- ARGV[3..] user ids holding a seat
 if redis.call('GET', KEYS[3]) ~= ARGV[2] then
@@ -9,6 +11,10 @@ end
 redis.call('DEL', KEYS[1])
 for i = 3, #ARGV, 5000 do
   redis.call('SADD', KEYS[1], unpack(ARGV, i, math.min(i + 4999, #ARGV)))
+end
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('SUNIONSTORE', KEYS[1], KEYS[1], KEYS[4])
+  redis.call('DEL', KEYS[4])
 end
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[1])
 redis.call('DEL', KEYS[3])

@@ -1,8 +1,15 @@
 -- Ends a user's hold on one class: confirmed (enrollment committed) or released.
--- KEYS[1] {class:ID}:holds, KEYS[2] {class:ID}:confirmed
+-- KEYS[1] {class:ID}:holds, KEYS[2] {class:ID}:confirmed,
+-- KEYS[3] {class:ID}:lock, KEYS[4] {class:ID}:recent
 -- ARGV[1] user id, ARGV[2] '1' to confirm the seat, '0' to release the hold
 redis.call('ZREM', KEYS[1], ARGV[1])
 if ARGV[2] == '1' then
   redis.call('SADD', KEYS[2], ARGV[1])
+  -- A rebuild is reading the roster: a seat confirmed now may be missing
+  -- from what it read, so it is kept aside for the rebuild to add back.
+  if redis.call('EXISTS', KEYS[3]) == 1 then
+    redis.call('SADD', KEYS[4], ARGV[1])
+    redis.call('PEXPIRE', KEYS[4], redis.call('PTTL', KEYS[3]) + 1000)
+  end
 end
 return 1
