@@ -207,11 +207,14 @@ pub async fn check(
         violations.push(format!("{ok} acknowledged redemptions for {max} seats"));
     }
 
-    // 5. After settling, Redis agrees with PostgreSQL: confirmed seats are the
-    // roster, and no unexpired hold is left.
+    // 5. After settling, Redis agrees with PostgreSQL: the class's state is
+    // there and trusted (rebuilt if a fault lost it), its confirmed seats are
+    // the roster, and no unexpired hold is left.
     let confirmed_key = format!("{{class:{class_id}}}:confirmed");
     let holds_key = format!("{{class:{class_id}}}:holds");
+    let ready_key = format!("{{class:{class_id}}}:ready");
     let agrees = crate::eventually(settle, || async {
+        let ready: i64 = sys.redis.cmd(&["EXISTS", &ready_key]).await.unwrap_or(0);
         let confirmed: Vec<String> = sys
             .redis
             .cmd(&["SMEMBERS", &confirmed_key])
@@ -225,7 +228,7 @@ pub async fn check(
             .await
             .unwrap_or(-1);
         let confirmed: HashSet<&str> = confirmed.iter().map(String::as_str).collect();
-        confirmed == enrolled && live_holds == 0
+        ready == 1 && confirmed == enrolled && live_holds == 0
     })
     .await;
     if !agrees {
@@ -235,8 +238,13 @@ pub async fn check(
             .await
             .unwrap_or_default();
         violations.push(format!(
-            "Redis disagrees with PostgreSQL after settling: {} confirmed in Redis, {} enrolled",
+            "Redis disagrees with PostgreSQL after settling: {} confirmed in Redis ({}), {} enrolled",
             confirmed.len(),
+            if sys.redis.cmd::<i64>(&["EXISTS", &ready_key]).await.unwrap_or(0) == 1 {
+                "trusted"
+            } else {
+                "state not rebuilt"
+            },
             enrolled.len()
         ));
     }

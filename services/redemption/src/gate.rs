@@ -236,7 +236,7 @@ impl Gate {
         if !self.enabled {
             return;
         }
-        let [holds, confirmed, _, lock, recent] = keys(class_id);
+        let [holds, confirmed, ready, lock, recent] = keys(class_id);
         let result = self
             .redis
             .run(|mut c| async move {
@@ -245,15 +245,23 @@ impl Gate {
                     .key(&confirmed)
                     .key(&lock)
                     .key(&recent)
+                    .key(&ready)
                     .arg(user_id.to_string())
                     .arg(if confirm { "1" } else { "0" })
                     .invoke_async::<i64>(&mut c)
                     .await
             })
             .await;
-        if let Err(e) = result {
-            tracing::warn!(%class_id, error = %e, confirm, "could not settle a seat hold; the class will be rebuilt");
-            self.mark_dirty(class_id);
+        match result {
+            Ok(1) => {}
+            // The state was lost (flush, restart, expiry) while this seat was
+            // on its way: no later admission may come to rebuild it, so the
+            // repair sweep does.
+            Ok(_) => self.mark_rebuild(class_id),
+            Err(e) => {
+                tracing::warn!(%class_id, error = %e, confirm, "could not settle a seat hold; the class will be rebuilt");
+                self.mark_dirty(class_id);
+            }
         }
     }
 
@@ -299,6 +307,14 @@ impl Gate {
                 .unwrap_or_else(PoisonError::into_inner)
                 .extend(active);
         }
+    }
+
+    /// Marks `class_id` alone for a rebuild.
+    fn mark_rebuild(&self, class_id: Uuid) {
+        self.dirty
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(class_id);
     }
 
     /// Marks `class_id` and every class admitted to lately for a rebuild.
@@ -348,7 +364,7 @@ impl Gate {
                 Ok(true) => repaired += 1,
                 // Someone else holds the rebuild lock, or Redis is still
                 // away: try again on the next sweep.
-                Ok(false) | Err(_) => self.mark_dirty(class_id),
+                Ok(false) | Err(_) => self.mark_rebuild(class_id),
             }
         }
         repaired

@@ -1,7 +1,9 @@
 -- Ends a user's hold on one class: confirmed (enrollment committed) or released.
 -- KEYS[1] {class:ID}:holds, KEYS[2] {class:ID}:confirmed,
--- KEYS[3] {class:ID}:lock, KEYS[4] {class:ID}:recent
+-- KEYS[3] {class:ID}:lock, KEYS[4] {class:ID}:recent, KEYS[5] {class:ID}:ready
 -- ARGV[1] user id, ARGV[2] '1' to confirm the seat, '0' to release the hold
+-- Returns 1, or 0 when the class's state is not trustworthy (flushed, expired,
+-- restarted): the caller has it rebuilt, so the gate heals before the next herd.
 redis.call('ZREM', KEYS[1], ARGV[1])
 if ARGV[2] == '1' then
   redis.call('SADD', KEYS[2], ARGV[1])
@@ -12,4 +14,4 @@ if ARGV[2] == '1' then
     redis.call('PEXPIRE', KEYS[4], redis.call('PTTL', KEYS[3]) + 1000)
   end
 end
-return 1
+return redis.call('EXISTS', KEYS[5])
