@@ -32,6 +32,7 @@ interop: ## With `make run` going: a Python client built from server reflection 
 
 .PHONY: test
 test: env ## Set up, then run the whole test suite against real PostgreSQL and Redis
+	@scripts/env.sh drop-test-dbs
 	@source .run/env && $(CARGO) nextest run --workspace --no-fail-fast $(TEST_ARGS)
 
 .PHONY: bench

@@ -4,6 +4,7 @@
 #   scripts/env.sh up     install what is missing, start what is not running
 #   scripts/env.sh down   stop what `up` started
 #   scripts/env.sh restart-pg   crash-restart the throwaway PostgreSQL (chaos tests)
+#   scripts/env.sh drop-test-dbs  drop the databases earlier test runs left behind
 # Given DATABASE_URL / REDIS_URL in the environment, it uses those instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,7 +46,7 @@ start_postgres() {
     as_pg "$PG_BIN/initdb" -D "$PG_DIR/data" -U postgres --auth=trust -E UTF8 >/dev/null
   fi
   as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/log" -w -t 30 start \
-    -o "-p $port -k $PG_DIR -c listen_addresses=127.0.0.1 -c max_connections=600 -c shared_buffers=256MB -c fsync=${PG_FSYNC:-on} -c synchronous_commit=${PG_SYNC_COMMIT:-on}" >/dev/null
+    -o "-p $port -k $PG_DIR -c listen_addresses=127.0.0.1 -c max_connections=600 -c shared_buffers=256MB -c fsync=${PG_FSYNC:-on} -c synchronous_commit=${PG_SYNC_COMMIT:-on} -c max_wal_size=256MB -c checkpoint_timeout=60s" >/dev/null
   echo "$port" > "$PG_DIR/port"
   psql -q -h 127.0.0.1 -p "$port" -U postgres -d postgres -c "CREATE DATABASE trainingkeys" >/dev/null 2>&1 || true
   DATABASE_URL="postgres://postgres@127.0.0.1:$port/trainingkeys"
@@ -78,15 +79,27 @@ case "${1:-up}" in
       printf 'export TEST_PG_RESTART=%q\n' "$PWD/scripts/env.sh restart-pg" >> "$RUN_DIR/env"
     fi
     ;;
+  drop-test-dbs)
+    # Databases the test harness made (test_<uuid>) in earlier runs: without
+    # this sweep they pile up run after run on a developer's machine.
+    if [ -f "$PG_DIR/port" ] && as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" status >/dev/null 2>&1; then
+      port="$(cat "$PG_DIR/port")"
+      psql -qAt -h 127.0.0.1 -p "$port" -U postgres -d postgres \
+        -c "SELECT datname FROM pg_database WHERE datname ~ '^test_[0-9a-f]{32}$'" |
+        while read -r db; do
+          psql -q -h 127.0.0.1 -p "$port" -U postgres -d postgres -c "DROP DATABASE \"$db\" WITH (FORCE)" >/dev/null
+        done
+    fi
+    ;;
   restart-pg)
     # For the chaos test "PostgreSQL restarted mid-herd": an immediate
     # (crash-like) restart of the throwaway server, same port and options.
-    as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m immediate -w -t 30 restart >/dev/null
+    as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m immediate -w -t 120 restart >/dev/null
     ;;
   down)
     if [ -f "$PG_DIR/data/PG_VERSION" ]; then as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m fast stop >/dev/null 2>&1 || true; fi
     if [ -f "$RUN_DIR/redis.pid" ]; then kill "$(cat "$RUN_DIR/redis.pid")" 2>/dev/null || true; rm -f "$RUN_DIR/redis.pid" "$RUN_DIR/redis.port"; fi
     rm -f "$RUN_DIR/env"
     ;;
-  *) echo "usage: $0 up|down" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|restart-pg|drop-test-dbs" >&2; exit 2 ;;
 esac
