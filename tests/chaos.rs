@@ -207,15 +207,28 @@ pub async fn check(
         violations.push(format!("{ok} acknowledged redemptions for {max} seats"));
     }
 
-    // 5. After settling, Redis agrees with PostgreSQL: the class's state is
-    // there and trusted (rebuilt if a fault lost it), its confirmed seats are
-    // the roster, and no unexpired hold is left.
-    let confirmed_key = format!("{{class:{class_id}}}:confirmed");
-    let holds_key = format!("{{class:{class_id}}}:holds");
-    let ready_key = format!("{{class:{class_id}}}:ready");
-    let agrees = crate::eventually(settle, || async {
+    // 5. After settling, Redis agrees with PostgreSQL.
+    if let Err(e) = gate_agrees(sys, class_id, &enrolled, settle).await {
+        violations.push(e);
+    }
+    violations
+}
+
+/// Waits up to `within` for a class's gate state in Redis to agree with the
+/// roster in PostgreSQL: the state is there and trusted (rebuilt if a fault
+/// lost it), its confirmed seats are exactly `enrolled`, and no unexpired
+/// hold is left. Says how they differ if they never agree.
+pub async fn gate_agrees(
+    sys: &System,
+    class_id: &str,
+    enrolled: &HashSet<&str>,
+    within: Duration,
+) -> Result<(), String> {
+    let key = |k: &str| format!("{{class:{class_id}}}:{k}");
+    let (confirmed_key, holds_key, ready_key) = (key("confirmed"), key("holds"), key("ready"));
+    let look = || async {
         let ready: i64 = sys.redis.cmd(&["EXISTS", &ready_key]).await.unwrap_or(0);
-        let confirmed: Vec<String> = sys
+        let confirmed: HashSet<String> = sys
             .redis
             .cmd(&["SMEMBERS", &confirmed_key])
             .await
@@ -227,28 +240,28 @@ pub async fn check(
             .cmd(&["ZCOUNT", &holds_key, &format!("({now_ms}"), "+inf"])
             .await
             .unwrap_or(-1);
+        (ready == 1, confirmed, live_holds)
+    };
+    let agrees = crate::eventually(within, || async {
+        let (ready, confirmed, live_holds) = look().await;
         let confirmed: HashSet<&str> = confirmed.iter().map(String::as_str).collect();
-        ready == 1 && confirmed == enrolled && live_holds == 0
+        ready && confirmed == *enrolled && live_holds == 0
     })
     .await;
-    if !agrees {
-        let confirmed: Vec<String> = sys
-            .redis
-            .cmd(&["SMEMBERS", &confirmed_key])
-            .await
-            .unwrap_or_default();
-        violations.push(format!(
-            "Redis disagrees with PostgreSQL after settling: {} confirmed in Redis ({}), {} enrolled",
-            confirmed.len(),
-            if sys.redis.cmd::<i64>(&["EXISTS", &ready_key]).await.unwrap_or(0) == 1 {
-                "trusted"
-            } else {
-                "state not rebuilt"
-            },
-            enrolled.len()
-        ));
+    if agrees {
+        return Ok(());
     }
-    violations
+    let (ready, confirmed, live_holds) = look().await;
+    Err(format!(
+        "Redis disagrees with PostgreSQL after settling: {} confirmed in Redis ({}), {} enrolled, {live_holds} live holds",
+        confirmed.len(),
+        if ready {
+            "trusted"
+        } else {
+            "state not rebuilt"
+        },
+        enrolled.len()
+    ))
 }
 
 /// A one-line summary of the outcomes, for failure messages and logs.

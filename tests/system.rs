@@ -242,6 +242,10 @@ pub fn redemption_config(
     config.redemption_timeout_seconds = 3;
     config.recovery_after_seconds = 4;
     config.recovery_interval_seconds = 1;
+    // Short holds, so a lost settle clears within a test's patience; gate
+    // state that outlives any test, so only faults make it go missing.
+    config.gate_hold_seconds = 10;
+    config.gate_state_ttl_seconds = 600;
     config.common.database_max_connections = 30;
     config
 }

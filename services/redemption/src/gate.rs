@@ -178,7 +178,7 @@ impl Gate {
         R: FnOnce() -> Fut,
         Fut: Future<Output = Result<Vec<String>, Error>>,
     {
-        let [_, confirmed, ready, lock, recent] = keys(class_id);
+        let [holds, confirmed, ready, lock, recent] = keys(class_id);
         let token = Uuid::new_v4().to_string();
         let locked: Option<String> = self
             .redis
@@ -211,6 +211,7 @@ impl Gate {
                     .key(&ready)
                     .key(&lock)
                     .key(&recent)
+                    .key(&holds)
                     .arg(self.state_ttl.as_millis() as u64)
                     .arg(&token);
                 for u in &users {
