@@ -514,6 +514,7 @@ fn redis_gate(redis_url: &str) -> anyhow::Result<f64> {
             "user:__rand_int__",
             "100",
             "1000000000",
+            "0",
         ])
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);

@@ -796,10 +796,87 @@ async fn idempotent_replays_are_byte_identical() {
         "CLASS_FULL",
     );
     assert_status(
-        redeem(&mut sys.redeem(1), loser).await,
+        redeem(&mut sys.redeem(1), loser.clone()).await,
         Code::ResourceExhausted,
         "CLASS_FULL",
     );
+    assert_eq!(
+        redemption_state(&sys, &loser.idempotency_key)
+            .await
+            .as_deref(),
+        Some("failed"),
+        "the gate's CLASS_FULL is recorded as the key's answer"
+    );
+
+    // A seat frees up: the recorded answer stands for that idempotency key
+    // (the first response, whatever happens later), and the key cannot be
+    // reused for another request; a new attempt gets the seat.
+    sys.enrollment_client
+        .clone()
+        .cancel_enrollment(pb::CancelEnrollmentRequest {
+            enrollment_id: enrollment(&first).enrollment_id.clone(),
+        })
+        .await
+        .unwrap();
+    assert_status(
+        redeem(&mut sys.redeem(0), loser.clone()).await,
+        Code::ResourceExhausted,
+        "CLASS_FULL",
+    );
+    let mut reused = loser.clone();
+    reused.code = "SOME-OTHR-CODE-XXXX".into();
+    assert_status(
+        redeem(&mut sys.redeem(0), reused).await,
+        Code::InvalidArgument,
+        "IDEMPOTENCY_KEY_REUSED",
+    );
+    let again = as_user(&key.code, &ids[1], &idem());
+    let seated = redeem(&mut sys.redeem(1), again).await.unwrap();
+    assert_eq!(enrollment(&seated).user_id, ids[1]);
+}
+
+/// A seat cancelled in enrollment is free at the gate at once: the gate
+/// counts more seats than PostgreSQL and nothing is in flight, so it
+/// rebuilds instead of turning the next student away.
+#[tokio::test]
+async fn a_cancelled_seat_is_free_at_the_gate_at_once() {
+    let sys = System::start(1).await;
+    let org = org();
+    let class = class(&sys, &org, 2, 1, 2, 0).await;
+    let key = event_key(&sys, &class.class_id, false).await;
+    let ids = users(&sys, &org, 4).await;
+    let mut client = sys.redeem(0);
+    let first = redeem(&mut client, as_user(&key.code, &ids[0], &idem()))
+        .await
+        .unwrap();
+    redeem(&mut client, as_user(&key.code, &ids[1], &idem()))
+        .await
+        .unwrap();
+    assert_status(
+        redeem(&mut client, as_user(&key.code, &ids[2], &idem())).await,
+        Code::ResourceExhausted,
+        "CLASS_FULL",
+    );
+    sys.enrollment_client
+        .clone()
+        .cancel_enrollment(pb::CancelEnrollmentRequest {
+            enrollment_id: enrollment(&first).enrollment_id.clone(),
+        })
+        .await
+        .unwrap();
+    let seated = redeem(&mut client, as_user(&key.code, &ids[2], &idem()))
+        .await
+        .unwrap();
+    assert_eq!(enrollment(&seated).user_id, ids[2]);
+    assert_status(
+        redeem(&mut client, as_user(&key.code, &ids[3], &idem())).await,
+        Code::ResourceExhausted,
+        "CLASS_FULL",
+    );
+    let enrolled: HashSet<&str> = [ids[1].as_str(), ids[2].as_str()].into();
+    if let Err(e) = gate_agrees(&sys, &class.class_id, &enrolled, Duration::from_secs(10)).await {
+        panic!("{e}");
+    }
 }
 
 async fn redemption_state(sys: &System, idempotency_key: &str) -> Option<String> {

@@ -101,14 +101,16 @@ impl Gate {
         }
     }
 
-    /// Asks to admit `user_id` to a class of `max_students`. `roster` fetches
-    /// enrollment's authoritative seat holders when the class's state is
-    /// missing (flush, restart, failover, expiry).
+    /// Asks to admit `user_id` to a class of `max_students`, of which
+    /// PostgreSQL last counted `enrolled`. `roster` fetches enrollment's
+    /// authoritative seat holders when the class's state is missing (flush,
+    /// restart, failover, expiry) or counts a seat that was cancelled since.
     pub async fn admit<R, Fut>(
         &self,
         class_id: Uuid,
         user_id: Uuid,
         max_students: i32,
+        enrolled: i32,
         roster: R,
     ) -> Admission
     where
@@ -124,6 +126,8 @@ impl Gate {
         let mut roster = Some(roster);
         let deadline = tokio::time::Instant::now() + REBUILD_WAIT;
         loop {
+            // Checked against PostgreSQL's count until one rebuild was done.
+            let enrolled = if roster.is_some() { enrolled } else { -1 };
             let answer = self
                 .redis
                 .run(|mut c| async move {
@@ -134,6 +138,7 @@ impl Gate {
                         .arg(user_id.to_string())
                         .arg(self.hold.as_millis() as u64)
                         .arg(max_students)
+                        .arg(enrolled)
                         .invoke_async::<String>(&mut c)
                         .await
                 })
@@ -146,7 +151,7 @@ impl Gate {
                 "ADMITTED" => return Admission::Admitted,
                 "CONFIRMED" | "HELD" => return Admission::AlreadyIn,
                 "FULL" => return Admission::Full,
-                _missing => {}
+                _missing_or_stale => {}
             }
             if let Some(fetch) = roster.take() {
                 let rebuilt = if self.rebuild_enabled {

@@ -214,27 +214,17 @@ impl Redeemer {
             Some(class) => {
                 let roster = || self.clients.roster(target_id);
                 self.gate
-                    .admit(target_id, user_id, class.max_students, roster)
+                    .admit(
+                        target_id,
+                        user_id,
+                        class.max_students,
+                        class.enrolled_count,
+                        roster,
+                    )
                     .await
             }
             None => Admission::Bypassed,
         };
-        if admission == Admission::Full {
-            return Err(Error::ClassFull);
-        }
-        let user = match user {
-            Some(user) => user,
-            None => match self.clients.get_user(user_id).await {
-                Ok(user) => user,
-                Err(e) => {
-                    if admission == Admission::Admitted {
-                        self.gate.settle(target_id, user_id, false).await;
-                    }
-                    return Err(e);
-                }
-            },
-        };
-
         let record = Record {
             redemption_id: Uuid::now_v7(),
             idempotency_key: cmd.idempotency_key.clone(),
@@ -251,6 +241,22 @@ impl Redeemer {
             error_message: None,
             updated_at: Utc::now(),
         };
+        if admission == Admission::Full {
+            return self.refuse(&record, Error::ClassFull).await;
+        }
+        let user = match user {
+            Some(user) => user,
+            None => match self.clients.get_user(user_id).await {
+                Ok(user) => user,
+                Err(e) => {
+                    if admission == Admission::Admitted {
+                        self.gate.settle(target_id, user_id, false).await;
+                    }
+                    return Err(e);
+                }
+            },
+        };
+
         let inserted = match self.store.insert(&record).await {
             Ok(inserted) => inserted,
             Err(e) => {
@@ -261,15 +267,36 @@ impl Redeemer {
             }
         };
         if !inserted {
-            // Another replica took this idempotency key first: its answer is ours.
-            let first = self
-                .store
-                .find(&cmd.idempotency_key)
-                .await?
-                .ok_or(Error::InProgress)?;
-            return Box::pin(self.replay(first, &cmd.request)).await;
+            // Another attempt took this idempotency key first: its answer is
+            // ours, and the hold this attempt placed is not needed.
+            if admission == Admission::Admitted {
+                self.gate.settle(target_id, user_id, false).await;
+            }
+            return self.first_answer(&record).await;
         }
         self.drive(&record, user).await
+    }
+
+    /// Answers a redemption the gate turned away, recording the answer under
+    /// its idempotency key first: an earlier attempt of the same key still on
+    /// its way (one that got past a gate that was away) then finds the key
+    /// answered and cannot seat a student already told the class is full.
+    /// If an attempt recorded first, its answer is the one given.
+    async fn refuse(&self, record: &Record, error: Error) -> Result<pb::RedeemKeyResponse, Error> {
+        if self.store.insert_failed(record, &error).await? {
+            return Err(error);
+        }
+        self.first_answer(record).await
+    }
+
+    /// The answer of the attempt that recorded this idempotency key first.
+    async fn first_answer(&self, record: &Record) -> Result<pb::RedeemKeyResponse, Error> {
+        let first = self
+            .store
+            .find(&record.idempotency_key)
+            .await?
+            .ok_or(Error::InProgress)?;
+        Box::pin(self.replay(first, &record.request)).await
     }
 
     /// ResolveKey; unknown and mistyped codes count as failed attempts.

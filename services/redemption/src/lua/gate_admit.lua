@@ -2,8 +2,10 @@
 -- KEYS[1] {class:ID}:holds      ZSET user -> hold expiry (ms, Redis clock)
 -- KEYS[2] {class:ID}:confirmed  SET of users whose enrollment committed
 -- KEYS[3] {class:ID}:ready      present while the state above is trustworthy
--- ARGV[1] user id, ARGV[2] hold length (ms), ARGV[3] the class's current maximum
--- Returns: 'MISSING' (rebuild first), 'CONFIRMED', 'HELD', 'FULL' or 'ADMITTED'.
+-- ARGV[1] user id, ARGV[2] hold length (ms), ARGV[3] the class's current maximum,
+-- ARGV[4] the class's enrolled count as PostgreSQL last told the caller (-1: skip)
+-- Returns: 'MISSING' (rebuild first), 'STALE' (rebuild first: a seat was freed
+-- behind the gate's back), 'CONFIRMED', 'HELD', 'FULL' or 'ADMITTED'.
 if redis.call('EXISTS', KEYS[3]) == 0 then
   return 'MISSING'
 end
@@ -16,7 +18,15 @@ end
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
   return 'HELD'
 end
-if redis.call('SCARD', KEYS[2]) + redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+local confirmed = redis.call('SCARD', KEYS[2])
+local held = redis.call('ZCARD', KEYS[1])
+if confirmed + held >= tonumber(ARGV[3]) then
+  -- Nothing in flight, yet more confirmed seats than PostgreSQL counted:
+  -- a seat was cancelled since the gate last looked.
+  local enrolled = tonumber(ARGV[4] or '-1')
+  if enrolled >= 0 and held == 0 and confirmed > enrolled then
+    return 'STALE'
+  end
   return 'FULL'
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
