@@ -79,7 +79,7 @@ pub struct Config {
     pub gate_hold_seconds: u64,
 
     /// Seconds a class's gate state is trusted before it is rebuilt from
-    /// enrollment (so seats freed by cancellations come back).
+    /// enrollment anyway (a safety net: a cancelled seat is noticed at once).
     #[arg(long, env = "GATE_STATE_TTL_SECONDS", default_value_t = 60)]
     pub gate_state_ttl_seconds: u64,
 

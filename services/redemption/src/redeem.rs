@@ -242,7 +242,7 @@ impl Redeemer {
             updated_at: Utc::now(),
         };
         if admission == Admission::Full {
-            return self.refuse(&record, Error::ClassFull).await;
+            return Err(Error::ClassFull);
         }
         let user = match user {
             Some(user) => user,
@@ -275,18 +275,6 @@ impl Redeemer {
             return self.first_answer(&record).await;
         }
         self.drive(&record, user).await
-    }
-
-    /// Answers a redemption the gate turned away, recording the answer under
-    /// its idempotency key first: an earlier attempt of the same key still on
-    /// its way (one that got past a gate that was away) then finds the key
-    /// answered and cannot seat a student already told the class is full.
-    /// If an attempt recorded first, its answer is the one given.
-    async fn refuse(&self, record: &Record, error: Error) -> Result<pb::RedeemKeyResponse, Error> {
-        if self.store.insert_failed(record, &error).await? {
-            return Err(error);
-        }
-        self.first_answer(record).await
     }
 
     /// The answer of the attempt that recorded this idempotency key first.

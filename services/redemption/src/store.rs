@@ -73,33 +73,6 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Records a redemption refused before it started (the gate found the
-    /// class full) with its final error. False when the idempotency key is
-    /// already taken.
-    pub async fn insert_failed(&self, r: &Record, error: &Error) -> Result<bool, Error> {
-        let (code, reason) = error.code_and_reason();
-        let done = sqlx::query(
-            "INSERT INTO redemptions (redemption_id, idempotency_key, request, state, key_id, key_kind, target_id, user_id, user_created,
-                                      error_code, error_reason, error_message)
-             VALUES ($1, $2, $3, 'failed', $4, $5, $6, $7, $8, $9, $10, $11)
-             ON CONFLICT ON CONSTRAINT redemptions_idempotency_key_unique DO NOTHING",
-        )
-        .bind(r.redemption_id)
-        .bind(&r.idempotency_key)
-        .bind(&r.request)
-        .bind(r.key_id)
-        .bind(r.key_kind)
-        .bind(r.target_id)
-        .bind(r.user_id)
-        .bind(r.user_created)
-        .bind(code as i32)
-        .bind(reason)
-        .bind(error.to_string())
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
     /// Marks a redemption completed with its encoded response. False when it
     /// was already finished (by recovery or the live request).
     pub async fn complete(&self, redemption_id: Uuid, response: &[u8]) -> Result<bool, Error> {
