@@ -94,7 +94,7 @@ case "${1:-up}" in
   restart-pg)
     # For the chaos test "PostgreSQL restarted mid-herd": an immediate
     # (crash-like) restart of the throwaway server, same port and options.
-    as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m immediate -w -t 120 restart >/dev/null
+    as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/log" -m immediate -w -t 120 restart >/dev/null
     ;;
   down)
     if [ -f "$PG_DIR/data/PG_VERSION" ]; then as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m fast stop >/dev/null 2>&1 || true; fi

@@ -421,8 +421,9 @@ async fn retry_storm(admin: &Admin, target: &str) -> anyhow::Result<(String, Row
     Ok((line, row))
 }
 
-/// pgbench running enrollment's own transaction (seat guard + roster insert)
-/// over 1,000 roomy classes: the ceiling for committed enrollments.
+/// pgbench running enrollment's own statement (organization check, seat
+/// guard and roster insert in one) over 1,000 roomy classes and 100,000
+/// users: the ceiling for committed enrollments.
 fn pgbench_enroll(database_url: &str) -> anyhow::Result<f64> {
     let psql = |sql: &str| -> anyhow::Result<()> {
         let status = Command::new("psql")
@@ -435,6 +436,10 @@ fn pgbench_enroll(database_url: &str) -> anyhow::Result<f64> {
         "DROP SCHEMA IF EXISTS bench_ref CASCADE; CREATE SCHEMA bench_ref;
          CREATE TABLE bench_ref.classes (LIKE enrollment.classes INCLUDING ALL);
          CREATE TABLE bench_ref.enrollments (LIKE enrollment.enrollments INCLUDING ALL);
+         CREATE TABLE bench_ref.users (LIKE enrollment.users INCLUDING ALL);
+         INSERT INTO bench_ref.users (user_id, organization_id, email, display_name)
+           SELECT ('00000000-0000-0000-0001-' || lpad(n::text, 12, '0'))::uuid, 'bench', 'u' || n || '@bench', 'u'
+           FROM generate_series(1, 100000) n;
          INSERT INTO bench_ref.classes (class_id, organization_id, title, course_id, start_time, end_time, max_students, lab_access_days)
            SELECT ('00000000-0000-0000-0000-' || lpad(n::text, 12, '0'))::uuid, 'bench', 't', 'c', now(), now() + interval '1 day', 1000000, 0
            FROM generate_series(1, 1000) n;",
@@ -443,10 +448,15 @@ fn pgbench_enroll(database_url: &str) -> anyhow::Result<f64> {
     std::fs::write(
         &script,
         "\\set c random(1, 1000)\n\
-         BEGIN;\n\
-         UPDATE bench_ref.classes SET enrolled_count = enrolled_count + 1 WHERE class_id = ('00000000-0000-0000-0000-' || lpad(:c::text, 12, '0'))::uuid AND enrolled_count < max_students;\n\
-         INSERT INTO bench_ref.enrollments (enrollment_id, class_id, user_id) VALUES (gen_random_uuid(), ('00000000-0000-0000-0000-' || lpad(:c::text, 12, '0'))::uuid, gen_random_uuid()) ON CONFLICT (class_id, user_id) WHERE cancelled_at IS NULL DO NOTHING;\n\
-         COMMIT;\n",
+         \\set u random(1, 100000)\n\
+         WITH seat AS (UPDATE bench_ref.classes SET enrolled_count = enrolled_count + 1 \
+           WHERE class_id = ('00000000-0000-0000-0000-' || lpad(:c::text, 12, '0'))::uuid AND enrolled_count < max_students \
+           AND organization_id = (SELECT organization_id FROM bench_ref.users WHERE user_id = ('00000000-0000-0000-0001-' || lpad(:u::text, 12, '0'))::uuid) \
+           AND NOT EXISTS (SELECT 1 FROM bench_ref.enrollments WHERE class_id = ('00000000-0000-0000-0000-' || lpad(:c::text, 12, '0'))::uuid \
+             AND user_id = ('00000000-0000-0000-0001-' || lpad(:u::text, 12, '0'))::uuid AND cancelled_at IS NULL) \
+           RETURNING class_id) \
+         INSERT INTO bench_ref.enrollments (enrollment_id, class_id, user_id) \
+         SELECT gen_random_uuid(), class_id, ('00000000-0000-0000-0001-' || lpad(:u::text, 12, '0'))::uuid FROM seat;\n",
     )?;
     let out = Command::new("pgbench")
         .args([

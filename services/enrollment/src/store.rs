@@ -171,6 +171,38 @@ impl Store {
         user_id: Uuid,
         source_key_id: Option<Uuid>,
     ) -> Result<(Enrollment, bool), Error> {
+        // The common case in one statement (one round trip, and the class row
+        // is locked only for that statement): take a seat if there is one,
+        // the user belongs to the class's organization and holds no seat yet,
+        // and insert the enrollment. A concurrent enrollment of the same user
+        // makes the insert fail on the unique index, which undoes the seat.
+        let sql = format!(
+            "WITH seat AS (
+                 UPDATE classes SET enrolled_count = enrolled_count + 1
+                 WHERE class_id = $1 AND enrolled_count < max_students
+                   AND organization_id = (SELECT organization_id FROM users WHERE user_id = $2)
+                   AND NOT EXISTS (SELECT 1 FROM enrollments
+                                   WHERE class_id = $1 AND user_id = $2 AND cancelled_at IS NULL)
+                 RETURNING class_id)
+             INSERT INTO enrollments (enrollment_id, class_id, user_id, source_key_id)
+             SELECT $3, class_id, $2, $4 FROM seat
+             RETURNING {ENROLLMENT_COLUMNS}"
+        );
+        let taken: Result<Option<Enrollment>, sqlx::Error> =
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(class_id)
+                .bind(user_id)
+                .bind(Uuid::now_v7())
+                .bind(source_key_id)
+                .fetch_optional(&self.pool)
+                .await;
+        match taken {
+            Ok(Some(enrollment)) => return Ok((enrollment, false)),
+            // No seat taken: say why (or find the seat this user already has).
+            Ok(None) => {}
+            Err(e) if is_unique_violation(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
         let check: EnrollCheck = sqlx::query_as(
             "SELECT c.organization_id AS class_org, u.organization_id AS user_org, e.enrollment_id
              FROM (SELECT 1) AS one
@@ -398,4 +430,10 @@ impl Store {
         .fetch_all(&self.pool)
         .await?)
     }
+}
+
+/// Whether a statement failed on a unique index.
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.kind() == sqlx::error::ErrorKind::UniqueViolation)
 }
