@@ -30,6 +30,8 @@ fn rounds() -> usize {
 /// run settles in seconds.
 fn quick(c: &mut Config) {
     c.gate_hold_seconds = 5;
+    // Redis is paused for 1.5 s: past this timeout.
+    c.redis_timeout_ms = 500;
 }
 
 /// A class of MAX with an event key, its students, and the herd under `fault`.
