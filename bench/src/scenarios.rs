@@ -517,10 +517,11 @@ fn redis_gate(redis_url: &str) -> anyhow::Result<f64> {
         .args([
             "EVALSHA",
             &sha,
-            "3",
+            "4",
             "{class:bench}:holds",
             "{class:bench}:confirmed",
             "{class:bench}:ready",
+            "{class:bench}:fresh",
             "user:__rand_int__",
             "100",
             "1000000000",

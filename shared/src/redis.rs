@@ -9,7 +9,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::OnceCell;
 
-/// How long Redis is skipped after a failure.
+/// How long Redis is skipped after a failure, at least (and never shorter
+/// than one timeout, so a paused Redis costs each caller one wait at most
+/// per period, not most of them).
 const OPEN_CIRCUIT: Duration = Duration::from_secs(1);
 
 /// Why Redis could not be used for a call.
@@ -34,6 +36,8 @@ pub struct Redis {
     /// is overload, not an outage, and does not open the circuit.
     last_ok_ms: AtomicU64,
     timeout_ms: u64,
+    /// How long the circuit stays open: the longer of a second and a timeout.
+    open_ms: u64,
 }
 
 fn now_ms() -> u64 {
@@ -59,6 +63,7 @@ impl Redis {
             open_until_ms: AtomicU64::new(0),
             last_ok_ms: AtomicU64::new(0),
             timeout_ms: timeout.as_millis() as u64,
+            open_ms: OPEN_CIRCUIT.max(timeout).as_millis() as u64,
         })
     }
 
@@ -108,9 +113,9 @@ impl Redis {
     }
 
     fn trip(&self) {
-        let until = now_ms() + OPEN_CIRCUIT.as_millis() as u64;
+        let until = now_ms() + self.open_ms;
         if self.open_until_ms.swap(until, Ordering::Relaxed) < now_ms() {
-            tracing::warn!("redis unavailable: skipping it for {OPEN_CIRCUIT:?}");
+            tracing::warn!("redis unavailable: skipping it for {} ms", self.open_ms);
         }
     }
 }

@@ -802,11 +802,13 @@ async fn idempotent_replays_are_byte_identical() {
     );
 }
 
-/// A seat cancelled in enrollment is free at the gate at once: the gate
-/// counts more seats than PostgreSQL and nothing is in flight, so it
-/// rebuilds instead of turning the next student away.
+/// A seat cancelled in enrollment is free at the gate within a second (not
+/// when the class's gate state expires): the gate counts more seats than
+/// PostgreSQL and nothing is in flight, so it rebuilds instead of turning
+/// the next student away. (Within a second of a rebuild it trusts the roster
+/// it just read.)
 #[tokio::test]
-async fn a_cancelled_seat_is_free_at_the_gate_at_once() {
+async fn a_cancelled_seat_is_free_at_the_gate_within_a_second() {
     let sys = System::start(1).await;
     let org = org();
     let class = class(&sys, &org, 2, 1, 2, 0).await;
@@ -831,9 +833,18 @@ async fn a_cancelled_seat_is_free_at_the_gate_at_once() {
         })
         .await
         .unwrap();
-    let seated = redeem(&mut client, as_user(&key.code, &ids[2], &idem()))
-        .await
-        .unwrap();
+    let started = std::time::Instant::now();
+    let attempt = as_user(&key.code, &ids[2], &idem());
+    let seated = loop {
+        match redeem(&mut client, attempt.clone()).await {
+            Ok(seated) => break seated,
+            // Not recorded: the same attempt is decided afresh.
+            Err(s) if reason(&s) == "CLASS_FULL" && started.elapsed() < Duration::from_secs(3) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(s) => panic!("the freed seat was not offered: {s:?}"),
+        }
+    };
     assert_eq!(enrollment(&seated).user_id, ids[2]);
     assert_status(
         redeem(&mut client, as_user(&key.code, &ids[3], &idem())).await,

@@ -300,6 +300,16 @@ impl Store {
         enrollment_id: Uuid,
     ) -> Result<(Enrollment, bool), Error> {
         let mut tx = self.pool.begin().await?;
+        // The class row first, in the same order as Enroll takes its locks:
+        // a cancel and an enroll of the same student cannot deadlock.
+        sqlx::query(
+            "SELECT 1 FROM classes
+             WHERE class_id = (SELECT class_id FROM enrollments WHERE enrollment_id = $1)
+             FOR UPDATE",
+        )
+        .bind(enrollment_id)
+        .execute(&mut *tx)
+        .await?;
         let sql = format!(
             "UPDATE enrollments SET cancelled_at = now()
              WHERE enrollment_id = $1 AND cancelled_at IS NULL RETURNING {ENROLLMENT_COLUMNS}"

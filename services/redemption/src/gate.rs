@@ -21,6 +21,10 @@ use crate::error::Error;
 const REBUILD_LOCK: Duration = Duration::from_secs(3);
 /// How long a caller waits for someone else's rebuild before stepping aside.
 const REBUILD_WAIT: Duration = Duration::from_secs(2);
+/// How long after a rebuild a class's state is not rebuilt again for a
+/// cancelled seat: the enrolled counts callers bring may be older than the
+/// roster just read (at every sell-out they are).
+const FRESH: Duration = Duration::from_secs(1);
 
 /// The gate's answer for one user and class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +69,7 @@ pub struct Gate {
 /// Most classes remembered as active; beyond it the memory starts afresh.
 const MAX_ACTIVE: usize = 10_000;
 
-fn keys(class_id: Uuid) -> [String; 5] {
+fn keys(class_id: Uuid) -> [String; 6] {
     let tag = format!("{{class:{class_id}}}");
     [
         format!("{tag}:holds"),
@@ -73,6 +77,7 @@ fn keys(class_id: Uuid) -> [String; 5] {
         format!("{tag}:ready"),
         format!("{tag}:lock"),
         format!("{tag}:recent"),
+        format!("{tag}:fresh"),
     ]
 }
 
@@ -121,8 +126,8 @@ impl Gate {
             return Admission::Bypassed;
         }
         self.mark_active(class_id);
-        let [holds, confirmed, ready, _, _] = keys(class_id);
-        let (holds, confirmed, ready) = (&holds, &confirmed, &ready);
+        let [holds, confirmed, ready, _, _, fresh] = keys(class_id);
+        let (holds, confirmed, ready, fresh) = (&holds, &confirmed, &ready, &fresh);
         let mut roster = Some(roster);
         let deadline = tokio::time::Instant::now() + REBUILD_WAIT;
         loop {
@@ -135,6 +140,7 @@ impl Gate {
                         .key(holds)
                         .key(confirmed)
                         .key(ready)
+                        .key(fresh)
                         .arg(user_id.to_string())
                         .arg(self.hold.as_millis() as u64)
                         .arg(max_students)
@@ -173,7 +179,8 @@ impl Gate {
     }
 
     /// Rebuilds a class's confirmed seats if this caller wins the lock.
-    /// Returns whether it rebuilt (false: someone else is rebuilding).
+    /// Returns whether it rebuilt (false: someone else is rebuilding, or the
+    /// lock ran out before the roster was read).
     async fn try_rebuild<R, Fut>(
         &self,
         class_id: Uuid,
@@ -183,7 +190,7 @@ impl Gate {
         R: FnOnce() -> Fut,
         Fut: Future<Output = Result<Vec<String>, Error>>,
     {
-        let [holds, confirmed, ready, lock, recent] = keys(class_id);
+        let [holds, confirmed, ready, lock, recent, fresh] = keys(class_id);
         let token = Uuid::new_v4().to_string();
         let locked: Option<String> = self
             .redis
@@ -208,8 +215,9 @@ impl Gate {
         let users = roster()
             .await
             .map_err(|e| Box::new(e) as Box<dyn std::fmt::Display + Send>)?;
-        tracing::info!(%class_id, seats = users.len(), "rebuilt the gate state of a class from enrollment");
-        self.redis
+        let seats = users.len();
+        let rebuilt = self
+            .redis
             .run(|mut c| async move {
                 let mut invocation = self.rebuild.key(&confirmed);
                 invocation
@@ -217,8 +225,10 @@ impl Gate {
                     .key(&lock)
                     .key(&recent)
                     .key(&holds)
+                    .key(&fresh)
                     .arg(self.state_ttl.as_millis() as u64)
-                    .arg(&token);
+                    .arg(&token)
+                    .arg(FRESH.as_millis() as u64);
                 for u in &users {
                     invocation.arg(u);
                 }
@@ -226,7 +236,12 @@ impl Gate {
             })
             .await
             .map_err(|e| Box::new(e) as Box<dyn std::fmt::Display + Send>)?;
-        Ok(true)
+        // 0: the lock expired (or was flushed) while the roster was read, so
+        // this roster may be stale: not applied, and not counted as rebuilt.
+        if rebuilt == 1 {
+            tracing::info!(%class_id, seats, "rebuilt the gate state of a class from enrollment");
+        }
+        Ok(rebuilt == 1)
     }
 
     fn bypass(&self, class_id: Uuid, why: &dyn std::fmt::Display) -> Admission {
@@ -242,7 +257,7 @@ impl Gate {
         if !self.enabled {
             return;
         }
-        let [holds, confirmed, ready, lock, recent] = keys(class_id);
+        let [holds, confirmed, ready, lock, recent, _] = keys(class_id);
         let result = self
             .redis
             .run(|mut c| async move {

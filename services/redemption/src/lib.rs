@@ -82,7 +82,7 @@ pub struct Config {
     pub gate_hold_seconds: u64,
 
     /// Seconds a class's gate state is trusted before it is rebuilt from
-    /// enrollment anyway (a safety net: a cancelled seat is noticed at once).
+    /// enrollment anyway (a safety net: a cancelled seat is noticed within a second).
     #[arg(long, env = "GATE_STATE_TTL_SECONDS", default_value_t = 60)]
     pub gate_state_ttl_seconds: u64,
 

@@ -268,23 +268,24 @@ impl Redeemer {
         };
         if !inserted {
             // Another attempt took this idempotency key first: its answer is
-            // ours, and the hold this attempt placed is not needed.
-            if admission == Admission::Admitted {
+            // ours. The hold this attempt placed is released, unless that
+            // attempt is still on its way for the same seat: holds are per
+            // student, so its seat may rest on this hold, and its settle
+            // ends it.
+            let first = self
+                .store
+                .find(&cmd.idempotency_key)
+                .await?
+                .ok_or(Error::InProgress)?;
+            let same_seat_in_flight = first.state == "admitted"
+                && first.user_id == user_id
+                && first.target_id == target_id;
+            if admission == Admission::Admitted && !same_seat_in_flight {
                 self.gate.settle(target_id, user_id, false).await;
             }
-            return self.first_answer(&record).await;
+            return Box::pin(self.replay(first, &cmd.request)).await;
         }
         self.drive(&record, user).await
-    }
-
-    /// The answer of the attempt that recorded this idempotency key first.
-    async fn first_answer(&self, record: &Record) -> Result<pb::RedeemKeyResponse, Error> {
-        let first = self
-            .store
-            .find(&record.idempotency_key)
-            .await?
-            .ok_or(Error::InProgress)?;
-        Box::pin(self.replay(first, &record.request)).await
     }
 
     /// ResolveKey; unknown and mistyped codes count as failed attempts.

@@ -2,6 +2,7 @@
 -- KEYS[1] {class:ID}:holds      ZSET user -> hold expiry (ms, Redis clock)
 -- KEYS[2] {class:ID}:confirmed  SET of users whose enrollment committed
 -- KEYS[3] {class:ID}:ready      present while the state above is trustworthy
+-- KEYS[4] {class:ID}:fresh      present for a moment after a rebuild
 -- ARGV[1] user id, ARGV[2] hold length (ms), ARGV[3] the class's current maximum,
 -- ARGV[4] the class's enrolled count as PostgreSQL last told the caller (-1: skip)
 -- Returns: 'MISSING' (rebuild first), 'STALE' (rebuild first: a seat was freed
@@ -22,9 +23,11 @@ local confirmed = redis.call('SCARD', KEYS[2])
 local held = redis.call('ZCARD', KEYS[1])
 if confirmed + held >= tonumber(ARGV[3]) then
   -- Nothing in flight, yet more confirmed seats than PostgreSQL counted:
-  -- a seat was cancelled since the gate last looked.
+  -- a seat was cancelled since the gate last looked. (Right after a rebuild
+  -- the caller's count may just be older than the roster: not then.)
   local enrolled = tonumber(ARGV[4] or '-1')
-  if enrolled >= 0 and held == 0 and confirmed > enrolled then
+  if enrolled >= 0 and held == 0 and confirmed > enrolled
+      and redis.call('EXISTS', KEYS[4]) == 0 then
     return 'STALE'
   end
   return 'FULL'
