@@ -1,11 +1,14 @@
-//! Logs and traces. Logs are human-readable or JSON (`LOG_FORMAT`), filtered by
-//! `RUST_LOG`. When `OTEL_EXPORTER_OTLP_ENDPOINT` is set, spans also go to an
+//! Logs, traces and metrics. Logs are human-readable or JSON (`LOG_FORMAT`),
+//! filtered by `RUST_LOG`. When `OTEL_EXPORTER_OTLP_ENDPOINT` is set, spans
+//! and metrics (through the global meter provider, exported every
+//! `OTEL_METRIC_EXPORT_INTERVAL` ms, 60 s by default) also go to an
 //! OpenTelemetry collector over OTLP/gRPC. W3C `traceparent` is read from
 //! incoming gRPC metadata and written into outgoing calls, so one redemption
 //! is one trace across the three services.
 
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -15,10 +18,12 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::LogFormat;
 
-/// Flushes and stops the trace exporter when dropped (at process exit).
-#[must_use = "dropping the guard stops trace export"]
+/// Flushes and stops the trace and metric exporters when dropped (at
+/// process exit).
+#[must_use = "dropping the guard stops trace and metric export"]
 pub struct TelemetryGuard {
     provider: Option<SdkTracerProvider>,
+    meters: Option<SdkMeterProvider>,
 }
 
 impl Drop for TelemetryGuard {
@@ -27,6 +32,11 @@ impl Drop for TelemetryGuard {
             && let Err(e) = provider.shutdown()
         {
             eprintln!("trace exporter shutdown failed: {e}");
+        }
+        if let Some(meters) = self.meters.take()
+            && let Err(e) = meters.shutdown()
+        {
+            eprintln!("metric exporter shutdown failed: {e}");
         }
     }
 }
@@ -44,22 +54,29 @@ pub fn init(service_name: &'static str, format: LogFormat) -> anyhow::Result<Tel
             .boxed(),
     };
 
-    let provider = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
+    let (provider, meters) = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
         Ok(endpoint) if !endpoint.is_empty() => {
-            let exporter = opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .build()?;
             let resource = opentelemetry_sdk::Resource::builder()
                 .with_service_name(service_name)
                 .build();
-            Some(
-                SdkTracerProvider::builder()
-                    .with_batch_exporter(exporter)
-                    .with_resource(resource)
-                    .build(),
-            )
+            let spans = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .build()?;
+            let metrics = opentelemetry_otlp::MetricExporter::builder()
+                .with_tonic()
+                .build()?;
+            let meters = SdkMeterProvider::builder()
+                .with_periodic_exporter(metrics)
+                .with_resource(resource.clone())
+                .build();
+            opentelemetry::global::set_meter_provider(meters.clone());
+            let provider = SdkTracerProvider::builder()
+                .with_batch_exporter(spans)
+                .with_resource(resource)
+                .build();
+            (Some(provider), Some(meters))
         }
-        _ => None,
+        _ => (None, None),
     };
     let otel = provider.as_ref().map(|p| {
         tracing_opentelemetry::layer()
@@ -71,9 +88,9 @@ pub fn init(service_name: &'static str, format: LogFormat) -> anyhow::Result<Tel
         .with(otel)
         .try_init()?;
     if provider.is_some() {
-        tracing::info!("exporting traces over OTLP");
+        tracing::info!("exporting traces and metrics over OTLP");
     }
-    Ok(TelemetryGuard { provider })
+    Ok(TelemetryGuard { provider, meters })
 }
 
 /// Installs a test subscriber that prints only when `TEST_LOG` is set.

@@ -6,5 +6,6 @@ mod chaos;
 mod enrollment;
 mod health;
 mod key_issuance;
+mod metrics;
 mod redemption;
 mod traces;

@@ -16,6 +16,7 @@ use trainingkeys_shared::redis::Redis;
 use uuid::Uuid;
 
 use crate::error::Error;
+use crate::metrics::METRICS;
 
 /// How long the rebuild lock lives if its holder dies.
 const REBUILD_LOCK: Duration = Duration::from_secs(3);
@@ -50,7 +51,8 @@ pub struct Gate {
     admit: Script,
     settle: Script,
     rebuild: Script,
-    /// Admissions that fell back to the PostgreSQL guard (exported in logs).
+    /// Admissions that fell back to the PostgreSQL guard (a running count in
+    /// the logs; the metric is `trainingkeys.redemption.gate.bypassed`).
     pub bypassed: AtomicU64,
     /// Classes whose Redis state may disagree with PostgreSQL (a settle was
     /// lost): rebuilt by [`repair`](Self::repair).
@@ -240,6 +242,7 @@ impl Gate {
         // this roster may be stale: not applied, and not counted as rebuilt.
         if rebuilt == 1 {
             tracing::info!(%class_id, seats, "rebuilt the gate state of a class from enrollment");
+            METRICS.gate_rebuilt.add(1, &[]);
         }
         Ok(rebuilt == 1)
     }
@@ -247,6 +250,7 @@ impl Gate {
     fn bypass(&self, class_id: Uuid, why: &dyn std::fmt::Display) -> Admission {
         self.mark_dirty(class_id);
         let n = self.bypassed.fetch_add(1, Ordering::Relaxed) + 1;
+        METRICS.gate_bypassed.add(1, &[]);
         tracing::warn!(%class_id, gate_bypassed_total = n, "admission gate unavailable ({why}): PostgreSQL guard only");
         Admission::Bypassed
     }

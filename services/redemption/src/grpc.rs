@@ -10,6 +10,7 @@ use trainingkeys_shared::validate;
 
 use crate::domain::{self, RedeemCommand};
 use crate::error::Error;
+use crate::metrics::METRICS;
 use crate::redeem::Redeemer;
 
 /// `RedemptionService` over a [`Redeemer`].
@@ -58,7 +59,11 @@ impl RedemptionService for RedemptionGrpc {
         request: Request<pb::RedeemKeyRequest>,
     ) -> Result<Response<pb::RedeemKeyResponse>, Status> {
         let caller = caller(&request);
-        let cmd = RedeemCommand::try_from(request.into_inner()).map_err(Error::from)?;
-        Ok(Response::new(self.redeemer.redeem(cmd, &caller).await?))
+        let answer = match RedeemCommand::try_from(request.into_inner()) {
+            Ok(cmd) => self.redeemer.redeem(cmd, &caller).await,
+            Err(invalid) => Err(Error::from(invalid)),
+        };
+        METRICS.redeemed(answer.as_ref().map_or_else(Error::reason, |_| "OK"));
+        Ok(Response::new(answer?))
     }
 }

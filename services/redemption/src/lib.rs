@@ -11,6 +11,7 @@ pub mod error;
 pub mod gate;
 pub mod grpc;
 pub mod limiter;
+pub mod metrics;
 pub mod recovery;
 pub mod redeem;
 pub mod store;

@@ -10,6 +10,7 @@ use redis::Script;
 use trainingkeys_shared::redis::Redis;
 
 use crate::error::Error;
+use crate::metrics::METRICS;
 
 /// The failed-attempt limiter.
 pub struct Limiter {
@@ -59,6 +60,7 @@ impl Limiter {
             Ok(counts) => counts,
             Err(e) => {
                 tracing::warn!(error = %e, "guessing limits unavailable: allowing the attempt");
+                METRICS.limits_bypassed.add(1, &[]);
                 return Ok(());
             }
         };
