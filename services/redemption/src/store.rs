@@ -16,7 +16,9 @@ use crate::error::Error;
 /// Most idempotency keys looked up by one query.
 const MAX_BATCH: usize = 512;
 /// Batched look-ups in flight at once; while they run, the next batch grows.
-const CONCURRENT_BATCHES: usize = 4;
+/// One measured best on 2 cores: 12,000 sold-out rejections/s against
+/// 11,000 with four (batches of ~21 keys instead of ~6).
+const CONCURRENT_BATCHES: usize = 1;
 
 /// One caller waiting for the record of an idempotency key.
 type Find = (String, oneshot::Sender<Result<Option<Record>, Error>>);
