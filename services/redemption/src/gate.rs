@@ -320,17 +320,7 @@ impl Gate {
             tracing::warn!(
                 "redis restarted or failed over: rebuilding the gate state of every active class"
             );
-            let active: Vec<Uuid> = self
-                .active
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .iter()
-                .copied()
-                .collect();
-            self.dirty
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .extend(active);
+            self.mark_all_active();
         }
     }
 
@@ -344,6 +334,12 @@ impl Gate {
 
     /// Marks `class_id` and every class admitted to lately for a rebuild.
     fn mark_dirty(&self, class_id: Uuid) {
+        self.mark_rebuild(class_id);
+        self.mark_all_active();
+    }
+
+    /// Marks every class admitted to lately for a rebuild.
+    fn mark_all_active(&self) {
         let active: Vec<Uuid> = self
             .active
             .lock()
@@ -351,9 +347,10 @@ impl Gate {
             .iter()
             .copied()
             .collect();
-        let mut dirty = self.dirty.lock().unwrap_or_else(PoisonError::into_inner);
-        dirty.insert(class_id);
-        dirty.extend(active);
+        self.dirty
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(active);
     }
 
     fn mark_active(&self, class_id: Uuid) {
