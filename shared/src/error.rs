@@ -63,6 +63,23 @@ pub fn status_with(
     Status::with_error_details(code, message, details)
 }
 
+/// Like [`status`], naming the id the status is about in the ErrorInfo
+/// metadata under `field` (e.g. `class_id` for a class that was not found).
+pub fn status_with_id(
+    code: Code,
+    reason: &str,
+    field: &str,
+    id: impl std::fmt::Display,
+    message: impl Into<String>,
+) -> Status {
+    status_with(
+        code,
+        reason,
+        message,
+        HashMap::from([(field.to_owned(), id.to_string())]),
+    )
+}
+
 /// An unexpected failure: the whole error chain goes to the log, the client
 /// gets a fixed message that leaks nothing.
 pub fn internal(error: &(dyn std::error::Error + 'static)) -> Status {

@@ -1,11 +1,9 @@
 //! Everything that can go wrong in the enrollment service, and the one place
 //! where each failure becomes a gRPC status with a reason.
 
-use std::collections::HashMap;
-
 use tonic::{Code, Status};
 use trainingkeys_shared::InvalidField;
-use trainingkeys_shared::error::{database, status, status_with};
+use trainingkeys_shared::error::{database, status, status_with_id};
 use uuid::Uuid;
 
 /// The enrollment service's failures.
@@ -35,12 +33,7 @@ pub enum Error {
 }
 
 fn not_found(reason: &str, field: &str, id: Uuid, message: String) -> Status {
-    status_with(
-        Code::NotFound,
-        reason,
-        message,
-        HashMap::from([(field.to_owned(), id.to_string())]),
-    )
+    status_with_id(Code::NotFound, reason, field, id, message)
 }
 
 impl From<Error> for Status {
@@ -57,11 +50,12 @@ impl From<Error> for Status {
             Error::OrganizationMismatch { .. } => {
                 status(Code::FailedPrecondition, "ORGANIZATION_MISMATCH", message)
             }
-            Error::ClassFull(id) => status_with(
+            Error::ClassFull(id) => status_with_id(
                 Code::ResourceExhausted,
                 "CLASS_FULL",
+                "class_id",
+                id,
                 message,
-                HashMap::from([("class_id".to_owned(), id.to_string())]),
             ),
             Error::MaxBelowEnrolled { .. } => {
                 status(Code::FailedPrecondition, "MAX_BELOW_ENROLLED", message)

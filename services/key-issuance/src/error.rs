@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use tonic::{Code, Status};
 use trainingkeys_shared::InvalidField;
-use trainingkeys_shared::error::{database, internal, status, status_with};
+use trainingkeys_shared::error::{database, internal, status, status_with, status_with_id};
 use uuid::Uuid;
 
 use crate::secrets::DecryptError;
@@ -97,15 +97,6 @@ pub enum Error {
     Database(#[from] sqlx::Error),
 }
 
-fn with_id(code: Code, reason: &str, field: &str, id: Uuid, message: String) -> Status {
-    status_with(
-        code,
-        reason,
-        message,
-        HashMap::from([(field.to_owned(), id.to_string())]),
-    )
-}
-
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         let message = e.to_string();
@@ -113,13 +104,13 @@ impl From<Error> for Status {
             Error::InvalidField(f) => f.into(),
             Error::KeyMistyped => status(Code::InvalidArgument, "KEY_MISTYPED", message),
             Error::KeyNotFound(id) => {
-                with_id(Code::NotFound, "KEY_NOT_FOUND", "key_id", id, message)
+                status_with_id(Code::NotFound, "KEY_NOT_FOUND", "key_id", id, message)
             }
             Error::CodeNotFound => status(Code::NotFound, "KEY_NOT_FOUND", message),
             Error::ClassNotFound(id) => {
-                with_id(Code::NotFound, "CLASS_NOT_FOUND", "class_id", id, message)
+                status_with_id(Code::NotFound, "CLASS_NOT_FOUND", "class_id", id, message)
             }
-            Error::ProfileNotFound(id) => with_id(
+            Error::ProfileNotFound(id) => status_with_id(
                 Code::NotFound,
                 "PROFILE_NOT_FOUND",
                 "profile_id",
@@ -127,9 +118,9 @@ impl From<Error> for Status {
                 message,
             ),
             Error::PoolNotFound(id) => {
-                with_id(Code::NotFound, "POOL_NOT_FOUND", "pool_id", id, message)
+                status_with_id(Code::NotFound, "POOL_NOT_FOUND", "pool_id", id, message)
             }
-            Error::PoolProfileMismatch { pool_id, .. } => with_id(
+            Error::PoolProfileMismatch { pool_id, .. } => status_with_id(
                 Code::FailedPrecondition,
                 "POOL_PROFILE_MISMATCH",
                 "pool_id",
@@ -163,21 +154,21 @@ impl From<Error> for Status {
                 message,
                 HashMap::from([("placeholder".to_owned(), name)]),
             ),
-            Error::NoEventKey(id) => with_id(
+            Error::NoEventKey(id) => status_with_id(
                 Code::FailedPrecondition,
                 "NO_EVENT_KEY",
                 "class_id",
                 id,
                 message,
             ),
-            Error::KeyAlreadyRedeemed(id) => with_id(
+            Error::KeyAlreadyRedeemed(id) => status_with_id(
                 Code::FailedPrecondition,
                 "KEY_ALREADY_REDEEMED",
                 "key_id",
                 id,
                 message,
             ),
-            Error::KeyRevoked(id) => with_id(
+            Error::KeyRevoked(id) => status_with_id(
                 Code::FailedPrecondition,
                 "KEY_REVOKED",
                 "key_id",
