@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use trainingkeys_proto::v1::enrollment_service_client::EnrollmentServiceClient;
 use trainingkeys_proto::v1::key_issuance_service_client::KeyIssuanceServiceClient;
+use trainingkeys_shared::cli::Service;
 use trainingkeys_shared::config::CommonConfig;
 
 /// The server `make test` started, from `DATABASE_URL`.
@@ -87,9 +88,18 @@ pub async fn spawn_enrollment(database_url: &str) -> Spawned {
         listen_addr: "127.0.0.1:0".parse().unwrap(),
         common: common_config(database_url),
     };
-    let app = trainingkeys_enrollment::Application::build(config)
+    spawn::<trainingkeys_enrollment::Application>(config).await
+}
+
+/// Builds service `S` (connect, migrate, bind) and serves it on this runtime
+/// until its `shutdown` is cancelled.
+pub async fn spawn<S>(config: S::Config) -> Spawned
+where
+    S: Service + Send + 'static,
+{
+    let app = S::build(config)
         .await
-        .expect("build enrollment");
+        .unwrap_or_else(|e| panic!("build {}: {e:#}", S::NAME));
     let addr = app.local_addr().unwrap();
     let shutdown = CancellationToken::new();
     let handle = tokio::spawn(app.run(shutdown.clone()));
@@ -144,17 +154,7 @@ pub async fn spawn_key_issuance(database_url: &str, enrollment_url: &str) -> Spa
         TEST_ENCRYPTION_KEY,
     );
     config.common = common_config(database_url);
-    let app = trainingkeys_key_issuance::Application::build(config)
-        .await
-        .expect("build key issuance");
-    let addr = app.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
-    let handle = tokio::spawn(app.run(shutdown.clone()));
-    Spawned {
-        addr,
-        shutdown,
-        handle,
-    }
+    spawn::<trainingkeys_key_issuance::Application>(config).await
 }
 
 /// A fresh database with the real enrollment and key issuance services on

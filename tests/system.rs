@@ -5,7 +5,6 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use trainingkeys_proto::v1::enrollment_service_client::EnrollmentServiceClient;
 use trainingkeys_proto::v1::key_issuance_service_client::KeyIssuanceServiceClient;
@@ -252,17 +251,7 @@ pub fn redemption_config(
 
 /// One redemption replica.
 pub async fn spawn_redemption(config: trainingkeys_redemption::Config) -> Spawned {
-    let app = trainingkeys_redemption::Application::build(config)
-        .await
-        .expect("build redemption");
-    let addr = app.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
-    let handle = tokio::spawn(app.run(shutdown.clone()));
-    Spawned {
-        addr,
-        shutdown,
-        handle,
-    }
+    crate::spawn::<trainingkeys_redemption::Application>(config).await
 }
 
 /// Enrollment, key-issuance and redemption replicas, with clients.

@@ -24,6 +24,8 @@ pub trait Service: Sized {
     fn common(config: &Self::Config) -> &CommonConfig;
     /// Connects, migrates and binds.
     fn build(config: Self::Config) -> impl Future<Output = anyhow::Result<Self>> + Send;
+    /// The address it is bound to (after [`build`](Self::build)).
+    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr>;
     /// Serves until `shutdown` is cancelled.
     fn run(self, shutdown: CancellationToken) -> impl Future<Output = anyhow::Result<()>> + Send;
 }

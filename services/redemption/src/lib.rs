@@ -255,6 +255,9 @@ impl trainingkeys_shared::cli::Service for Application {
     async fn build(config: Config) -> anyhow::Result<Self> {
         Application::build(config).await
     }
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Application::local_addr(self)
+    }
     async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         Application::run(self, shutdown).await
     }
