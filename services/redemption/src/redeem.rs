@@ -225,22 +225,6 @@ impl Redeemer {
             }
             None => Admission::Bypassed,
         };
-        let record = Record {
-            redemption_id: Uuid::now_v7(),
-            idempotency_key: cmd.idempotency_key.clone(),
-            request: cmd.request.clone(),
-            state: "admitted".into(),
-            key_id,
-            key_kind: kind as i32,
-            target_id,
-            user_id,
-            user_created,
-            response: None,
-            error_code: None,
-            error_reason: None,
-            error_message: None,
-            updated_at: Utc::now(),
-        };
         if admission == Admission::Full {
             return Err(Error::ClassFull);
         }
@@ -257,6 +241,22 @@ impl Redeemer {
             },
         };
 
+        let record = Record {
+            redemption_id: Uuid::now_v7(),
+            idempotency_key: cmd.idempotency_key.clone(),
+            request: cmd.request.clone(),
+            state: "admitted".into(),
+            key_id,
+            key_kind: kind as i32,
+            target_id,
+            user_id,
+            user_created,
+            response: None,
+            error_code: None,
+            error_reason: None,
+            error_message: None,
+            updated_at: Utc::now(),
+        };
         let inserted = match self.store.insert(&record).await {
             Ok(inserted) => inserted,
             Err(e) => {
