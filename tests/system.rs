@@ -442,6 +442,7 @@ pub async fn users(sys: &System, org: &str, n: usize) -> Vec<String> {
                     organization_id: org,
                     email: format!("student{i}@example.com"),
                     display_name: format!("Student {i}"),
+                    ..Default::default()
                 })
                 .await
                 .unwrap()

@@ -76,6 +76,7 @@ impl Admin {
                     organization_id: self.organization_id.clone(),
                     email: format!("s{i}-{tag}@example.com"),
                     display_name: format!("Student {i}"),
+                    ..Default::default()
                 };
                 async move {
                     c.register_user(request)

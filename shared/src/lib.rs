@@ -12,5 +12,6 @@ pub mod redis;
 pub mod server;
 pub mod telemetry;
 pub mod validate;
+pub mod window;
 
 pub use error::InvalidField;

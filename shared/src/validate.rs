@@ -107,6 +107,21 @@ pub fn email(field: &'static str, value: &str) -> Result<String, InvalidField> {
     Ok(email)
 }
 
+/// Normalises a typed training key code as key-issuance reads it: drops
+/// whitespace and hyphens, upper-cases ASCII letters, reads `I`/`L` as `1`
+/// and `O` as `0`. Two spellings with the same normal form name the same key.
+pub fn normalize_code(input: &str) -> String {
+    input
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != '-')
+        .map(|c| match c.to_ascii_uppercase() {
+            'I' | 'L' => '1',
+            'O' => '0',
+            other => other,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -49,6 +49,7 @@ async fn register(client: &mut Client, organization_id: &str, email: &str) -> pb
             organization_id: organization_id.into(),
             email: email.into(),
             display_name: "Student".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -67,6 +68,7 @@ async fn enroll(
             class_id: class_id.into(),
             user_id: user_id.into(),
             source_key_id: String::new(),
+            ..Default::default()
         })
         .await
         .map(tonic::Response::into_inner)
@@ -104,6 +106,7 @@ async fn users_are_get_or_create_by_case_insensitive_email() {
             organization_id: org.clone(),
             email: "  Ada.Lovelace@Example.COM ".into(),
             display_name: "Ada".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -118,6 +121,7 @@ async fn users_are_get_or_create_by_case_insensitive_email() {
             organization_id: org.clone(),
             email: "ADA.LOVELACE@example.com".into(),
             display_name: "Someone else".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -134,6 +138,7 @@ async fn users_are_get_or_create_by_case_insensitive_email() {
         .client
         .get_user(pb::GetUserRequest {
             user_id: user.user_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -364,6 +369,7 @@ async fn user_input_is_checked() {
                     organization_id: org.into(),
                     email: email.into(),
                     display_name: String::new(),
+                    ..Default::default()
                 })
                 .await,
             Code::InvalidArgument,
@@ -375,6 +381,7 @@ async fn user_input_is_checked() {
         app.client
             .get_user(pb::GetUserRequest {
                 user_id: String::new(),
+                ..Default::default()
             })
             .await,
         Code::InvalidArgument,
@@ -384,6 +391,7 @@ async fn user_input_is_checked() {
         app.client
             .get_user(pb::GetUserRequest {
                 user_id: uuid::Uuid::new_v4().to_string(),
+                ..Default::default()
             })
             .await,
         Code::NotFound,
@@ -406,6 +414,7 @@ async fn enroll_cancel_and_roster() {
             class_id: class.class_id.clone(),
             user_id: ada.user_id.clone(),
             source_key_id: key_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -535,6 +544,7 @@ async fn enroll_input_is_checked() {
                 class_id: class.class_id.clone(),
                 user_id: user.user_id.clone(),
                 source_key_id: "k".into(),
+                ..Default::default()
             })
             .await,
         Code::InvalidArgument,
@@ -744,6 +754,7 @@ async fn profiles_and_subscriptions() {
         profile_id: profile.profile_id.clone(),
         user_id: user.user_id.clone(),
         source_key_id: key.into(),
+        ..Default::default()
     };
     let key = uuid::Uuid::new_v4().to_string();
     let first = app
@@ -848,6 +859,7 @@ async fn profiles_and_subscriptions() {
                 profile_id: unknown.clone(),
                 user_id: user.user_id.clone(),
                 source_key_id: String::new(),
+                ..Default::default()
             })
             .await,
         Code::NotFound,
@@ -859,6 +871,7 @@ async fn profiles_and_subscriptions() {
                 profile_id: profile.profile_id.clone(),
                 user_id: unknown.clone(),
                 source_key_id: String::new(),
+                ..Default::default()
             })
             .await,
         Code::NotFound,
@@ -871,6 +884,7 @@ async fn profiles_and_subscriptions() {
                 profile_id: profile.profile_id.clone(),
                 user_id: outsider.user_id,
                 source_key_id: String::new(),
+                ..Default::default()
             })
             .await,
         Code::FailedPrecondition,

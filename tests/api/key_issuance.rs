@@ -183,6 +183,7 @@ async fn consume(
             key_id: key_id.into(),
             user_id: user_id.into(),
             redemption_id: redemption_id.into(),
+            ..Default::default()
         })
         .await
         .map(tonic::Response::into_inner)
@@ -1087,6 +1088,7 @@ async fn consume_and_release_keep_uses_exact() {
     let release = |redemption_id: &str| pb::ReleaseKeyRequest {
         key_id: key.key_id.clone(),
         redemption_id: redemption_id.into(),
+        ..Default::default()
     };
     assert!(
         app.client
@@ -1116,6 +1118,7 @@ async fn consume_and_release_keep_uses_exact() {
             .release_key(pb::ReleaseKeyRequest {
                 key_id: uuid(),
                 redemption_id: uuid(),
+                ..Default::default()
             })
             .await,
         Code::NotFound,

@@ -400,7 +400,7 @@ async fn every_reason_code() {
         .await
         .unwrap();
     assert_status(
-        redeem(&mut client, as_user(&pool_keys[0].code, &ids[1], &key_a)).await,
+        redeem(&mut client, as_user(&later[0].code, &ids[2], &key_a)).await,
         Code::InvalidArgument,
         "IDEMPOTENCY_KEY_REUSED",
     );

@@ -25,6 +25,8 @@ const MAX_COURSES: usize = 1000;
 /// RegisterUser, validated.
 #[derive(Debug)]
 pub struct NewUser {
+    /// The id to give the user if created (the server picks when `None`).
+    pub user_id: Option<Uuid>,
     pub organization_id: String,
     pub email: String,
     pub display_name: String,
@@ -34,6 +36,7 @@ impl TryFrom<pb::RegisterUserRequest> for NewUser {
     type Error = InvalidField;
     fn try_from(r: pb::RegisterUserRequest) -> Result<Self, InvalidField> {
         Ok(Self {
+            user_id: validate::optional_id("user_id", &r.user_id)?,
             organization_id: validate::organization_id("organization_id", &r.organization_id)?,
             email: validate::email("email", &r.email)?,
             display_name: validate::text("display_name", &r.display_name, MAX_TEXT, false)?,
@@ -114,13 +117,27 @@ fn lab_access_days(n: i32) -> Result<i32, InvalidField> {
     }
 }
 
-/// The end must come after the start.
+/// The latest class end: with the longest lab access after it, the lab
+/// access end still fits a `google.protobuf.Timestamp` (year 9999).
+fn latest_end() -> DateTime<Utc> {
+    DateTime::<Utc>::MAX_UTC
+        .min(DateTime::from_timestamp(253_402_300_799, 0).unwrap_or(DateTime::<Utc>::MAX_UTC))
+        - Duration::days(i64::from(MAX_LAB_ACCESS_DAYS))
+}
+
+/// The end must come after the start, and early enough that the lab access
+/// end can be computed and sent.
 pub fn schedule(start: DateTime<Utc>, end: DateTime<Utc>) -> Result<(), InvalidField> {
-    if end > start {
-        Ok(())
-    } else {
-        Err(InvalidField::new("end_time", "must be after start_time"))
+    if end <= start {
+        return Err(InvalidField::new("end_time", "must be after start_time"));
     }
+    if end > latest_end() {
+        return Err(InvalidField::new(
+            "end_time",
+            format!("must be at most {}", latest_end().to_rfc3339()),
+        ));
+    }
+    Ok(())
 }
 
 /// UpdateClass, validated field by field; the schedule is checked against the
@@ -203,7 +220,12 @@ pub struct Class {
 
 impl From<Class> for pb::Class {
     fn from(c: Class) -> Self {
-        let lab_access_end = c.end_time + Duration::days(i64::from(c.lab_access_days));
+        // Saturating: a stored end is never that late (see `schedule`), but a
+        // conversion must not panic whatever the row holds.
+        let lab_access_end = c
+            .end_time
+            .checked_add_signed(Duration::days(i64::from(c.lab_access_days)))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
         Self {
             class_id: c.class_id.to_string(),
             organization_id: c.organization_id,
@@ -295,6 +317,7 @@ pub struct Enrollment {
     pub source_key_id: Option<Uuid>,
     pub enrolled_at: DateTime<Utc>,
     pub cancelled_at: Option<DateTime<Utc>>,
+    pub redemption_id: Option<Uuid>,
 }
 
 impl From<Enrollment> for pb::Enrollment {
@@ -312,6 +335,7 @@ impl From<Enrollment> for pb::Enrollment {
             enrolled_at: Some(to_timestamp(e.enrolled_at)),
             status: status.into(),
             cancelled_at: to_timestamp_opt(e.cancelled_at),
+            redemption_id: e.redemption_id.map(|r| r.to_string()).unwrap_or_default(),
         }
     }
 }
@@ -326,6 +350,7 @@ pub struct Subscription {
     pub starts_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
     pub course_ids: Vec<String>,
+    pub redemption_id: Option<Uuid>,
 }
 
 impl From<Subscription> for pb::Subscription {
@@ -339,6 +364,7 @@ impl From<Subscription> for pb::Subscription {
             expires_at: Some(to_timestamp(s.expires_at)),
             course_ids: s.course_ids,
             active: Utc::now() < s.expires_at,
+            redemption_id: s.redemption_id.map(|r| r.to_string()).unwrap_or_default(),
         }
     }
 }

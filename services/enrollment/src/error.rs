@@ -13,6 +13,8 @@ pub enum Error {
     InvalidField(#[from] InvalidField),
     #[error("user {0} not found")]
     UserNotFound(Uuid),
+    #[error("no user with that email in that organization")]
+    UserNotFoundByEmail,
     #[error("class {0} not found")]
     ClassNotFound(Uuid),
     #[error("subscription profile {0} not found")]
@@ -42,6 +44,7 @@ impl From<Error> for Status {
         match e {
             Error::InvalidField(f) => f.into(),
             Error::UserNotFound(id) => not_found("USER_NOT_FOUND", "user_id", id, message),
+            Error::UserNotFoundByEmail => status(Code::NotFound, "USER_NOT_FOUND", message),
             Error::ClassNotFound(id) => not_found("CLASS_NOT_FOUND", "class_id", id, message),
             Error::ProfileNotFound(id) => not_found("PROFILE_NOT_FOUND", "profile_id", id, message),
             Error::EnrollmentNotFound(id) => {

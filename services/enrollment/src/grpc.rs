@@ -43,8 +43,19 @@ impl EnrollmentService for EnrollmentGrpc {
     }
 
     async fn get_user(&self, request: Request<pb::GetUserRequest>) -> Reply<pb::GetUserResponse> {
-        let user_id = validate::id("user_id", &request.get_ref().user_id).map_err(Error::from)?;
-        let user = self.store.get_user(user_id).await?;
+        let r = request.get_ref();
+        let user = if r.user_id.is_empty() && !r.email.is_empty() {
+            let org = validate::organization_id("organization_id", &r.organization_id)
+                .map_err(Error::from)?;
+            let email = validate::email("email", &r.email).map_err(Error::from)?;
+            self.store
+                .find_user(&org, &email)
+                .await?
+                .ok_or(Error::UserNotFoundByEmail)?
+        } else {
+            let user_id = validate::id("user_id", &r.user_id).map_err(Error::from)?;
+            self.store.get_user(user_id).await?
+        };
         reply(pb::GetUserResponse {
             user: Some(user.into()),
         })
@@ -113,8 +124,12 @@ impl EnrollmentService for EnrollmentGrpc {
         let user_id = validate::id("user_id", &r.user_id).map_err(Error::from)?;
         let source_key_id =
             validate::optional_id("source_key_id", &r.source_key_id).map_err(Error::from)?;
-        let (enrollment, already_enrolled) =
-            self.store.enroll(class_id, user_id, source_key_id).await?;
+        let redemption_id =
+            validate::optional_id("redemption_id", &r.redemption_id).map_err(Error::from)?;
+        let (enrollment, already_enrolled) = self
+            .store
+            .enroll(class_id, user_id, source_key_id, redemption_id)
+            .await?;
         reply(pb::EnrollResponse {
             enrollment: Some(enrollment.into()),
             already_enrolled,
@@ -166,9 +181,11 @@ impl EnrollmentService for EnrollmentGrpc {
         let user_id = validate::id("user_id", &r.user_id).map_err(Error::from)?;
         let source_key_id =
             validate::optional_id("source_key_id", &r.source_key_id).map_err(Error::from)?;
+        let redemption_id =
+            validate::optional_id("redemption_id", &r.redemption_id).map_err(Error::from)?;
         let (subscription, already_assigned) = self
             .store
-            .assign_subscription(profile_id, user_id, source_key_id)
+            .assign_subscription(profile_id, user_id, source_key_id, redemption_id)
             .await?;
         reply(pb::AssignSubscriptionResponse {
             subscription: Some(subscription.into()),

@@ -14,7 +14,9 @@ use crate::error::Error;
 const CLASS_COLUMNS: &str = "class_id, organization_id, title, course_id, start_time, end_time, \
      max_students, lab_access_days, enrolled_count, created_at, updated_at";
 const ENROLLMENT_COLUMNS: &str =
-    "enrollment_id, class_id, user_id, source_key_id, enrolled_at, cancelled_at";
+    "enrollment_id, class_id, user_id, source_key_id, enrolled_at, cancelled_at, redemption_id";
+const SUBSCRIPTION_COLUMNS: &str = "subscription_id, profile_id, user_id, source_key_id, starts_at, \
+     expires_at, course_ids, redemption_id";
 
 /// The enrollment service's tables.
 #[derive(Clone)]
@@ -27,6 +29,8 @@ pub struct Store {
 struct EnrollCheck {
     class_org: Option<String>,
     user_org: Option<String>,
+    /// No seat left (None when the class is unknown).
+    full: Option<bool>,
     enrollment_id: Option<Uuid>,
 }
 
@@ -39,12 +43,13 @@ impl Store {
     /// Get-or-create by (organization, normalised email). Safe under
     /// concurrent calls: the unique key decides, the loser reads the winner.
     pub async fn register_user(&self, new: NewUser) -> Result<(User, bool), Error> {
+        let proposed = new.user_id.unwrap_or_else(Uuid::now_v7);
         let inserted: Option<User> = sqlx::query_as(
             "INSERT INTO users (user_id, organization_id, email, display_name) VALUES ($1, $2, $3, $4)
-             ON CONFLICT ON CONSTRAINT users_email_unique DO NOTHING
+             ON CONFLICT DO NOTHING
              RETURNING user_id, organization_id, email, display_name, created_at",
         )
-        .bind(Uuid::now_v7())
+        .bind(proposed)
         .bind(&new.organization_id)
         .bind(&new.email)
         .bind(&new.display_name)
@@ -53,15 +58,31 @@ impl Store {
         if let Some(user) = inserted {
             return Ok((user, true));
         }
-        let user: User = sqlx::query_as(
+        match self.find_user(&new.organization_id, &new.email).await? {
+            Some(user) => Ok((user, false)),
+            // The insert lost on the user id, not the email: a proposed id
+            // taken by another user.
+            None => Err(Error::InvalidField(trainingkeys_shared::InvalidField::new(
+                "user_id",
+                "is taken by another user",
+            ))),
+        }
+    }
+
+    /// A user by organization and normalised email.
+    pub async fn find_user(
+        &self,
+        organization_id: &str,
+        email: &str,
+    ) -> Result<Option<User>, Error> {
+        Ok(sqlx::query_as(
             "SELECT user_id, organization_id, email, display_name, created_at FROM users
              WHERE organization_id = $1 AND email = $2",
         )
-        .bind(&new.organization_id)
-        .bind(&new.email)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok((user, false))
+        .bind(organization_id)
+        .bind(email)
+        .fetch_optional(&self.pool)
+        .await?)
     }
 
     /// One user.
@@ -161,21 +182,25 @@ impl Store {
     }
 
     /// Takes a seat. The capacity guard is the conditional UPDATE: PostgreSQL
-    /// serialises it on the class row, so two transactions can never both take
+    /// serialises it on the class row, so two statements can never both take
     /// the last seat. The partial unique index makes a concurrent duplicate of
-    /// the same (class, user) fail its insert; that transaction rolls back its
-    /// seat and returns the winner's enrollment.
+    /// the same (class, user) fail its insert, which undoes its seat.
+    ///
+    /// With a redemption id the call is idempotent per redemption: the seat
+    /// and the redemption's row in `redemptions` go in together, a repeat
+    /// gets the seat this redemption took (even if cancelled since), and a
+    /// refusal for want of a seat is recorded and answered again.
     pub async fn enroll(
         &self,
         class_id: Uuid,
         user_id: Uuid,
         source_key_id: Option<Uuid>,
+        redemption_id: Option<Uuid>,
     ) -> Result<(Enrollment, bool), Error> {
         // The common case in one statement (one round trip, and the class row
         // is locked only for that statement): take a seat if there is one,
         // the user belongs to the class's organization and holds no seat yet,
-        // and insert the enrollment. A concurrent enrollment of the same user
-        // makes the insert fail on the unique index, which undoes the seat.
+        // and insert the enrollment (and the redemption's outcome).
         let sql = format!(
             "WITH seat AS (
                  UPDATE classes SET enrolled_count = enrolled_count + 1
@@ -183,89 +208,115 @@ impl Store {
                    AND organization_id = (SELECT organization_id FROM users WHERE user_id = $2)
                    AND NOT EXISTS (SELECT 1 FROM enrollments
                                    WHERE class_id = $1 AND user_id = $2 AND cancelled_at IS NULL)
-                 RETURNING class_id)
-             INSERT INTO enrollments (enrollment_id, class_id, user_id, source_key_id)
-             SELECT $3, class_id, $2, $4 FROM seat
+                   AND NOT EXISTS (SELECT 1 FROM redemptions WHERE redemption_id = $5)
+                 RETURNING class_id),
+             outcome AS (
+                 INSERT INTO redemptions (redemption_id) SELECT $5 FROM seat WHERE $5::uuid IS NOT NULL)
+             INSERT INTO enrollments (enrollment_id, class_id, user_id, source_key_id, redemption_id)
+             SELECT $3, class_id, $2, $4, $5 FROM seat
              RETURNING {ENROLLMENT_COLUMNS}"
         );
-        let taken: Result<Option<Enrollment>, sqlx::Error> =
-            sqlx::query_as(sqlx::AssertSqlSafe(sql))
-                .bind(class_id)
-                .bind(user_id)
-                .bind(Uuid::now_v7())
-                .bind(source_key_id)
-                .fetch_optional(&self.pool)
-                .await;
-        match taken {
-            Ok(Some(enrollment)) => return Ok((enrollment, false)),
-            // No seat taken: say why (or find the seat this user already has).
-            Ok(None) => {}
-            Err(e) if is_unique_violation(&e) => {}
-            Err(e) => return Err(e.into()),
-        }
-        let check: EnrollCheck = sqlx::query_as(
-            "SELECT c.organization_id AS class_org, u.organization_id AS user_org, e.enrollment_id
-             FROM (SELECT 1) AS one
-             LEFT JOIN classes c ON c.class_id = $1
-             LEFT JOIN users u ON u.user_id = $2
-             LEFT JOIN enrollments e ON e.class_id = $1 AND e.user_id = $2 AND e.cancelled_at IS NULL",
-        )
-        .bind(class_id)
-        .bind(user_id)
-        .fetch_one(&self.pool)
-        .await?;
-        let class_org = check.class_org.ok_or(Error::ClassNotFound(class_id))?;
-        let user_org = check.user_org.ok_or(Error::UserNotFound(user_id))?;
-        if class_org != user_org {
-            return Err(Error::OrganizationMismatch {
-                user_org,
-                target_org: class_org,
-            });
-        }
-        if let Some(id) = check.enrollment_id {
-            return Ok((self.enrollment(id).await?, true));
-        }
-
-        let mut tx = self.pool.begin().await?;
-        let seat = sqlx::query(
-            "UPDATE classes SET enrolled_count = enrolled_count + 1
-             WHERE class_id = $1 AND enrolled_count < max_students",
-        )
-        .bind(class_id)
-        .execute(&mut *tx)
-        .await?;
-        if seat.rows_affected() == 0 {
-            tx.rollback().await?;
-            // Full, unless this very user took the last seat meanwhile.
-            return match self.active_enrollment(class_id, user_id).await? {
-                Some(existing) => Ok((existing, true)),
-                None => Err(Error::ClassFull(class_id)),
-            };
-        }
-        let sql = format!(
-            "INSERT INTO enrollments (enrollment_id, class_id, user_id, source_key_id) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (class_id, user_id) WHERE cancelled_at IS NULL DO NOTHING
-             RETURNING {ENROLLMENT_COLUMNS}"
-        );
-        let inserted: Option<Enrollment> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(Uuid::now_v7())
+        // A seat freed between the statement and the diagnosis below is
+        // tried for again, a few times.
+        for _ in 0..3 {
+            let taken: Result<Option<Enrollment>, sqlx::Error> =
+                sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str()))
+                    .bind(class_id)
+                    .bind(user_id)
+                    .bind(Uuid::now_v7())
+                    .bind(source_key_id)
+                    .bind(redemption_id)
+                    .fetch_optional(&self.pool)
+                    .await;
+            match taken {
+                Ok(Some(enrollment)) => return Ok((enrollment, false)),
+                // No seat taken: say why (or find the seat already held).
+                Ok(None) => {}
+                Err(e) if is_unique_violation(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+            if let Some(rid) = redemption_id
+                && let Some(answered) = self.redemption_outcome(rid).await?
+            {
+                return match answered {
+                    Some(_refused) => Err(Error::ClassFull(class_id)),
+                    None => Ok((self.enrollment_of_redemption(rid).await?, true)),
+                };
+            }
+            let check: EnrollCheck = sqlx::query_as(
+                "SELECT c.organization_id AS class_org, u.organization_id AS user_org,
+                        c.enrolled_count >= c.max_students AS full, e.enrollment_id
+                 FROM (SELECT 1) AS one
+                 LEFT JOIN classes c ON c.class_id = $1
+                 LEFT JOIN users u ON u.user_id = $2
+                 LEFT JOIN enrollments e ON e.class_id = $1 AND e.user_id = $2 AND e.cancelled_at IS NULL",
+            )
             .bind(class_id)
             .bind(user_id)
-            .bind(source_key_id)
-            .fetch_optional(&mut *tx)
+            .fetch_one(&self.pool)
             .await?;
-        match inserted {
-            Some(enrollment) => {
-                tx.commit().await?;
-                Ok((enrollment, false))
+            let class_org = check.class_org.ok_or(Error::ClassNotFound(class_id))?;
+            let user_org = check.user_org.ok_or(Error::UserNotFound(user_id))?;
+            if class_org != user_org {
+                return Err(Error::OrganizationMismatch {
+                    user_org,
+                    target_org: class_org,
+                });
             }
-            None => {
-                tx.rollback().await?;
-                let existing = self.active_enrollment(class_id, user_id).await?;
-                // The conflicting row committed before our insert saw it.
-                Ok((existing.ok_or(Error::ClassNotFound(class_id))?, true))
+            if let Some(id) = check.enrollment_id {
+                return Ok((self.enrollment(id).await?, true));
+            }
+            if check.full == Some(true) {
+                return match redemption_id {
+                    Some(rid) if !self.refuse_for_want_of_a_seat(rid).await? => {
+                        // The redemption was answered meanwhile (its twin
+                        // took a seat or was refused): that answer is ours.
+                        continue;
+                    }
+                    _ => Err(Error::ClassFull(class_id)),
+                };
             }
         }
+        if let Some(rid) = redemption_id
+            && !self.refuse_for_want_of_a_seat(rid).await?
+            && let Some(None) = self.redemption_outcome(rid).await?
+        {
+            return Ok((self.enrollment_of_redemption(rid).await?, true));
+        }
+        Err(Error::ClassFull(class_id))
+    }
+
+    /// How enrollment answered a redemption: `None` if never, `Some(None)`
+    /// if it took a seat, `Some(Some(reason))` if it refused.
+    async fn redemption_outcome(&self, rid: Uuid) -> Result<Option<Option<String>>, Error> {
+        let row: Option<(Option<String>,)> =
+            sqlx::query_as("SELECT refused_reason FROM redemptions WHERE redemption_id = $1")
+                .bind(rid)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|(reason,)| reason))
+    }
+
+    /// Records that a redemption was refused for want of a seat; false when
+    /// it already had an answer.
+    async fn refuse_for_want_of_a_seat(&self, rid: Uuid) -> Result<bool, Error> {
+        let done = sqlx::query(
+            "INSERT INTO redemptions (redemption_id, refused_reason) VALUES ($1, 'CLASS_FULL')
+             ON CONFLICT (redemption_id) DO NOTHING",
+        )
+        .bind(rid)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn enrollment_of_redemption(&self, rid: Uuid) -> Result<Enrollment, Error> {
+        let sql = format!("SELECT {ENROLLMENT_COLUMNS} FROM enrollments WHERE redemption_id = $1");
+        sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(rid)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| Error::Database(sqlx::Error::RowNotFound))
     }
 
     async fn enrollment(&self, enrollment_id: Uuid) -> Result<Enrollment, Error> {
@@ -275,22 +326,6 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?
             .ok_or(Error::EnrollmentNotFound(enrollment_id))
-    }
-
-    async fn active_enrollment(
-        &self,
-        class_id: Uuid,
-        user_id: Uuid,
-    ) -> Result<Option<Enrollment>, Error> {
-        let sql = format!(
-            "SELECT {ENROLLMENT_COLUMNS} FROM enrollments
-             WHERE class_id = $1 AND user_id = $2 AND cancelled_at IS NULL"
-        );
-        Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(class_id)
-            .bind(user_id)
-            .fetch_optional(&self.pool)
-            .await?)
     }
 
     /// Cancels an enrollment and frees its seat in one transaction. Only the
@@ -362,12 +397,14 @@ impl Store {
 
     /// Assigns a subscription under the user's row lock, so concurrent calls
     /// for the same user cannot both create one. An unexpired subscription of
-    /// the same profile is returned unchanged instead.
+    /// the same profile is returned unchanged instead, and so is the one this
+    /// redemption granted before (idempotent per redemption id).
     pub async fn assign_subscription(
         &self,
         profile_id: Uuid,
         user_id: Uuid,
         source_key_id: Option<Uuid>,
+        redemption_id: Option<Uuid>,
     ) -> Result<(Subscription, bool), Error> {
         let profile = self.get_profile(profile_id).await?;
         let mut tx = self.pool.begin().await?;
@@ -383,15 +420,18 @@ impl Store {
                 target_org: profile.organization_id,
             });
         }
-        const COLUMNS: &str = "subscription_id, profile_id, user_id, source_key_id, starts_at, expires_at, course_ids";
+        // This redemption's own grant first (even if expired since), then
+        // an unexpired one the user had.
         let sql = format!(
-            "SELECT {COLUMNS} FROM subscriptions
-             WHERE user_id = $1 AND profile_id = $2 AND expires_at > now()
-             ORDER BY expires_at DESC LIMIT 1"
+            "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions
+             WHERE redemption_id = $3
+                OR (user_id = $1 AND profile_id = $2 AND expires_at > now())
+             ORDER BY (redemption_id IS NOT DISTINCT FROM $3) DESC, expires_at DESC LIMIT 1"
         );
         let existing: Option<Subscription> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(user_id)
             .bind(profile_id)
+            .bind(redemption_id)
             .fetch_optional(&mut *tx)
             .await?;
         if let Some(existing) = existing {
@@ -401,7 +441,8 @@ impl Store {
         let starts_at = Utc::now();
         let expires_at = starts_at + Duration::days(i64::from(profile.duration_days));
         let sql = format!(
-            "INSERT INTO subscriptions ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {COLUMNS}"
+            "INSERT INTO subscriptions ({SUBSCRIPTION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             RETURNING {SUBSCRIPTION_COLUMNS}"
         );
         let created: Subscription = sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(Uuid::now_v7())
@@ -411,6 +452,7 @@ impl Store {
             .bind(starts_at)
             .bind(expires_at)
             .bind(profile.course_ids)
+            .bind(redemption_id)
             .fetch_one(&mut *tx)
             .await?;
         tx.commit().await?;
@@ -425,20 +467,20 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<Subscription>, Error> {
         self.get_user(user_id).await?;
-        Ok(sqlx::query_as(
-            "SELECT subscription_id, profile_id, user_id, source_key_id, starts_at, expires_at, course_ids
-             FROM subscriptions
+        let sql = format!(
+            "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions
              WHERE user_id = $1
                AND ($2::timestamptz IS NULL OR (starts_at, subscription_id) < ($2, $3))
              ORDER BY starts_at DESC, subscription_id DESC
-             LIMIT $4",
-        )
-        .bind(user_id)
-        .bind(before.map(|c| c.time))
-        .bind(before.map(|c| c.id))
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?)
+             LIMIT $4"
+        );
+        Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(user_id)
+            .bind(before.map(|c| c.time))
+            .bind(before.map(|c| c.id))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?)
     }
 }
 

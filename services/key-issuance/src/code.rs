@@ -45,20 +45,10 @@ fn check_value(data: &[u32; DATA_LEN]) -> u32 {
     (2 * (MODULUS - sum)) % MODULUS
 }
 
-/// Normalises a typed code: drops whitespace and hyphens, upper-cases ASCII
-/// letters, reads `I`/`L` as `1` and `O` as `0`. The same function serves
-/// generated and custom codes, so a custom code typed in any case finds itself.
-pub fn normalize(input: &str) -> String {
-    input
-        .chars()
-        .filter(|c| !c.is_whitespace() && *c != '-')
-        .map(|c| match c.to_ascii_uppercase() {
-            'I' | 'L' => '1',
-            'O' => '0',
-            other => other,
-        })
-        .collect()
-}
+/// Normalises a typed code (the shared rule: drops whitespace and hyphens,
+/// upper-cases, `I`/`L` → `1`, `O` → `0`). The same function serves generated
+/// and custom codes, so a custom code typed in any case finds itself.
+pub use trainingkeys_shared::validate::normalize_code as normalize;
 
 /// True when a normalised code has the shape of a generated key (16 letters
 /// and digits): such codes are checked, and custom codes may not take it.

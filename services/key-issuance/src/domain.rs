@@ -437,7 +437,9 @@ impl KeyRow {
             Status::Revoked
         } else if self.max_uses > 0 && self.uses >= self.max_uses {
             Status::Redeemed
-        } else if window.from.is_some_and(|f| now < f) || window.until.is_some_and(|u| now >= u) {
+        } else if trainingkeys_shared::window::not_yet_open(now, window.from)
+            || trainingkeys_shared::window::ended(now, window.until)
+        {
             Status::Expired
         } else {
             Status::Active
@@ -514,6 +516,8 @@ pub struct UseOfKey {
     pub user_id: Uuid,
     /// The redemption.
     pub redemption_id: Uuid,
+    /// The redemption driver's fencing token (0: none).
+    pub generation: i64,
 }
 
 impl TryFrom<pb::ConsumeKeyRequest> for UseOfKey {
@@ -523,6 +527,7 @@ impl TryFrom<pb::ConsumeKeyRequest> for UseOfKey {
             key_id: validate::id("key_id", &r.key_id)?,
             user_id: validate::id("user_id", &r.user_id)?,
             redemption_id: validate::id("redemption_id", &r.redemption_id)?,
+            generation: generation(r.generation)?,
         })
     }
 }
@@ -534,8 +539,16 @@ impl TryFrom<pb::ReleaseKeyRequest> for UseOfKey {
             key_id: validate::id("key_id", &r.key_id)?,
             user_id: Uuid::nil(),
             redemption_id: validate::id("redemption_id", &r.redemption_id)?,
+            generation: generation(r.generation)?,
         })
     }
+}
+
+fn generation(g: i64) -> Result<i64, InvalidField> {
+    if g < 0 {
+        return Err(InvalidField::new("generation", "must not be negative"));
+    }
+    Ok(g)
 }
 
 /// What ConsumeKey did.

@@ -74,6 +74,12 @@ pub enum Error {
     /// The key is revoked or retired.
     #[error("key {0} is revoked")]
     KeyRevoked(Uuid),
+    /// This redemption's use of the key was given back: it cannot use it again.
+    #[error("this redemption's use of key {0} was released")]
+    UseReleased(Uuid),
+    /// A redemption driver that lost its lease (a later one has written).
+    #[error("generation {sent} is older than {seen}: this redemption has a newer driver")]
+    StaleGeneration { seen: i64, sent: i64 },
     /// The enrollment service cannot be reached.
     #[error("enrollment service unavailable")]
     EnrollmentUnavailable(#[source] tonic::Status),
@@ -175,6 +181,14 @@ impl From<Error> for Status {
                 id,
                 message,
             ),
+            Error::UseReleased(id) => status_with_id(
+                Code::FailedPrecondition,
+                "KEY_USE_RELEASED",
+                "key_id",
+                id,
+                message,
+            ),
+            Error::StaleGeneration { .. } => status(Code::Aborted, "STALE_GENERATION", message),
             Error::EnrollmentUnavailable(s) => {
                 trainingkeys_shared::error::unavailable("enrollment service", &s)
             }

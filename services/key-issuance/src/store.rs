@@ -373,13 +373,23 @@ impl Store {
 
     /// Retires a class's event key; `None` when it had none.
     pub async fn disable_event_key(&self, class_id: Uuid) -> Result<Option<KeyRow>, Error> {
+        // Under SetEventKey's lock: without it, a disable racing a set waits
+        // on the old key's row, finds it retired by the set, cannot see the
+        // new key in its snapshot, and answers "no key" while the new one
+        // stays live.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(class_lock(class_id))
+            .execute(&mut *tx)
+            .await?;
         let retired: Option<Uuid> = sqlx::query_scalar(
             "UPDATE keys SET revoked_at = now() WHERE class_id = $1 AND kind = $2 AND revoked_at IS NULL RETURNING key_id",
         )
         .bind(class_id)
         .bind(Kind::Event.code())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
+        tx.commit().await?;
         match retired {
             Some(id) => Ok(Some(self.key(id).await?)),
             None => Ok(None),
@@ -476,7 +486,7 @@ impl Store {
         Ok(sqlx::query_as(
             "SELECT key_id, user_id, redemption_id, used_at FROM (
                  SELECT u.*, row_number() OVER (PARTITION BY key_id ORDER BY used_at DESC, redemption_id DESC) AS n
-                 FROM key_uses u WHERE key_id = ANY($1)
+                 FROM key_uses u WHERE key_id = ANY($1) AND released_at IS NULL
              ) recent
              WHERE n <= $2
              ORDER BY key_id, used_at DESC, redemption_id DESC",
@@ -500,14 +510,20 @@ impl Store {
             Scope::Class(id) => ("class_id", id),
             Scope::Pool(id) => ("pool_id", id),
         };
-        // The uses are looked up only for used keys: most of a big pool is not.
+        // The uses are looked up only for used keys: most of a big pool is
+        // not. A row lists at most the first MAX_REDEMPTIONS_SHOWN uses (the
+        // `uses` column counts them all), so an event key used 100,000 times
+        // is still one row of a few KiB, not one bigger than a chunk.
+        let uses = "FROM (SELECT user_id, used_at, redemption_id FROM key_uses u
+                          WHERE u.key_id = k.key_id AND u.released_at IS NULL
+                          ORDER BY u.used_at, u.redemption_id LIMIT $7) first";
         let sql = format!(
             "SELECT k.key_id, k.kind, k.code_cipher, k.cipher_key_id, k.uses, k.redeemable_after_class_end,
                     {STATUS_SQL} AS status,
-                    CASE WHEN k.uses > 0 THEN (SELECT array_agg(u.user_id ORDER BY u.used_at, u.redemption_id)
-                                               FROM key_uses u WHERE u.key_id = k.key_id) END AS redeemed_by,
-                    CASE WHEN k.uses > 0 THEN (SELECT array_agg(u.used_at ORDER BY u.used_at, u.redemption_id)
-                                               FROM key_uses u WHERE u.key_id = k.key_id) END AS redeemed_at
+                    CASE WHEN k.uses > 0 THEN (SELECT array_agg(user_id ORDER BY used_at, redemption_id)
+                                               {uses}) END AS redeemed_by,
+                    CASE WHEN k.uses > 0 THEN (SELECT array_agg(used_at ORDER BY used_at, redemption_id)
+                                               {uses}) END AS redeemed_at
              FROM keys k
              WHERE k.{column} = $5 AND ($6::smallint IS NULL OR {STATUS_SQL} = $6)
              ORDER BY k.created_at, k.key_id"
@@ -519,6 +535,7 @@ impl Store {
             .bind(now)
             .bind(id)
             .bind(status.map(Status::code))
+            .bind(MAX_REDEMPTIONS_SHOWN)
             .fetch(&self.pool)
     }
 
@@ -534,10 +551,11 @@ impl Store {
         Ok((row, revoked.rows_affected() == 0))
     }
 
-    /// True when `user_id` has used the key.
+    /// True when `user_id` holds a use of the key.
     pub async fn used_by(&self, key_id: Uuid, user_id: Uuid) -> Result<bool, Error> {
         Ok(sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM key_uses WHERE key_id = $1 AND user_id = $2)",
+            "SELECT EXISTS (SELECT 1 FROM key_uses
+                            WHERE key_id = $1 AND user_id = $2 AND released_at IS NULL)",
         )
         .bind(key_id)
         .bind(user_id)
@@ -549,16 +567,19 @@ impl Store {
     /// row goes in first: a concurrent retry of the same redemption waits on
     /// its primary key and then finds it. The conditional UPDATE takes the
     /// key's row lock, so concurrent redemptions are serialised on it and at
-    /// most `max_uses` of them succeed.
+    /// most `max_uses` of them succeed. A use given back (or a release that
+    /// came first) refuses the redemption for good; a lower generation than
+    /// the use has seen is a driver that lost its lease.
     pub async fn consume(&self, u: UseOfKey) -> Result<Consumed, Error> {
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
-            "INSERT INTO key_uses (key_id, redemption_id, user_id) VALUES ($1, $2, $3)
+            "INSERT INTO key_uses (key_id, redemption_id, user_id, generation) VALUES ($1, $2, $3, $4)
              ON CONFLICT (key_id, redemption_id) DO NOTHING",
         )
         .bind(u.key_id)
         .bind(u.redemption_id)
         .bind(u.user_id)
+        .bind(u.generation)
         .execute(&mut *tx)
         .await;
         let inserted = match inserted {
@@ -568,7 +589,8 @@ impl Store {
             other => other?,
         };
         if inserted.rows_affected() == 0 {
-            tx.rollback().await?;
+            self.fence(&mut tx, u).await?;
+            tx.commit().await?;
             let key = self.key(u.key_id).await?;
             return Ok(Consumed {
                 uses: key.uses,
@@ -601,19 +623,76 @@ impl Store {
         })
     }
 
-    /// Gives back the use a redemption took; false when it had none.
-    pub async fn release(&self, u: UseOfKey) -> Result<bool, Error> {
-        let mut tx = self.pool.begin().await?;
-        let deleted = sqlx::query("DELETE FROM key_uses WHERE key_id = $1 AND redemption_id = $2")
+    /// Checks an existing use row of this redemption under its row lock:
+    /// refused if released or seen by a later generation; else records this
+    /// generation as the latest.
+    async fn fence(&self, tx: &mut sqlx::PgConnection, u: UseOfKey) -> Result<(), Error> {
+        let (generation, released): (i64, bool) = sqlx::query_as(
+            "SELECT generation, released_at IS NOT NULL FROM key_uses
+             WHERE key_id = $1 AND redemption_id = $2 FOR UPDATE",
+        )
+        .bind(u.key_id)
+        .bind(u.redemption_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if generation > u.generation {
+            return Err(Error::StaleGeneration {
+                seen: generation,
+                sent: u.generation,
+            });
+        }
+        if released {
+            return Err(Error::UseReleased(u.key_id));
+        }
+        sqlx::query("UPDATE key_uses SET generation = $3 WHERE key_id = $1 AND redemption_id = $2")
             .bind(u.key_id)
             .bind(u.redemption_id)
+            .bind(u.generation)
             .execute(&mut *tx)
             .await?;
-        if deleted.rows_affected() == 0 {
-            tx.rollback().await?;
-            self.key(u.key_id).await?;
+        Ok(())
+    }
+
+    /// Gives back the use a redemption took; false when it had none. The row
+    /// stays, marked released, so the redemption can never consume again;
+    /// with no use yet, a released marker is left for the same reason.
+    pub async fn release(&self, u: UseOfKey) -> Result<bool, Error> {
+        let mut tx = self.pool.begin().await?;
+        let marker = sqlx::query(
+            "INSERT INTO key_uses (key_id, redemption_id, user_id, generation, released_at)
+             VALUES ($1, $2, NULL, $3, clock_timestamp())
+             ON CONFLICT (key_id, redemption_id) DO NOTHING",
+        )
+        .bind(u.key_id)
+        .bind(u.redemption_id)
+        .bind(u.generation)
+        .execute(&mut *tx)
+        .await;
+        let marker = match marker {
+            Err(e) if violated(&e) == Some("key_uses_key_id_fkey") => {
+                return Err(Error::KeyNotFound(u.key_id));
+            }
+            other => other?,
+        };
+        if marker.rows_affected() == 1 {
+            tx.commit().await?;
             return Ok(false);
         }
+        match self.fence(&mut tx, u).await {
+            Ok(()) => {}
+            Err(Error::UseReleased(_)) => {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        }
+        sqlx::query(
+            "UPDATE key_uses SET released_at = clock_timestamp() WHERE key_id = $1 AND redemption_id = $2",
+        )
+        .bind(u.key_id)
+        .bind(u.redemption_id)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query("UPDATE keys SET uses = uses - 1 WHERE key_id = $1")
             .bind(u.key_id)
             .execute(&mut *tx)

@@ -34,6 +34,8 @@ fn from_status(service: &'static str, status: tonic::Status) -> Error {
         (_, "KEY_NOT_FOUND") => Error::KeyNotFound,
         (_, "KEY_REVOKED") => Error::KeyRevoked,
         (_, "KEY_ALREADY_REDEEMED") => Error::KeyAlreadyRedeemed,
+        (_, "KEY_USE_RELEASED") => Error::KeyUseReleased,
+        (_, "STALE_GENERATION") => Error::LeaseLost,
         (_, "CLASS_FULL") => Error::ClassFull,
         (_, "USER_NOT_FOUND") => Error::UserNotFound,
         (_, "ORGANIZATION_MISMATCH") => Error::OrganizationMismatch,
@@ -116,7 +118,8 @@ where
 }
 
 impl Clients {
-    /// Lazily connected clients; each call gives up after `timeout`.
+    /// Lazily connected clients; each call gives up after `timeout`
+    /// (`PEER_TIMEOUT_MS`).
     pub fn new(
         enrollment_url: &str,
         key_issuance_url: &str,
@@ -147,17 +150,19 @@ impl Clients {
         .await
     }
 
-    /// ConsumeKey.
+    /// ConsumeKey, fenced by the driver's generation.
     pub async fn consume_key(
         &self,
         key_id: Uuid,
         user_id: Uuid,
         redemption_id: Uuid,
+        generation: i64,
     ) -> Result<(), Error> {
         let request = pb::ConsumeKeyRequest {
             key_id: key_id.to_string(),
             user_id: user_id.to_string(),
             redemption_id: redemption_id.to_string(),
+            generation,
         };
         call(KEYS, &self.keys, request, |mut c, r| async move {
             c.consume_key(r).await
@@ -166,11 +171,17 @@ impl Clients {
         .map(drop)
     }
 
-    /// ReleaseKey (compensation; idempotent).
-    pub async fn release_key(&self, key_id: Uuid, redemption_id: Uuid) -> Result<(), Error> {
+    /// ReleaseKey (idempotent; fenced by the driver's generation).
+    pub async fn release_key(
+        &self,
+        key_id: Uuid,
+        redemption_id: Uuid,
+        generation: i64,
+    ) -> Result<(), Error> {
         let request = pb::ReleaseKeyRequest {
             key_id: key_id.to_string(),
             redemption_id: redemption_id.to_string(),
+            generation,
         };
         call(KEYS, &self.keys, request, |mut c, r| async move {
             c.release_key(r).await
@@ -181,9 +192,28 @@ impl Clients {
 
     /// GetUser.
     pub async fn get_user(&self, user_id: Uuid) -> Result<pb::User, Error> {
-        let request = pb::GetUserRequest {
+        self.get_user_by(pb::GetUserRequest {
             user_id: user_id.to_string(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// The user with this email in this organization, if any (no write).
+    pub async fn find_user(&self, new: &pb::NewUser) -> Result<Option<pb::User>, Error> {
+        let request = pb::GetUserRequest {
+            organization_id: new.organization_id.clone(),
+            email: new.email.clone(),
+            ..Default::default()
         };
+        match self.get_user_by(request).await {
+            Ok(user) => Ok(Some(user)),
+            Err(Error::UserNotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn get_user_by(&self, request: pb::GetUserRequest) -> Result<pb::User, Error> {
         let r = call(
             ENROLLMENT,
             &self.enrollment,
@@ -194,12 +224,18 @@ impl Clients {
         r.user.ok_or_else(|| missing("GetUser.user"))
     }
 
-    /// RegisterUser: the user and whether it was created.
-    pub async fn register_user(&self, new: &pb::NewUser) -> Result<(pb::User, bool), Error> {
+    /// RegisterUser under the id `user_id` if created: the user and whether
+    /// it was created.
+    pub async fn register_user(
+        &self,
+        new: &pb::NewUser,
+        user_id: Uuid,
+    ) -> Result<(pb::User, bool), Error> {
         let request = pb::RegisterUserRequest {
             organization_id: new.organization_id.clone(),
             email: new.email.clone(),
             display_name: new.display_name.clone(),
+            user_id: user_id.to_string(),
         };
         let r = call(
             ENROLLMENT,
@@ -245,17 +281,20 @@ impl Clients {
             .ok_or_else(|| missing("GetSubscriptionProfile.profile"))
     }
 
-    /// Enroll: the enrollment and whether the user already held the seat.
+    /// Enroll on behalf of a redemption: the enrollment and whether it
+    /// existed before this call (this redemption's own, or another).
     pub async fn enroll(
         &self,
         class_id: Uuid,
         user_id: Uuid,
         key_id: Uuid,
+        redemption_id: Uuid,
     ) -> Result<(pb::Enrollment, bool), Error> {
         let request = pb::EnrollRequest {
             class_id: class_id.to_string(),
             user_id: user_id.to_string(),
             source_key_id: key_id.to_string(),
+            redemption_id: redemption_id.to_string(),
         };
         let r = call(
             ENROLLMENT,
@@ -270,17 +309,20 @@ impl Clients {
         ))
     }
 
-    /// AssignSubscription: the subscription and whether the user already had it.
+    /// AssignSubscription on behalf of a redemption: the subscription and
+    /// whether it existed before this call (this redemption's own, or another).
     pub async fn assign_subscription(
         &self,
         profile_id: Uuid,
         user_id: Uuid,
         key_id: Uuid,
+        redemption_id: Uuid,
     ) -> Result<(pb::Subscription, bool), Error> {
         let request = pb::AssignSubscriptionRequest {
             profile_id: profile_id.to_string(),
             user_id: user_id.to_string(),
             source_key_id: key_id.to_string(),
+            redemption_id: redemption_id.to_string(),
         };
         let r = call(
             ENROLLMENT,
@@ -336,16 +378,24 @@ impl Clients {
         }
     }
 
-    /// Whether the user holds an active seat in the class.
-    pub async fn is_enrolled(&self, class_id: &str, user_id: Uuid) -> Result<bool, Error> {
+    /// The user's active seat in the class, if any.
+    pub async fn seat(
+        &self,
+        class_id: &str,
+        user_id: Uuid,
+    ) -> Result<Option<pb::Enrollment>, Error> {
         let page = self
             .roster_page(class_id, Some(user_id), 1, String::new())
             .await?;
-        Ok(!page.enrollments.is_empty())
+        Ok(page.enrollments.into_iter().next())
     }
 
-    /// Whether the user holds an unexpired subscription of the profile.
-    pub async fn has_subscription(&self, profile_id: &str, user_id: Uuid) -> Result<bool, Error> {
+    /// The user's unexpired subscription of the profile, if any.
+    pub async fn subscription(
+        &self,
+        profile_id: &str,
+        user_id: Uuid,
+    ) -> Result<Option<pb::Subscription>, Error> {
         let mut page_token = String::new();
         loop {
             let request = pb::ListSubscriptionsRequest {
@@ -360,15 +410,15 @@ impl Clients {
                 |mut c, r| async move { c.list_subscriptions(r).await },
             )
             .await?;
-            if page
+            if let Some(held) = page
                 .subscriptions
-                .iter()
-                .any(|s| s.profile_id == profile_id && s.active)
+                .into_iter()
+                .find(|s| s.profile_id == profile_id && s.active)
             {
-                return Ok(true);
+                return Ok(Some(held));
             }
             if page.next_page_token.is_empty() {
-                return Ok(false);
+                return Ok(None);
             }
             page_token = page.next_page_token;
         }

@@ -6,10 +6,11 @@ use prost::Message as _;
 use trainingkeys_proto::time::from_timestamp;
 use trainingkeys_proto::v1 as pb;
 use trainingkeys_proto::v1::redeem_key_request::Redeemer;
-use trainingkeys_shared::{InvalidField, validate};
+use trainingkeys_shared::{InvalidField, validate, window};
 use uuid::Uuid;
 
 use crate::error::Error;
+use crate::store::IdempotencyKey;
 
 /// Longest code accepted as input (custom codes are at most 64).
 const MAX_CODE: usize = 100;
@@ -26,11 +27,12 @@ pub enum Who {
 }
 
 impl Who {
-    /// The guessing-limit identity of this user.
-    pub fn limit_identity(&self) -> String {
+    /// Who redeems, as one string: the scope of their idempotency keys and
+    /// the identity the guessing limits count.
+    pub fn scope(&self) -> String {
         match self {
-            Who::Existing(id) => id.to_string(),
-            Who::New(n) => format!("{}/{}", n.organization_id, n.email),
+            Who::Existing(id) => format!("user:{id}"),
+            Who::New(n) => format!("new:{}/{}", n.organization_id, n.email),
         }
     }
 }
@@ -41,8 +43,21 @@ pub struct RedeemCommand {
     pub code: String,
     pub who: Who,
     pub idempotency_key: String,
-    /// The request as sent, to tell a retry from a reuse of the idempotency key.
+    /// The request's meaning, canonically encoded (normalised code, parsed
+    /// ids, validated user details): a retry written differently, say a
+    /// UUID in capitals, is the same request; anything else is a reuse of
+    /// the idempotency key.
     pub request: Vec<u8>,
+}
+
+impl RedeemCommand {
+    /// The idempotency key within its scope.
+    pub fn idempotency(&self) -> IdempotencyKey {
+        IdempotencyKey {
+            scope: self.who.scope(),
+            key: self.idempotency_key.clone(),
+        }
+    }
 }
 
 /// A typed code: present and of sane length (its format is key-issuance's).
@@ -63,7 +78,6 @@ pub fn code(value: &str) -> Result<String, InvalidField> {
 impl TryFrom<pb::RedeemKeyRequest> for RedeemCommand {
     type Error = InvalidField;
     fn try_from(r: pb::RedeemKeyRequest) -> Result<Self, InvalidField> {
-        let request = r.encode_to_vec();
         let who = match r.redeemer {
             Some(Redeemer::UserId(id)) => Who::Existing(validate::id("user_id", &id)?),
             Some(Redeemer::NewUser(n)) => Who::New(pb::NewUser {
@@ -88,11 +102,20 @@ impl TryFrom<pb::RedeemKeyRequest> for RedeemCommand {
                 format!("must be 1-{MAX_IDEMPOTENCY_KEY} characters"),
             ));
         }
+        let code = code(&r.code)?;
+        let meaning = pb::RedeemKeyRequest {
+            code: validate::normalize_code(&code),
+            idempotency_key: key.to_owned(),
+            redeemer: Some(match &who {
+                Who::Existing(id) => Redeemer::UserId(id.to_string()),
+                Who::New(n) => Redeemer::NewUser(n.clone()),
+            }),
+        };
         Ok(Self {
-            code: code(&r.code)?,
+            code,
             who,
             idempotency_key: key.to_owned(),
-            request,
+            request: meaning.encode_to_vec(),
         })
     }
 }
@@ -140,15 +163,10 @@ pub fn check_redeemable(
     if resolved.revoked {
         return Err(Error::KeyRevoked);
     }
-    if key
-        .valid_from
-        .as_ref()
-        .and_then(from_timestamp)
-        .is_some_and(|from| now < from)
-    {
+    if window::not_yet_open(now, key.valid_from.as_ref().and_then(from_timestamp)) {
         return Err(Error::KeyNotYetValid);
     }
-    if valid_until(key, class).is_some_and(|until| now > until) {
+    if window::ended(now, valid_until(key, class)) {
         return Err(Error::KeyExpired);
     }
     if key.max_uses > 0 && key.uses >= key.max_uses && !resolved.used_by_user {
@@ -203,6 +221,13 @@ mod tests {
         let lab_over = class(now - Duration::days(4), 3);
         assert!(matches!(
             check_redeemable(&r, Some(&lab_over), now),
+            Err(Error::KeyExpired)
+        ));
+        // The end instant itself is outside the window (as in key-issuance).
+        let r = resolved(pb::KeyKind::Event, false);
+        let ends_now = class(now, 3);
+        assert!(matches!(
+            check_redeemable(&r, Some(&ends_now), now),
             Err(Error::KeyExpired)
         ));
         // Class enrollment keys never extend past the class end.

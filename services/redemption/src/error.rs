@@ -26,6 +26,15 @@ pub enum Error {
     KeyExpired,
     #[error("the key has already been redeemed")]
     KeyAlreadyRedeemed,
+    /// This redemption's use of the key was given back (it decided the
+    /// student already held the grant, or failed): it cannot use it again.
+    #[error(
+        "this redemption gave its use of the key back; redeem again with a new idempotency key"
+    )]
+    KeyUseReleased,
+    /// Another driver took this redemption over: this one must stop writing.
+    #[error("another driver took this redemption over")]
+    LeaseLost,
     #[error("the class is full")]
     ClassFull,
     #[error("too many failed attempts; retry in {} s", .retry_after.as_secs().max(1))]
@@ -79,6 +88,8 @@ impl Error {
             Error::KeyNotYetValid => (Code::FailedPrecondition, "KEY_NOT_YET_VALID"),
             Error::KeyExpired => (Code::FailedPrecondition, "KEY_EXPIRED"),
             Error::KeyAlreadyRedeemed => (Code::FailedPrecondition, "KEY_ALREADY_REDEEMED"),
+            Error::KeyUseReleased => (Code::FailedPrecondition, "KEY_USE_RELEASED"),
+            Error::LeaseLost => (Code::Aborted, "REDEMPTION_IN_PROGRESS"),
             Error::ClassFull => (Code::ResourceExhausted, "CLASS_FULL"),
             Error::TooManyAttempts { .. } => (Code::ResourceExhausted, "TOO_MANY_ATTEMPTS"),
             Error::IdempotencyKeyReused => (Code::InvalidArgument, "IDEMPOTENCY_KEY_REUSED"),
@@ -108,6 +119,7 @@ impl Error {
                 | Error::Database(_)
                 | Error::Internal(_)
                 | Error::InProgress
+                | Error::LeaseLost
                 | Error::TooManyAttempts { .. }
         )
     }
@@ -142,6 +154,8 @@ impl From<Error> for Status {
             | Error::KeyNotYetValid
             | Error::KeyExpired
             | Error::KeyAlreadyRedeemed
+            | Error::KeyUseReleased
+            | Error::LeaseLost
             | Error::ClassFull
             | Error::IdempotencyKeyReused
             | Error::InProgress

@@ -40,6 +40,15 @@ pub enum Admission {
     Bypassed,
 }
 
+/// How a seat hold ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// The enrollment committed: the hold becomes a confirmed seat.
+    Confirm,
+    /// The redemption will not take the seat: the hold is released.
+    Release,
+}
+
 /// The admission gate.
 pub struct Gate {
     redis: Arc<Redis>,
@@ -255,9 +264,9 @@ impl Gate {
         Admission::Bypassed
     }
 
-    /// Ends a hold: `confirm` after the enrollment committed, else release it.
+    /// Ends a hold: confirmed after the enrollment committed, else released.
     /// Best effort: a lost settle only leaves a hold to expire.
-    pub async fn settle(&self, class_id: Uuid, user_id: Uuid, confirm: bool) {
+    pub async fn settle(&self, class_id: Uuid, user_id: Uuid, how: Settle) {
         if !self.enabled {
             return;
         }
@@ -272,7 +281,10 @@ impl Gate {
                     .key(&recent)
                     .key(&ready)
                     .arg(user_id.to_string())
-                    .arg(if confirm { "1" } else { "0" })
+                    .arg(match how {
+                        Settle::Confirm => "1",
+                        Settle::Release => "0",
+                    })
                     .invoke_async::<i64>(&mut c)
                     .await
             })
@@ -284,7 +296,7 @@ impl Gate {
             // repair sweep does.
             Ok(_) => self.mark_rebuild(class_id),
             Err(e) => {
-                tracing::warn!(%class_id, error = %e, confirm, "could not settle a seat hold; the class will be rebuilt");
+                tracing::warn!(%class_id, error = %e, ?how, "could not settle a seat hold; the class will be rebuilt");
                 self.mark_dirty(class_id);
             }
         }

@@ -33,15 +33,7 @@ pub const SCHEMA: &str = "redemption";
 /// This service's migrations, embedded at build time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// Where to stop a redemption as if the process died there (fault-injection
-/// tests only): the task hangs forever, so nothing after that point runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum FaultPoint {
-    /// After the key was consumed (or the seat held), before Enroll.
-    AfterConsume,
-    /// After Enroll / AssignSubscription committed, before the reply is recorded.
-    AfterCommit,
-}
+pub use redeem::{FaultAction, FaultPoint};
 
 /// Configuration of the redemption service.
 #[derive(Clone, Debug, clap::Args)]
@@ -106,8 +98,9 @@ pub struct Config {
     #[arg(long, env = "REDEMPTION_TIMEOUT_SECONDS", default_value_t = 10)]
     pub redemption_timeout_seconds: u64,
 
-    /// Seconds after which an unfinished redemption is taken over by recovery.
-    /// Must exceed REDEMPTION_TIMEOUT_SECONDS.
+    /// Seconds a redemption's driver may go without renewing its lease
+    /// before a retry or recovery takes the redemption over. Must exceed
+    /// REDEMPTION_TIMEOUT_SECONDS (the service refuses to start otherwise).
     #[arg(long, env = "RECOVERY_AFTER_SECONDS", default_value_t = 30)]
     pub recovery_after_seconds: u64,
 
@@ -126,9 +119,33 @@ pub struct Config {
     )]
     pub gate_rebuild_disabled: bool,
 
-    /// Test-only fault injection.
+    /// Milliseconds before a call to enrollment or key-issuance gives up
+    /// (an outage: retried, then the redemption is left for a retry or
+    /// recovery to drive on).
+    #[arg(long, env = "PEER_TIMEOUT_MS", default_value_t = 5000)]
+    pub peer_timeout_ms: u64,
+
+    /// Test-only fault injection: where a redemption's first driver stops.
     #[arg(long, env = "REDEMPTION_FAULT", hide = true)]
     pub fault: Option<FaultPoint>,
+
+    /// Test-only: what the fault does (hang, stall, panic).
+    #[arg(
+        long,
+        env = "REDEMPTION_FAULT_ACTION",
+        hide = true,
+        default_value = "hang"
+    )]
+    pub fault_action: FaultAction,
+
+    /// Test-only: milliseconds a `stall` fault lasts.
+    #[arg(
+        long,
+        env = "REDEMPTION_FAULT_STALL_MS",
+        hide = true,
+        default_value_t = 0
+    )]
+    pub fault_stall_ms: u64,
 
     /// Settings shared by every service.
     #[command(flatten)]
@@ -158,45 +175,41 @@ impl Config {
             redemption_timeout_seconds: 10,
             recovery_after_seconds: 30,
             recovery_interval_seconds: 5,
+            peer_timeout_ms: 5000,
             fault: None,
+            fault_action: FaultAction::Hang,
+            fault_stall_ms: 0,
             gate_rebuild_disabled: false,
             common,
         }
     }
 }
 
-/// A bound, migrated redemption service, ready to [`run`](Self::run).
+/// A bound, migrated redemption service with every collaborator built,
+/// ready to [`run`](Self::run).
 pub struct Application {
     listener: TcpListener,
     pool: PgPool,
+    redeemer: Arc<redeem::Redeemer>,
     config: Config,
 }
 
 impl Application {
-    /// Connects, migrates and binds (port 0 picks a free port).
+    /// Checks the settings, connects, migrates, builds the clients, Redis,
+    /// gate, limiter and flow, and binds (port 0 picks a free port): a bad
+    /// setting fails here, before the port is bound.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let (pool, listener) =
-            server::prepare(&config.common, SCHEMA, &MIGRATOR, config.listen_addr).await?;
-        Ok(Self {
-            listener,
-            pool,
-            config,
-        })
-    }
-
-    /// The address the service listens on.
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
-
-    /// Serves (and runs recovery) until `shutdown` is cancelled.
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let config = &self.config;
-        let call_timeout = Duration::from_secs(5);
+        anyhow::ensure!(
+            config.recovery_after_seconds > config.redemption_timeout_seconds,
+            "RECOVERY_AFTER_SECONDS ({}) must be greater than REDEMPTION_TIMEOUT_SECONDS ({}): \
+             a redemption may not be taken over while a client can still be waiting on its driver",
+            config.recovery_after_seconds,
+            config.redemption_timeout_seconds
+        );
         let clients = clients::Clients::new(
             &config.enrollment_url,
             &config.key_issuance_url,
-            call_timeout,
+            Duration::from_millis(config.peer_timeout_ms),
         )?;
         let redis = Arc::new(trainingkeys_shared::redis::Redis::new(
             &config.redis_url,
@@ -215,27 +228,49 @@ impl Application {
             Duration::from_secs(config.guess_window_seconds),
             Duration::from_secs(config.guess_max_lockout_seconds),
         );
+        let (pool, listener) =
+            server::prepare(&config.common, SCHEMA, &MIGRATOR, config.listen_addr).await?;
         let redeemer = Arc::new(redeem::Redeemer::new(
-            store::Store::new(self.pool.clone()),
+            store::Store::new(pool.clone()),
             clients,
             gate,
             limiter,
             redeem::Settings {
                 timeout: Duration::from_secs(config.redemption_timeout_seconds),
-                fault: config.fault,
+                take_over_after: Duration::from_secs(config.recovery_after_seconds),
+                fault: config.fault.map(|point| redeem::Fault {
+                    point,
+                    action: config.fault_action,
+                    stall: Duration::from_millis(config.fault_stall_ms),
+                }),
             },
         ));
+        Ok(Self {
+            listener,
+            pool,
+            redeemer,
+            config,
+        })
+    }
+
+    /// The address the service listens on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves (and runs recovery) until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let redeemer = self.redeemer;
         redeemer.observe_redis().await;
         let recovery = tokio::spawn(recovery::run(
             redeemer.clone(),
-            Duration::from_secs(config.recovery_interval_seconds),
-            Duration::from_secs(config.recovery_after_seconds),
+            Duration::from_secs(self.config.recovery_interval_seconds),
             shutdown.clone(),
         ));
         let routes = tonic::service::Routes::new(RedemptionServiceServer::new(
             grpc::RedemptionGrpc::new(redeemer),
         ));
-        let options = ServeOptions::new(SERVICE_NAME, self.pool, &config.common);
+        let options = ServeOptions::new(SERVICE_NAME, self.pool, &self.config.common);
         let served = server::serve(self.listener, routes, options, shutdown).await;
         recovery.abort();
         served

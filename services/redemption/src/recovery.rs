@@ -1,6 +1,7 @@
-//! The recovery loop: redemptions left `admitted` (a crash, a lost database
-//! connection, an outage mid-way) are claimed by one replica and driven to
-//! their end — completed, or compensated (ReleaseKey, release the hold) and
+//! The recovery loop: redemptions left `admitted` whose driver stopped
+//! renewing its lease (a crash, a lost database connection, an outage
+//! mid-way) are taken over by one replica (the generation bump fences the
+//! old driver out) and driven to their end — completed, or compensated (ReleaseKey, release the hold) and
 //! failed — so no key stays consumed without its enrollment and no seat stays
 //! held. It also rebuilds the gate state of classes where a Redis outage
 //! made the gate and PostgreSQL disagree.
@@ -15,13 +16,9 @@ use crate::redeem::Redeemer;
 /// Redemptions handled per sweep.
 const BATCH: i64 = 100;
 
-/// Sweeps every `interval` for redemptions idle longer than `after`, until `shutdown`.
-pub async fn run(
-    redeemer: Arc<Redeemer>,
-    interval: Duration,
-    after: Duration,
-    shutdown: CancellationToken,
-) {
+/// Sweeps every `interval` for redemptions whose lease went unrenewed for
+/// the take-over time, until `shutdown`.
+pub async fn run(redeemer: Arc<Redeemer>, interval: Duration, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -34,7 +31,7 @@ pub async fn run(
                 "rebuilt drifted gate state from enrollment"
             );
         }
-        match sweep(&redeemer, after).await {
+        match sweep(&redeemer).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(redemptions = n, "recovery finished abandoned redemptions"),
             Err(e) => tracing::warn!(error = %e, "recovery sweep failed; retrying next interval"),
@@ -43,8 +40,11 @@ pub async fn run(
 }
 
 /// One sweep: returns how many redemptions it finished.
-pub async fn sweep(redeemer: &Redeemer, after: Duration) -> Result<usize, crate::error::Error> {
-    let stale = redeemer.store().stale(after, BATCH).await?;
+pub async fn sweep(redeemer: &Redeemer) -> Result<usize, crate::error::Error> {
+    let stale = redeemer
+        .store()
+        .stale(redeemer.take_over_after(), BATCH)
+        .await?;
     let mut finished = 0;
     for record in stale {
         let id = record.redemption_id;

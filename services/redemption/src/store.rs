@@ -1,12 +1,14 @@
-//! The redemption log in PostgreSQL: one row per idempotency key, moving from
-//! `admitted` to `completed` (with the encoded response) or `failed` (with the
-//! final error). Transitions are conditional, so a live request and recovery
-//! racing on one row cannot both finish it.
+//! The redemption log in PostgreSQL: one row per (scope, idempotency key),
+//! moving from `admitted` to `completed` (with the encoded response) or
+//! `failed` (with the final error). The row is also the lease of the one
+//! driver taking the redemption on: transitions name the driver's generation,
+//! so a driver that lost its lease cannot finish the row, and idleness is
+//! measured by PostgreSQL's clock.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use uuid::Uuid;
@@ -20,16 +22,66 @@ const MAX_BATCH: usize = 512;
 /// 11,000 with four (batches of ~21 keys instead of ~6).
 const CONCURRENT_BATCHES: usize = 1;
 
+/// Who redeems and the idempotency key they chose.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey {
+    /// Who redeems (see `RedeemCommand::scope`).
+    pub scope: String,
+    /// The client's key, unique within the scope.
+    pub key: String,
+}
+
 /// One caller waiting for the record of an idempotency key.
-type Find = (String, oneshot::Sender<Result<Option<Record>, Error>>);
+type Find = (
+    IdempotencyKey,
+    oneshot::Sender<Result<Option<Record>, Error>>,
+);
+
+/// Where a redemption is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Admitted and recorded; its driver is taking it to its end.
+    Admitted,
+    /// Answered with the stored response.
+    Completed,
+    /// Answered with the stored final error, and compensated.
+    Failed,
+}
+
+impl State {
+    fn as_str(self) -> &'static str {
+        match self {
+            State::Admitted => "admitted",
+            State::Completed => "completed",
+            State::Failed => "failed",
+        }
+    }
+}
+
+impl TryFrom<String> for State {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "admitted" => Ok(State::Admitted),
+            "completed" => Ok(State::Completed),
+            "failed" => Ok(State::Failed),
+            _ => Err(format!("unknown redemption state {s:?}")),
+        }
+    }
+}
 
 /// One redemption.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Record {
     pub redemption_id: Uuid,
+    pub scope: String,
     pub idempotency_key: String,
+    /// The request's meaning, canonically encoded (see `RedeemCommand`).
     pub request: Vec<u8>,
-    pub state: String,
+    #[sqlx(try_from = "String")]
+    pub state: State,
+    /// The generation of the driver holding the lease.
+    pub generation: i64,
     pub key_id: Uuid,
     pub key_kind: i32,
     pub target_id: Uuid,
@@ -39,11 +91,13 @@ pub struct Record {
     pub error_code: Option<i32>,
     pub error_reason: Option<String>,
     pub error_message: Option<String>,
-    pub updated_at: DateTime<Utc>,
+    /// Seconds since the lease was last renewed, by PostgreSQL's clock.
+    pub idle_seconds: f64,
 }
 
-const COLUMNS: &str = "redemption_id, idempotency_key, request, state, key_id, key_kind, target_id, user_id, \
-     user_created, response, error_code, error_reason, error_message, updated_at";
+const COLUMNS: &str = "redemption_id, scope, idempotency_key, request, state, generation, key_id, key_kind, \
+     target_id, user_id, user_created, response, error_code, error_reason, error_message, \
+     EXTRACT(EPOCH FROM clock_timestamp() - updated_at)::float8 AS idle_seconds";
 
 /// The redemption log.
 #[derive(Clone)]
@@ -62,28 +116,29 @@ impl Store {
     }
 
     /// The redemption recorded under an idempotency key, if any. Every
-    /// request starts with this look-up, so concurrent ones share a query
-    /// (`idempotency_key = ANY($1)`): a herd costs PostgreSQL a few hundred
-    /// statements, not one per student.
-    pub async fn find(&self, idempotency_key: &str) -> Result<Option<Record>, Error> {
+    /// request starts with this look-up, so concurrent ones share a query:
+    /// a herd costs PostgreSQL a few hundred statements, not one per student.
+    pub async fn find(&self, key: &IdempotencyKey) -> Result<Option<Record>, Error> {
         let (answer, answered) = oneshot::channel();
         self.finds
-            .send((idempotency_key.to_owned(), answer))
+            .send((key.clone(), answer))
             .map_err(|_| Error::Unavailable("database"))?;
         answered
             .await
             .map_err(|_| Error::Internal("idempotency look-up dropped".into()))?
     }
 
-    /// Records an admitted redemption. False when the idempotency key is
-    /// already taken (a concurrent duplicate won).
+    /// Records an admitted redemption, its lease at generation 1. False
+    /// when the idempotency key is already taken (a concurrent duplicate won).
     pub async fn insert(&self, r: &Record) -> Result<bool, Error> {
         let done = sqlx::query(
-            "INSERT INTO redemptions (redemption_id, idempotency_key, request, state, key_id, key_kind, target_id, user_id, user_created)
-             VALUES ($1, $2, $3, 'admitted', $4, $5, $6, $7, $8)
+            "INSERT INTO redemptions (redemption_id, scope, idempotency_key, request, state, generation,
+                                      key_id, key_kind, target_id, user_id, user_created)
+             VALUES ($1, $2, $3, $4, 'admitted', 1, $5, $6, $7, $8, $9)
              ON CONFLICT ON CONSTRAINT redemptions_idempotency_key_unique DO NOTHING",
         )
         .bind(r.redemption_id)
+        .bind(&r.scope)
         .bind(&r.idempotency_key)
         .bind(&r.request)
         .bind(r.key_id)
@@ -96,31 +151,50 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Marks a redemption completed with its encoded response. False when it
-    /// was already finished (by recovery or the live request).
-    pub async fn complete(&self, redemption_id: Uuid, response: &[u8]) -> Result<bool, Error> {
+    /// Marks a redemption completed with its encoded response. False when
+    /// the driver of `generation` no longer holds it (finished, or taken over).
+    pub async fn complete(&self, lease: Lease, response: &[u8]) -> Result<bool, Error> {
         let done = sqlx::query(
-            "UPDATE redemptions SET state = 'completed', response = $2, updated_at = now()
-             WHERE redemption_id = $1 AND state = 'admitted'",
+            "UPDATE redemptions SET state = $3, response = $4, updated_at = now()
+             WHERE redemption_id = $1 AND generation = $2 AND state = 'admitted'",
         )
-        .bind(redemption_id)
+        .bind(lease.redemption_id)
+        .bind(lease.generation)
+        .bind(State::Completed.as_str())
         .bind(response)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
     }
 
-    /// Marks a redemption failed for good. False when already finished.
-    pub async fn fail(&self, redemption_id: Uuid, error: &Error) -> Result<bool, Error> {
+    /// Marks a redemption failed for good. False when the driver of
+    /// `generation` no longer holds it.
+    pub async fn fail(&self, lease: Lease, error: &Error) -> Result<bool, Error> {
         let (code, reason) = error.code_and_reason();
         let done = sqlx::query(
-            "UPDATE redemptions SET state = 'failed', error_code = $2, error_reason = $3, error_message = $4, updated_at = now()
-             WHERE redemption_id = $1 AND state = 'admitted'",
+            "UPDATE redemptions SET state = $3, error_code = $4, error_reason = $5, error_message = $6,
+                 updated_at = now()
+             WHERE redemption_id = $1 AND generation = $2 AND state = 'admitted'",
         )
-        .bind(redemption_id)
+        .bind(lease.redemption_id)
+        .bind(lease.generation)
+        .bind(State::Failed.as_str())
         .bind(code as i32)
         .bind(reason)
         .bind(error.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Renews the lease. False when it is lost (finished, or taken over).
+    pub async fn renew(&self, lease: Lease) -> Result<bool, Error> {
+        let done = sqlx::query(
+            "UPDATE redemptions SET updated_at = now()
+             WHERE redemption_id = $1 AND generation = $2 AND state = 'admitted'",
+        )
+        .bind(lease.redemption_id)
+        .bind(lease.generation)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -135,40 +209,60 @@ impl Store {
             .await?)
     }
 
-    /// Unfinished redemptions untouched for longer than `age`, oldest first.
-    pub async fn stale(&self, age: std::time::Duration, limit: i64) -> Result<Vec<Record>, Error> {
+    /// Unfinished redemptions whose lease has not been renewed for `idle`,
+    /// oldest first.
+    pub async fn stale(&self, idle: Duration, limit: i64) -> Result<Vec<Record>, Error> {
         let sql = format!(
             "SELECT {COLUMNS} FROM redemptions
              WHERE state = 'admitted' AND updated_at < now() - make_interval(secs => $1)
              ORDER BY updated_at LIMIT $2"
         );
         Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(age.as_secs_f64())
+            .bind(idle.as_secs_f64())
             .bind(limit)
             .fetch_all(&self.pool)
             .await?)
     }
 
-    /// Claims a stale redemption for recovery: only one replica's claim wins
-    /// (the one that moves `updated_at` from the value it saw).
-    pub async fn claim(&self, record: &Record) -> Result<bool, Error> {
-        let done = sqlx::query(
-            "UPDATE redemptions SET updated_at = now()
-             WHERE redemption_id = $1 AND state = 'admitted' AND updated_at = $2",
+    /// Takes over a redemption whose driver has been silent for `idle`:
+    /// bumps the generation, so the old driver's writes are refused from
+    /// now on. `None` when it is not (or no longer) idle at that generation:
+    /// its driver is alive, or another take-over won.
+    pub async fn take_over(&self, record: &Record, idle: Duration) -> Result<Option<Lease>, Error> {
+        let generation: Option<i64> = sqlx::query_scalar(
+            "UPDATE redemptions SET generation = generation + 1, updated_at = now()
+             WHERE redemption_id = $1 AND state = 'admitted' AND generation = $2
+               AND updated_at < now() - make_interval(secs => $3)
+             RETURNING generation",
         )
         .bind(record.redemption_id)
-        .bind(record.updated_at)
-        .execute(&self.pool)
+        .bind(record.generation)
+        .bind(idle.as_secs_f64())
+        .fetch_optional(&self.pool)
         .await?;
-        Ok(done.rows_affected() == 1)
+        Ok(generation.map(|generation| Lease {
+            redemption_id: record.redemption_id,
+            generation,
+        }))
     }
+}
+
+/// The right to drive one redemption: its id and the driver's generation,
+/// which every write names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub redemption_id: Uuid,
+    pub generation: i64,
 }
 
 /// Answers queued look-ups in batches: a batch is whatever queued while the
 /// previous batches ran (one look-up alone when the service is quiet).
 async fn batch_finds(pool: PgPool, mut queue: mpsc::UnboundedReceiver<Find>) {
     let permits = Arc::new(Semaphore::new(CONCURRENT_BATCHES));
-    let sql = format!("SELECT {COLUMNS} FROM redemptions WHERE idempotency_key = ANY($1)");
+    let sql = format!(
+        "SELECT {COLUMNS} FROM redemptions
+         WHERE (scope, idempotency_key) IN (SELECT * FROM unnest($1::text[], $2::text[]))"
+    );
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
@@ -186,19 +280,22 @@ async fn batch_finds(pool: PgPool, mut queue: mpsc::UnboundedReceiver<Find>) {
         let (pool, sql) = (pool.clone(), sql.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let keys: Vec<&str> = batch.iter().map(|(key, _)| key.as_str()).collect();
+            let scopes: Vec<&str> = batch.iter().map(|(k, _)| k.scope.as_str()).collect();
+            let keys: Vec<&str> = batch.iter().map(|(k, _)| k.key.as_str()).collect();
             let found: Result<Vec<Record>, sqlx::Error> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(scopes)
                 .bind(keys)
                 .fetch_all(&pool)
                 .await;
             match found {
                 Ok(records) => {
-                    let by_key: HashMap<&str, &Record> = records
+                    let by_key: HashMap<(&str, &str), &Record> = records
                         .iter()
-                        .map(|r| (r.idempotency_key.as_str(), r))
+                        .map(|r| ((r.scope.as_str(), r.idempotency_key.as_str()), r))
                         .collect();
-                    for (key, answer) in batch {
-                        let _ = answer.send(Ok(by_key.get(key.as_str()).map(|r| (*r).clone())));
+                    for (k, answer) in batch {
+                        let found = by_key.get(&(k.scope.as_str(), k.key.as_str()));
+                        let _ = answer.send(Ok(found.map(|r| (*r).clone())));
                     }
                 }
                 Err(e) => {

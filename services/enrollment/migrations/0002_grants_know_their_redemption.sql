@@ -1,0 +1,28 @@
+-- Grants know their redemption (exactly-once redemption).
+--
+-- A redemption that is driven more than once (a client's retry, recovery, a
+-- statement that commits after its caller gave up) must tell "the grant I
+-- made earlier" from "a grant the student already had". So a seat or
+-- subscription taken on behalf of a redemption names it.
+
+ALTER TABLE enrollments ADD COLUMN redemption_id uuid;
+ALTER TABLE subscriptions ADD COLUMN redemption_id uuid;
+
+-- Every redemption enrollment has answered, granted or refused. Its primary
+-- key is what makes Enroll idempotent per redemption: the statement that
+-- takes a seat also inserts the redemption here, and a refusal is recorded
+-- here too, so a late duplicate of the same redemption (still queued on the
+-- class row when its twin was refused) fails on the key instead of taking a
+-- seat after the redemption was answered "full". Unique checks see committed
+-- rows whatever a statement's snapshot, which a NOT EXISTS would not.
+CREATE TABLE redemptions (
+    redemption_id  uuid PRIMARY KEY,
+    -- Set when the redemption was refused for want of a seat: every repeat is
+    -- answered the same (the other refusals, an unknown class or user or
+    -- another organization, cannot change, so they need no record).
+    refused_reason text,
+    created_at     timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE UNIQUE INDEX enrollments_by_redemption ON enrollments (redemption_id) WHERE redemption_id IS NOT NULL;
+CREATE UNIQUE INDEX subscriptions_by_redemption ON subscriptions (redemption_id) WHERE redemption_id IS NOT NULL;

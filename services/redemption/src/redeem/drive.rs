@@ -1,0 +1,344 @@
+//! Taking a recorded redemption to its end, by the one driver holding its
+//! lease: the first attempt, a client's retry that took it over, or
+//! recovery. Every step may run twice, late, or beside an older driver that
+//! has not noticed it lost the lease, so:
+//!
+//! - the driver renews its lease while it runs; a take-over (only after
+//!   `take_over_after` of silence, by PostgreSQL's clock) bumps the
+//!   generation, and every write names the driver's generation and is
+//!   refused to an older one: the record's completion or failure here,
+//!   ConsumeKey and ReleaseKey in key-issuance;
+//! - grants name their redemption, so "already enrolled / assigned" tells
+//!   this redemption's own earlier grant (keep the key's use) from one the
+//!   student had before (give the use back);
+//! - a released use stays released (key-issuance refuses a later consume),
+//!   and a seat refused for want of room stays refused (enrollment answers a
+//!   repeat the same), so a failed redemption leaves no use and no seat.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use prost::Message as _;
+use trainingkeys_proto::v1 as pb;
+use trainingkeys_proto::v1::redeem_key_response::Grant;
+
+use super::Redeemer;
+use crate::error::Error;
+use crate::gate::Settle;
+use crate::store::{Lease, Record, State};
+
+/// Where to stop a redemption's first driver (fault-injection tests only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FaultPoint {
+    /// After the key was consumed (or the seat held), before Enroll.
+    AfterConsume,
+    /// After Enroll / AssignSubscription committed, before the reply is recorded.
+    AfterCommit,
+}
+
+/// What the fault does there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FaultAction {
+    /// Hang forever, as if the process died: nothing after it runs and the
+    /// lease is not renewed.
+    Hang,
+    /// Freeze for a while (a long pause: the lease is not renewed meanwhile,
+    /// so it can be taken over), then carry on as the now-stale driver.
+    Stall,
+    /// Panic in the redemption's task.
+    Panic,
+}
+
+/// A test-only fault: where, what, and for how long a stall lasts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    pub point: FaultPoint,
+    pub action: FaultAction,
+    pub stall: Duration,
+}
+
+/// Whether the grant existed before this call (another redemption's or a
+/// direct one), as opposed to made now or by this redemption earlier.
+fn had_before(existed: bool, granted_by: &str, lease: Lease) -> bool {
+    existed && granted_by != lease.redemption_id.to_string()
+}
+
+impl Redeemer {
+    /// Takes a recorded redemption to its end under `lease`: completed, or
+    /// compensated and failed. An outage leaves it `admitted`, to be taken
+    /// over later; a lost lease hands the answer to whoever holds it now.
+    pub(super) async fn drive(
+        &self,
+        lease: Lease,
+        record: &Record,
+        user: pb::User,
+    ) -> Result<pb::RedeemKeyResponse, Error> {
+        let paused = AtomicBool::new(false);
+        let outcome = tokio::select! {
+            outcome = self.finish(lease, record, user, &paused) => outcome,
+            () = self.keep_lease(lease, &paused) => Err(Error::LeaseLost),
+        };
+        match outcome {
+            Err(Error::LeaseLost) => self.answer_of(record).await,
+            other => other,
+        }
+    }
+
+    /// Renews the lease until it is lost (then returns). A paused driver
+    /// (a test's stall) does not renew.
+    async fn keep_lease(&self, lease: Lease, paused: &AtomicBool) {
+        loop {
+            tokio::time::sleep(self.settings.renew_every()).await;
+            if paused.load(Ordering::Relaxed) {
+                continue;
+            }
+            match self.store.renew(lease).await {
+                Ok(true) => {}
+                Ok(false) => return,
+                // The fence protects the writes; renewal retries next tick.
+                Err(e) => {
+                    tracing::warn!(redemption_id = %lease.redemption_id, error = %e, "could not renew a redemption's lease")
+                }
+            }
+        }
+    }
+
+    async fn finish(
+        &self,
+        lease: Lease,
+        record: &Record,
+        user: pb::User,
+        paused: &AtomicBool,
+    ) -> Result<pb::RedeemKeyResponse, Error> {
+        match self.apply(lease, record, user, paused).await {
+            Ok(response) => {
+                if self
+                    .store
+                    .complete(lease, &response.encode_to_vec())
+                    .await?
+                {
+                    Ok(response)
+                } else {
+                    Err(Error::LeaseLost)
+                }
+            }
+            Err(error) if error.is_final() => {
+                self.compensate(lease, record).await?;
+                if self.store.fail(lease, &error).await? {
+                    Err(error)
+                } else {
+                    Err(Error::LeaseLost)
+                }
+            }
+            Err(outage) => Err(outage),
+        }
+    }
+
+    /// The answer someone else recorded (or is still working on).
+    async fn answer_of(&self, record: &Record) -> Result<pb::RedeemKeyResponse, Error> {
+        let stored = self.store.get(record.redemption_id).await?;
+        Box::pin(self.replay(stored, &record.request)).await
+    }
+
+    /// The irreversible steps; each is idempotent for this redemption.
+    async fn apply(
+        &self,
+        lease: Lease,
+        record: &Record,
+        user: pb::User,
+        paused: &AtomicBool,
+    ) -> Result<pb::RedeemKeyResponse, Error> {
+        let (rid, key, target, user_id) = (
+            record.redemption_id,
+            record.key_id,
+            record.target_id,
+            record.user_id,
+        );
+        let kind = pb::KeyKind::try_from(record.key_kind).unwrap_or(pb::KeyKind::Unspecified);
+        let target_text = target.to_string();
+        let (grant, already_held) = match kind {
+            pb::KeyKind::Event | pb::KeyKind::ClassEnrollment => {
+                if kind == pb::KeyKind::ClassEnrollment {
+                    let held = || self.clients.seat(&target_text, user_id);
+                    if let Some(seat) = self.consume(lease, record, held).await? {
+                        self.gate.settle(target, user_id, Settle::Confirm).await;
+                        return Ok(response(record, user, Grant::Enrollment(seat), true));
+                    }
+                }
+                self.fault(FaultPoint::AfterConsume, lease, paused).await;
+                let (enrollment, existed) = self.clients.enroll(target, user_id, key, rid).await?;
+                self.fault(FaultPoint::AfterCommit, lease, paused).await;
+                let before = had_before(existed, &enrollment.redemption_id, lease);
+                if before && kind == pb::KeyKind::ClassEnrollment {
+                    // The student had the seat already: no use for it.
+                    self.clients.release_key(key, rid, lease.generation).await?;
+                }
+                self.gate.settle(target, user_id, Settle::Confirm).await;
+                (Grant::Enrollment(enrollment), before)
+            }
+            pb::KeyKind::Subscription => {
+                let held = || self.clients.subscription(&target_text, user_id);
+                if let Some(held) = self.consume(lease, record, held).await? {
+                    return Ok(response(record, user, Grant::Subscription(held), true));
+                }
+                self.fault(FaultPoint::AfterConsume, lease, paused).await;
+                let (subscription, existed) = self
+                    .clients
+                    .assign_subscription(target, user_id, key, rid)
+                    .await?;
+                self.fault(FaultPoint::AfterCommit, lease, paused).await;
+                let before = had_before(existed, &subscription.redemption_id, lease);
+                if before {
+                    self.clients.release_key(key, rid, lease.generation).await?;
+                }
+                (Grant::Subscription(subscription), before)
+            }
+            pb::KeyKind::Unspecified => {
+                return Err(Error::Internal(format!("bad key kind {}", record.key_kind)));
+            }
+        };
+        Ok(response(record, user, grant, already_held))
+    }
+
+    /// ConsumeKey for this redemption. When the key cannot be used (used up,
+    /// or this redemption gave its use back after finding the grant already
+    /// held) but the student holds what it grants, that grant is the answer
+    /// (`Some`), and no use is taken.
+    async fn consume<G, F>(
+        &self,
+        lease: Lease,
+        record: &Record,
+        held: impl FnOnce() -> F,
+    ) -> Result<Option<G>, Error>
+    where
+        F: Future<Output = Result<Option<G>, Error>>,
+    {
+        let consumed = self
+            .clients
+            .consume_key(
+                record.key_id,
+                record.user_id,
+                lease.redemption_id,
+                lease.generation,
+            )
+            .await;
+        match consumed {
+            Ok(()) => Ok(None),
+            Err(e @ (Error::KeyAlreadyRedeemed | Error::KeyUseReleased)) => match held().await? {
+                Some(grant) => Ok(Some(grant)),
+                None => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Undoes what a failed redemption may hold: the key's use (a marker is
+    /// left if it had none, so a late consume is refused) and the seat hold.
+    async fn compensate(&self, lease: Lease, record: &Record) -> Result<(), Error> {
+        if record.key_kind != pb::KeyKind::Event as i32 {
+            self.clients
+                .release_key(record.key_id, record.redemption_id, lease.generation)
+                .await?;
+        }
+        if record.key_kind != pb::KeyKind::Subscription as i32 {
+            self.gate
+                .settle(record.target_id, record.user_id, Settle::Release)
+                .await;
+        }
+        Ok(())
+    }
+
+    /// The answer recorded for an idempotency key: the stored response, the
+    /// stored final error, or, while unfinished, wait; a redemption whose
+    /// lease has gone unrenewed for `take_over_after` is taken over.
+    pub(super) async fn replay(
+        &self,
+        record: Record,
+        request: &[u8],
+    ) -> Result<pb::RedeemKeyResponse, Error> {
+        if record.request != request {
+            return Err(Error::IdempotencyKeyReused);
+        }
+        let deadline = tokio::time::Instant::now() + self.settings.timeout;
+        let mut record = record;
+        loop {
+            match record.state {
+                State::Completed => {
+                    let bytes = record.response.as_deref().unwrap_or_default();
+                    return pb::RedeemKeyResponse::decode(bytes)
+                        .map_err(|e| Error::Internal(e.to_string()));
+                }
+                State::Failed => {
+                    return Err(Error::Replayed {
+                        code: record.error_code.unwrap_or(tonic::Code::Unknown as i32),
+                        reason: record.error_reason.unwrap_or_default(),
+                        message: record.error_message.unwrap_or_default(),
+                    });
+                }
+                State::Admitted => {}
+            }
+            if record.idle_seconds > self.settings.take_over_after.as_secs_f64() {
+                return self.take_over(record).await;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(Error::InProgress);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            record = self.store.get(record.redemption_id).await?;
+        }
+    }
+
+    /// Takes over a redemption whose driver went silent and drives it to its
+    /// end (a client's retry, or recovery).
+    pub async fn take_over(&self, record: Record) -> Result<pb::RedeemKeyResponse, Error> {
+        let Some(lease) = self
+            .store
+            .take_over(&record, self.settings.take_over_after)
+            .await?
+        else {
+            return Err(Error::InProgress);
+        };
+        tracing::info!(redemption_id = %record.redemption_id, generation = lease.generation, "took an abandoned redemption over");
+        let user = self.clients.get_user(record.user_id).await?;
+        self.drive(lease, &record, user).await
+    }
+
+    /// A test-only fault, for the first driver only (a take-over is the
+    /// recovery the fault tests watch for).
+    async fn fault(&self, point: FaultPoint, lease: Lease, paused: &AtomicBool) {
+        let Some(fault) = self.settings.fault else {
+            return;
+        };
+        if fault.point != point || lease.generation != 1 {
+            return;
+        }
+        tracing::warn!(?fault, "fault injected");
+        paused.store(true, Ordering::Relaxed);
+        match fault.action {
+            FaultAction::Hang => std::future::pending::<()>().await,
+            FaultAction::Stall => {
+                tokio::time::sleep(fault.stall).await;
+                paused.store(false, Ordering::Relaxed);
+            }
+            FaultAction::Panic => panic!("fault injected at {point:?}"),
+        }
+    }
+}
+
+/// The answer to a redemption.
+fn response(
+    record: &Record,
+    user: pb::User,
+    grant: Grant,
+    already_held: bool,
+) -> pb::RedeemKeyResponse {
+    pb::RedeemKeyResponse {
+        redemption_id: record.redemption_id.to_string(),
+        kind: record.key_kind,
+        key_id: record.key_id.to_string(),
+        user: Some(user),
+        user_created: record.user_created,
+        grant: Some(grant),
+        already_held,
+    }
+}
