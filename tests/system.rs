@@ -10,11 +10,13 @@ use trainingkeys_proto::v1::enrollment_service_client::EnrollmentServiceClient;
 use trainingkeys_proto::v1::key_issuance_service_client::KeyIssuanceServiceClient;
 use trainingkeys_proto::v1::redemption_service_client::RedemptionServiceClient;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures::future::join_all;
 use trainingkeys_proto::time::to_timestamp;
 use trainingkeys_proto::v1 as pb;
 use trainingkeys_proto::v1::redeem_key_request::Redeemer;
+use trainingkeys_proto::v1::redeem_key_response::Grant;
+use tonic::Code;
 
 use crate::{Spawned, common_config, fresh_database, spawn_enrollment, spawn_key_issuance};
 
@@ -476,3 +478,120 @@ pub async fn active_rows(sys: &System, class_id: &str) -> i64 {
         .await
         .unwrap()
 }
+
+// Calls the redemption tests share.
+
+/// A redemption client.
+pub type Redeem = RedemptionServiceClient<Channel>;
+
+pub async fn redeem(
+    client: &mut Redeem,
+    request: pb::RedeemKeyRequest,
+) -> Result<pb::RedeemKeyResponse, tonic::Status> {
+    client
+        .redeem_key(request)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// RedeemKey as a client is told to call it: an outage (UNAVAILABLE,
+/// ABORTED, INTERNAL) is retried with the same request and idempotency key.
+pub async fn redeem_retrying(
+    client: &mut Redeem,
+    request: pb::RedeemKeyRequest,
+) -> Result<pb::RedeemKeyResponse, tonic::Status> {
+    let mut result = redeem(client, request.clone()).await;
+    for _ in 0..20 {
+        match &result {
+            Err(s) if matches!(s.code(), Code::Unavailable | Code::Aborted | Code::Internal) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                result = redeem(client, request.clone()).await;
+            }
+            _ => break,
+        }
+    }
+    result
+}
+
+pub async fn get_class(sys: &System, class_id: &str) -> pb::Class {
+    sys.enrollment_client
+        .clone()
+        .get_class(pb::GetClassRequest {
+            class_id: class_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .class
+        .unwrap()
+}
+
+pub async fn get_key(sys: &System, key_id: &str) -> pb::Key {
+    sys.keys_client
+        .clone()
+        .get_key(pb::GetKeyRequest {
+            selector: Some(pb::get_key_request::Selector::KeyId(key_id.into())),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap()
+}
+
+/// The enrollment a redemption granted.
+pub fn enrollment(r: &pb::RedeemKeyResponse) -> &pb::Enrollment {
+    match r.grant.as_ref() {
+        Some(Grant::Enrollment(e)) => e,
+        other => panic!("expected an enrollment, got {other:?}"),
+    }
+}
+
+pub async fn subscription_pool(
+    sys: &System,
+    org: &str,
+    count: i32,
+    from: Option<DateTime<Utc>>,
+) -> (pb::KeyPool, Vec<pb::Key>) {
+    let profile = sys
+        .enrollment_client
+        .clone()
+        .create_subscription_profile(pb::CreateSubscriptionProfileRequest {
+            organization_id: org.into(),
+            name: "Everything".into(),
+            course_ids: vec!["A".into(), "B".into()],
+            duration_days: 90,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .profile
+        .unwrap();
+    let pool = sys
+        .keys_client
+        .clone()
+        .generate_subscription_keys(pb::GenerateSubscriptionKeysRequest {
+            profile_id: profile.profile_id,
+            count,
+            valid_from: from.map(to_timestamp),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pool
+        .unwrap();
+    let keys = sys
+        .keys_client
+        .clone()
+        .list_keys(pb::ListKeysRequest {
+            scope: Some(pb::list_keys_request::Scope::PoolId(pool.pool_id.clone())),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    (pool, keys)
+}
+

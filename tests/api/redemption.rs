@@ -6,53 +6,21 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use futures::future::join_all;
 use prost::Message as _;
 use tonic::Code;
-use tonic::transport::Channel;
 use trainingkeys_proto::time::to_timestamp;
 use trainingkeys_proto::v1::redeem_key_request::Redeemer;
 use trainingkeys_proto::v1::redeem_key_response::Grant;
-use trainingkeys_proto::v1::redemption_service_client::RedemptionServiceClient;
 use trainingkeys_proto::v1::{self as pb};
 use trainingkeys_redemption::FaultPoint;
 use trainingkeys_tests::chaos::gate_agrees;
 use trainingkeys_tests::system::{
-    System, active_rows, as_user, class, class_keys, event_key, idem, org, users,
+    Redeem, System, active_rows, as_user, class, class_keys, enrollment, event_key, get_class,
+    get_key, idem, org, redeem, redeem_retrying, subscription_pool, users,
 };
 use trainingkeys_tests::{assert_status, eventually, reason};
-
-type Redeem = RedemptionServiceClient<Channel>;
-
-async fn redeem(
-    client: &mut Redeem,
-    request: pb::RedeemKeyRequest,
-) -> Result<pb::RedeemKeyResponse, tonic::Status> {
-    client
-        .redeem_key(request)
-        .await
-        .map(tonic::Response::into_inner)
-}
-
-/// RedeemKey as a client is told to call it: an outage (UNAVAILABLE,
-/// ABORTED, INTERNAL) is retried with the same request and idempotency key.
-async fn redeem_retrying(
-    client: &mut Redeem,
-    request: pb::RedeemKeyRequest,
-) -> Result<pb::RedeemKeyResponse, tonic::Status> {
-    let mut result = redeem(client, request.clone()).await;
-    for _ in 0..20 {
-        match &result {
-            Err(s) if matches!(s.code(), Code::Unavailable | Code::Aborted | Code::Internal) => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                result = redeem(client, request.clone()).await;
-            }
-            _ => break,
-        }
-    }
-    result
-}
 
 async fn validate(client: &mut Redeem, code: &str, user_id: &str) -> pb::ValidateKeyResponse {
     client
@@ -65,38 +33,6 @@ async fn validate(client: &mut Redeem, code: &str, user_id: &str) -> pb::Validat
         .into_inner()
 }
 
-async fn get_class(sys: &System, class_id: &str) -> pb::Class {
-    sys.enrollment_client
-        .clone()
-        .get_class(pb::GetClassRequest {
-            class_id: class_id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .class
-        .unwrap()
-}
-
-async fn get_key(sys: &System, key_id: &str) -> pb::Key {
-    sys.keys_client
-        .clone()
-        .get_key(pb::GetKeyRequest {
-            selector: Some(pb::get_key_request::Selector::KeyId(key_id.into())),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .key
-        .unwrap()
-}
-
-fn enrollment(r: &pb::RedeemKeyResponse) -> &pb::Enrollment {
-    match r.grant.as_ref() {
-        Some(Grant::Enrollment(e)) => e,
-        other => panic!("expected an enrollment, got {other:?}"),
-    }
-}
 
 #[tokio::test]
 async fn event_key_with_self_registration() {
@@ -197,54 +133,6 @@ async fn class_enrollment_keys_are_single_use() {
     assert!(spare.already_held);
     assert_eq!(get_key(&sys, &keys[1].key_id).await.uses, 0);
     assert_eq!(get_class(&sys, &class.class_id).await.enrolled_count, 1);
-}
-
-async fn subscription_pool(
-    sys: &System,
-    org: &str,
-    count: i32,
-    from: Option<DateTime<Utc>>,
-) -> (pb::KeyPool, Vec<pb::Key>) {
-    let profile = sys
-        .enrollment_client
-        .clone()
-        .create_subscription_profile(pb::CreateSubscriptionProfileRequest {
-            organization_id: org.into(),
-            name: "Everything".into(),
-            course_ids: vec!["A".into(), "B".into()],
-            duration_days: 90,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .profile
-        .unwrap();
-    let pool = sys
-        .keys_client
-        .clone()
-        .generate_subscription_keys(pb::GenerateSubscriptionKeysRequest {
-            profile_id: profile.profile_id,
-            count,
-            valid_from: from.map(to_timestamp),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .pool
-        .unwrap();
-    let keys = sys
-        .keys_client
-        .clone()
-        .list_keys(pb::ListKeysRequest {
-            scope: Some(pb::list_keys_request::Scope::PoolId(pool.pool_id.clone())),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .keys;
-    (pool, keys)
 }
 
 #[tokio::test]
