@@ -12,11 +12,11 @@ use trainingkeys_proto::v1::redemption_service_client::RedemptionServiceClient;
 
 use chrono::{DateTime, Utc};
 use futures::future::join_all;
+use tonic::Code;
 use trainingkeys_proto::time::to_timestamp;
 use trainingkeys_proto::v1 as pb;
 use trainingkeys_proto::v1::redeem_key_request::Redeemer;
 use trainingkeys_proto::v1::redeem_key_response::Grant;
-use tonic::Code;
 
 use crate::{Spawned, common_config, fresh_database, spawn_enrollment, spawn_key_issuance};
 
@@ -594,4 +594,3 @@ pub async fn subscription_pool(
         .keys;
     (pool, keys)
 }
-

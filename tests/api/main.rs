@@ -4,6 +4,7 @@
 
 mod chaos;
 mod enrollment;
+mod exactly_once;
 mod health;
 mod key_issuance;
 mod metrics;

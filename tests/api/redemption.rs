@@ -33,7 +33,6 @@ async fn validate(client: &mut Redeem, code: &str, user_id: &str) -> pb::Validat
         .into_inner()
 }
 
-
 #[tokio::test]
 async fn event_key_with_self_registration() {
     let sys = System::start(1).await;

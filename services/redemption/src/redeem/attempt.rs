@@ -8,7 +8,9 @@ use chrono::Utc;
 use trainingkeys_proto::v1 as pb;
 use uuid::Uuid;
 
-use super::Redeemer;
+use std::sync::atomic::AtomicBool;
+
+use super::{FaultPoint, Redeemer};
 use crate::domain::{self, RedeemCommand, Who, peer_id};
 use crate::error::Error;
 use crate::gate::{Admission, Settle};
@@ -78,6 +80,8 @@ impl Redeemer {
             }
         };
 
+        self.fault(FaultPoint::BeforeRecord, None, &AtomicBool::new(false))
+            .await;
         let record = Record {
             redemption_id: Uuid::now_v7(),
             scope: cmd.who.scope(),

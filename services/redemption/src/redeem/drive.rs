@@ -30,6 +30,8 @@ use crate::store::{Lease, Record, State};
 /// Where to stop a redemption's first driver (fault-injection tests only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum FaultPoint {
+    /// Admitted, before the redemption is recorded.
+    BeforeRecord,
     /// After the key was consumed (or the seat held), before Enroll.
     AfterConsume,
     /// After Enroll / AssignSubscription committed, before the reply is recorded.
@@ -45,7 +47,7 @@ pub enum FaultAction {
     /// Freeze for a while (a long pause: the lease is not renewed meanwhile,
     /// so it can be taken over), then carry on as the now-stale driver.
     Stall,
-    /// Panic in the redemption's task.
+    /// Panic in the redemption's task (once per process).
     Panic,
 }
 
@@ -165,9 +167,11 @@ impl Redeemer {
                         return Ok(response(record, user, Grant::Enrollment(seat), true));
                     }
                 }
-                self.fault(FaultPoint::AfterConsume, lease, paused).await;
+                self.fault(FaultPoint::AfterConsume, Some(lease), paused)
+                    .await;
                 let (enrollment, existed) = self.clients.enroll(target, user_id, key, rid).await?;
-                self.fault(FaultPoint::AfterCommit, lease, paused).await;
+                self.fault(FaultPoint::AfterCommit, Some(lease), paused)
+                    .await;
                 let before = had_before(existed, &enrollment.redemption_id, lease);
                 if before && kind == pb::KeyKind::ClassEnrollment {
                     // The student had the seat already: no use for it.
@@ -181,12 +185,14 @@ impl Redeemer {
                 if let Some(held) = self.consume(lease, record, held).await? {
                     return Ok(response(record, user, Grant::Subscription(held), true));
                 }
-                self.fault(FaultPoint::AfterConsume, lease, paused).await;
+                self.fault(FaultPoint::AfterConsume, Some(lease), paused)
+                    .await;
                 let (subscription, existed) = self
                     .clients
                     .assign_subscription(target, user_id, key, rid)
                     .await?;
-                self.fault(FaultPoint::AfterCommit, lease, paused).await;
+                self.fault(FaultPoint::AfterCommit, Some(lease), paused)
+                    .await;
                 let before = had_before(existed, &subscription.redemption_id, lease);
                 if before {
                     self.clients.release_key(key, rid, lease.generation).await?;
@@ -305,11 +311,14 @@ impl Redeemer {
 
     /// A test-only fault, for the first driver only (a take-over is the
     /// recovery the fault tests watch for).
-    async fn fault(&self, point: FaultPoint, lease: Lease, paused: &AtomicBool) {
+    pub(super) async fn fault(&self, point: FaultPoint, lease: Option<Lease>, paused: &AtomicBool) {
         let Some(fault) = self.settings.fault else {
             return;
         };
-        if fault.point != point || lease.generation != 1 {
+        if fault.point != point || lease.is_some_and(|l| l.generation != 1) {
+            return;
+        }
+        if fault.action == FaultAction::Panic && self.panicked.swap(true, Ordering::Relaxed) {
             return;
         }
         tracing::warn!(?fault, "fault injected");

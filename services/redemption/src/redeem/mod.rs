@@ -80,6 +80,8 @@ pub struct Redeemer {
     classes: Coalesce<String, pb::Class>,
     /// GetSubscriptionProfile answers by profile id (in-flight calls shared).
     profiles: Coalesce<String, pb::SubscriptionProfile>,
+    /// Test-only: a panic fault has fired (it fires once per process).
+    panicked: std::sync::atomic::AtomicBool,
 }
 
 /// Forgets a redemption's in-flight entry when its task ends, however it
@@ -119,6 +121,7 @@ impl Redeemer {
             resolved: Coalesce::new(EVENT_KEY_KEEP),
             classes: Coalesce::new(Duration::ZERO),
             profiles: Coalesce::new(Duration::ZERO),
+            panicked: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

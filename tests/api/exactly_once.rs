@@ -1,0 +1,537 @@
+//! Exactly once, when steps run twice, late, or beside themselves: a slow
+//! database (statements that commit after their caller gave up), a retry
+//! racing a live or stalled driver, released uses, refused redemptions that
+//! must write nothing, idempotency keys that cannot be squatted, and a
+//! panicking task.
+
+use std::time::Duration;
+
+use sqlx::Connection as _;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::Code;
+use trainingkeys_proto::time::to_timestamp;
+use trainingkeys_proto::v1 as pb;
+use trainingkeys_proto::v1::redeem_key_request::Redeemer;
+use trainingkeys_redemption::{FaultAction, FaultPoint};
+use trainingkeys_tests::assert_status;
+use trainingkeys_tests::system::{
+    System, active_rows, as_user, class, class_keys, enrollment, event_key, get_key, idem, org,
+    redeem, subscription_pool, users,
+};
+
+/// Runs `sql` (a `SELECT … FOR UPDATE` of the row with id `$1`) in a
+/// transaction held open for `hold`, as a long transaction or a vacuum stall
+/// would; returns once the rows are locked.
+async fn lock_rows(sys: &System, sql: &'static str, id: &str, hold: Duration) -> JoinHandle<()> {
+    let mut db = sys.db().await;
+    let id = id.to_owned();
+    let (locked, is_locked) = oneshot::channel();
+    let holder = tokio::spawn(async move {
+        let mut tx = db.begin().await.unwrap();
+        sqlx::query(sql).bind(&id).execute(&mut *tx).await.unwrap();
+        locked.send(()).unwrap();
+        tokio::time::sleep(hold).await;
+        tx.commit().await.unwrap();
+    });
+    is_locked.await.unwrap();
+    holder
+}
+
+/// RedeemKey retried as clients are told to (UNAVAILABLE and ABORTED, same
+/// idempotency key) until it gets an answer, for up to 30 s.
+async fn redeem_until_answered(
+    sys: &System,
+    request: pb::RedeemKeyRequest,
+) -> Result<pb::RedeemKeyResponse, tonic::Status> {
+    let mut answer = redeem(&mut sys.redeem(0), request.clone()).await;
+    for _ in 0..60 {
+        match &answer {
+            Err(s) if matches!(s.code(), Code::Unavailable | Code::Aborted) => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                answer = redeem(&mut sys.redeem(0), request.clone()).await;
+            }
+            _ => break,
+        }
+    }
+    answer
+}
+
+/// The scenario: the class row is locked past the peer and
+/// redemption timeouts, student A redeems a single-use key and retries with
+/// the same idempotency key until answered. The key must end with one use,
+/// and student B must be refused it.
+#[tokio::test]
+async fn a_slow_database_cannot_refund_a_class_enrollment_key() {
+    let sys = System::start_with(1, |c| c.peer_timeout_ms = 1000).await;
+    let org = org();
+    let class = class(&sys, &org, 5, 1, 2, 0).await;
+    let key = class_keys(&sys, &class.class_id, 1).await.remove(0);
+    let ids = users(&sys, &org, 2).await;
+    let sql = "SELECT 1 FROM enrollment.classes WHERE class_id = $1::uuid FOR UPDATE";
+    let lock = lock_rows(&sys, sql, &class.class_id, Duration::from_secs(8)).await;
+
+    let a = redeem_until_answered(&sys, as_user(&key.code, &ids[0], &idem())).await;
+    lock.await.unwrap();
+    assert_eq!(enrollment(&a.unwrap()).user_id, ids[0]);
+    assert_eq!(
+        get_key(&sys, &key.key_id).await.uses,
+        1,
+        "the use was refunded"
+    );
+    assert_status(
+        redeem(&mut sys.redeem(0), as_user(&key.code, &ids[1], &idem())).await,
+        Code::FailedPrecondition,
+        "KEY_ALREADY_REDEEMED",
+    );
+    assert_eq!(active_rows(&sys, &class.class_id).await, 1);
+}
+
+/// The same with a single-use subscription key, the user's row locked.
+#[tokio::test]
+async fn a_slow_database_cannot_refund_a_subscription_key() {
+    let sys = System::start_with(1, |c| c.peer_timeout_ms = 1000).await;
+    let org = org();
+    let (_, keys) = subscription_pool(&sys, &org, 1, None).await;
+    let ids = users(&sys, &org, 2).await;
+    let sql = "SELECT 1 FROM enrollment.users WHERE user_id = $1::uuid FOR UPDATE";
+    let lock = lock_rows(&sys, sql, &ids[0], Duration::from_secs(8)).await;
+
+    let a = redeem_until_answered(&sys, as_user(&keys[0].code, &ids[0], &idem())).await;
+    lock.await.unwrap();
+    assert!(a.is_ok(), "{a:?}");
+    assert_eq!(
+        get_key(&sys, &keys[0].key_id).await.uses,
+        1,
+        "the use was refunded"
+    );
+    assert_status(
+        redeem(&mut sys.redeem(0), as_user(&keys[0].code, &ids[1], &idem())).await,
+        Code::FailedPrecondition,
+        "KEY_ALREADY_REDEEMED",
+    );
+    let mut db = sys.db().await;
+    let granted: i64 = sqlx::query_scalar("SELECT count(*) FROM enrollment.subscriptions")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(granted, 1);
+}
+
+/// A driver that freezes after consuming (its lease unrenewed) is taken over
+/// by the client's retry; when it wakes, every write it tries is fenced off.
+#[tokio::test]
+async fn a_stalled_driver_is_taken_over_and_fenced() {
+    let sys = System::start_with(1, |c| {
+        c.fault = Some(FaultPoint::AfterConsume);
+        c.fault_action = FaultAction::Stall;
+        c.fault_stall_ms = 7000;
+        c.recovery_interval_seconds = 3600;
+    })
+    .await;
+    let org = org();
+    let class = class(&sys, &org, 5, 1, 2, 0).await;
+    let key = class_keys(&sys, &class.class_id, 1).await.remove(0);
+    let ids = users(&sys, &org, 2).await;
+    let attempt = idem();
+    let answer = redeem_until_answered(&sys, as_user(&key.code, &ids[0], &attempt)).await;
+    assert_eq!(enrollment(&answer.unwrap()).user_id, ids[0]);
+    // The stalled first driver wakes (7 s) and carries on, stale.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(get_key(&sys, &key.key_id).await.uses, 1);
+    assert_eq!(active_rows(&sys, &class.class_id).await, 1);
+    let mut db = sys.db().await;
+    let (state, generation): (String, i64) = sqlx::query_as(
+        "SELECT state, generation FROM redemption.redemptions WHERE idempotency_key = $1",
+    )
+    .bind(&attempt)
+    .fetch_one(&mut db)
+    .await
+    .unwrap();
+    assert_eq!((state.as_str(), generation), ("completed", 2));
+    assert_status(
+        redeem(&mut sys.redeem(0), as_user(&key.code, &ids[1], &idem())).await,
+        Code::FailedPrecondition,
+        "KEY_ALREADY_REDEEMED",
+    );
+}
+
+/// A retry may take over only after RECOVERY_AFTER_SECONDS, which must
+/// exceed the redemption timeout: the service refuses to start otherwise.
+#[tokio::test]
+async fn recovery_after_must_exceed_the_redemption_timeout() {
+    let sys = System::start(0).await;
+    let mut config = sys.replica_config();
+    config.redemption_timeout_seconds = 5;
+    config.recovery_after_seconds = 5;
+    match trainingkeys_redemption::Application::build(config).await {
+        Ok(_) => panic!("started with RECOVERY_AFTER_SECONDS = REDEMPTION_TIMEOUT_SECONDS"),
+        Err(e) => assert!(e.to_string().contains("RECOVERY_AFTER_SECONDS"), "{e:#}"),
+    }
+}
+
+fn consume(key_id: &str, rid: &str, generation: i64) -> pb::ConsumeKeyRequest {
+    pb::ConsumeKeyRequest {
+        key_id: key_id.into(),
+        user_id: uuid::Uuid::new_v4().to_string(),
+        redemption_id: rid.into(),
+        generation,
+    }
+}
+
+fn release(key_id: &str, rid: &str, generation: i64) -> pb::ReleaseKeyRequest {
+    pb::ReleaseKeyRequest {
+        key_id: key_id.into(),
+        redemption_id: rid.into(),
+        generation,
+    }
+}
+
+/// A use given back stays given back, a release that comes first refuses
+/// the consume that follows, and an older generation cannot write.
+#[tokio::test]
+async fn released_uses_stay_released_and_old_drivers_cannot_write() {
+    let sys = System::start(0).await;
+    let org = org();
+    let class = class(&sys, &org, 5, 1, 2, 0).await;
+    let keys = class_keys(&sys, &class.class_id, 3).await;
+    let mut k = sys.keys_client.clone();
+
+    let r1 = idem();
+    k.consume_key(consume(&keys[0].key_id, &r1, 1))
+        .await
+        .unwrap();
+    let released = k
+        .release_key(release(&keys[0].key_id, &r1, 1))
+        .await
+        .unwrap();
+    assert!(released.into_inner().released);
+    assert_status(
+        k.consume_key(consume(&keys[0].key_id, &r1, 1)).await,
+        Code::FailedPrecondition,
+        "KEY_USE_RELEASED",
+    );
+    assert_eq!(get_key(&sys, &keys[0].key_id).await.uses, 0);
+
+    let r2 = idem();
+    let marker = k
+        .release_key(release(&keys[1].key_id, &r2, 1))
+        .await
+        .unwrap();
+    assert!(!marker.into_inner().released);
+    assert_status(
+        k.consume_key(consume(&keys[1].key_id, &r2, 1)).await,
+        Code::FailedPrecondition,
+        "KEY_USE_RELEASED",
+    );
+    assert_eq!(get_key(&sys, &keys[1].key_id).await.uses, 0);
+
+    let r3 = idem();
+    k.consume_key(consume(&keys[2].key_id, &r3, 2))
+        .await
+        .unwrap();
+    assert_status(
+        k.consume_key(consume(&keys[2].key_id, &r3, 1)).await,
+        Code::Aborted,
+        "STALE_GENERATION",
+    );
+    assert_status(
+        k.release_key(release(&keys[2].key_id, &r3, 1)).await,
+        Code::Aborted,
+        "STALE_GENERATION",
+    );
+    assert_eq!(get_key(&sys, &keys[2].key_id).await.uses, 1);
+    let released = k
+        .release_key(release(&keys[2].key_id, &r3, 2))
+        .await
+        .unwrap();
+    assert!(released.into_inner().released);
+}
+
+fn as_new(code: &str, org: &str, email: &str, name: &str) -> pb::RedeemKeyRequest {
+    pb::RedeemKeyRequest {
+        code: code.into(),
+        redeemer: Some(Redeemer::NewUser(pb::NewUser {
+            organization_id: org.into(),
+            email: email.into(),
+            display_name: name.into(),
+        })),
+        idempotency_key: idem(),
+    }
+}
+
+async fn account(sys: &System, org: &str, email: &str) -> Option<pb::User> {
+    let found = sys
+        .enrollment_client
+        .clone()
+        .get_user(pb::GetUserRequest {
+            organization_id: org.into(),
+            email: email.into(),
+            ..Default::default()
+        })
+        .await;
+    match found {
+        Ok(r) => r.into_inner().user,
+        Err(s) if s.code() == Code::NotFound => None,
+        Err(s) => panic!("{s:?}"),
+    }
+}
+
+/// A refused self-registration creates no account, and a redemption never
+/// renames an existing one.
+#[tokio::test]
+async fn a_refused_redemption_writes_nothing() {
+    let sys = System::start(1).await;
+    let org = org();
+    let mut r = sys.redeem(0);
+
+    let full = class(&sys, &org, 1, 1, 2, 0).await;
+    let full_key = event_key(&sys, &full.class_id, false).await;
+    let seated = users(&sys, &org, 1).await.remove(0);
+    redeem(&mut r, as_user(&full_key.code, &seated, &idem()))
+        .await
+        .unwrap();
+    let turned_away = as_new(&full_key.code, &org, "late@example.com", "Late");
+    assert_status(
+        redeem(&mut r, turned_away).await,
+        Code::ResourceExhausted,
+        "CLASS_FULL",
+    );
+    assert!(account(&sys, &org, "late@example.com").await.is_none());
+
+    let ended = class(&sys, &org, 5, -3, -1, 0).await;
+    let ended_key = event_key(&sys, &ended.class_id, false).await;
+    let expired = as_new(&ended_key.code, &org, "expired@example.com", "Late");
+    assert_status(
+        redeem(&mut r, expired).await,
+        Code::FailedPrecondition,
+        "KEY_EXPIRED",
+    );
+    assert!(account(&sys, &org, "expired@example.com").await.is_none());
+
+    let open = class(&sys, &org, 5, 1, 2, 0).await;
+    let open_key = event_key(&sys, &open.class_id, false).await;
+    let elsewhere = org_other();
+    let stranger = as_new(&open_key.code, &elsewhere, "stranger@example.com", "S");
+    assert_status(
+        redeem(&mut r, stranger).await,
+        Code::FailedPrecondition,
+        "ORGANIZATION_MISMATCH",
+    );
+    assert!(
+        account(&sys, &elsewhere, "stranger@example.com")
+            .await
+            .is_none()
+    );
+
+    let revoked = class_keys(&sys, &open.class_id, 1).await.remove(0);
+    sys.keys_client
+        .clone()
+        .revoke_key(pb::RevokeKeyRequest {
+            key_id: revoked.key_id.clone(),
+        })
+        .await
+        .unwrap();
+    let refused = as_new(&revoked.code, &org, "revoked@example.com", "R");
+    assert_status(
+        redeem(&mut r, refused).await,
+        Code::FailedPrecondition,
+        "KEY_REVOKED",
+    );
+    assert!(account(&sys, &org, "revoked@example.com").await.is_none());
+
+    // An existing account redeemed for under another name keeps its own.
+    let mut e = sys.enrollment_client.clone();
+    e.register_user(pb::RegisterUserRequest {
+        organization_id: org.clone(),
+        email: "ada@example.com".into(),
+        display_name: "Ada".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let renamed = as_new(&open_key.code, &org, "ADA@example.com", "Mallory");
+    let answer = redeem(&mut r, renamed).await.unwrap();
+    assert!(!answer.user_created);
+    let ada = account(&sys, &org, "ada@example.com").await.unwrap();
+    assert_eq!(ada.display_name, "Ada");
+
+    // An admitted self-registration creates the account under the id it was
+    // admitted with.
+    let fresh = redeem(
+        &mut r,
+        as_new(&open_key.code, &org, "new@example.com", "New"),
+    )
+    .await
+    .unwrap();
+    assert!(fresh.user_created);
+    let created = account(&sys, &org, "new@example.com").await.unwrap();
+    assert_eq!(enrollment(&fresh).user_id, created.user_id);
+}
+
+fn org_other() -> String {
+    org()
+}
+
+/// Idempotency keys are scoped to who redeems (another student's use of the
+/// same key is theirs), and a retry is recognised by its meaning.
+#[tokio::test]
+async fn idempotency_keys_are_scoped_and_compared_by_meaning() {
+    let sys = System::start(1).await;
+    let org = org();
+    let class = class(&sys, &org, 5, 1, 2, 0).await;
+    let key = event_key(&sys, &class.class_id, false).await;
+    let ids = users(&sys, &org, 2).await;
+    let mut r = sys.redeem(0);
+    let shared = idem();
+
+    let a = redeem(&mut r, as_user(&key.code, &ids[0], &shared))
+        .await
+        .unwrap();
+    let b = redeem(&mut r, as_user(&key.code, &ids[1], &shared))
+        .await
+        .unwrap();
+    assert_eq!(enrollment(&a).user_id, ids[0]);
+    assert_eq!(enrollment(&b).user_id, ids[1], "B got A's answer");
+
+    let respelled = as_user(
+        &key.code.to_lowercase().replace('-', " "),
+        &ids[0].to_uppercase(),
+        &shared,
+    );
+    let again = redeem(&mut r, respelled).await.unwrap();
+    assert_eq!(again, a, "the same request written differently is a retry");
+}
+
+/// A redemption task that panics must not leave its idempotency key joined
+/// to a dead outcome: the retry is decided afresh.
+#[tokio::test]
+async fn a_panicking_redemption_does_not_poison_its_idempotency_key() {
+    let sys = System::start_with(1, |c| {
+        c.fault = Some(FaultPoint::BeforeRecord);
+        c.fault_action = FaultAction::Panic;
+    })
+    .await;
+    let org = org();
+    let class = class(&sys, &org, 5, 1, 2, 0).await;
+    let key = event_key(&sys, &class.class_id, false).await;
+    let user = users(&sys, &org, 1).await.remove(0);
+    let request = as_user(&key.code, &user, &idem());
+    assert_status(
+        redeem(&mut sys.redeem(0), request.clone()).await,
+        Code::Internal,
+        "INTERNAL",
+    );
+    let retried = redeem(&mut sys.redeem(0), request).await.unwrap();
+    assert_eq!(enrollment(&retried).user_id, user);
+}
+
+/// DisableEventKey racing SetEventKey: whichever goes first, the answer
+/// matches what is live afterwards (never "no key" with a new key live).
+#[tokio::test]
+async fn disable_racing_set_reports_what_it_retired() {
+    let sys = System::start(0).await;
+    let org = org();
+    let class = class(&sys, &org, 5, 1, 2, 0).await;
+    for _ in 0..25 {
+        let old = event_key(&sys, &class.class_id, false).await;
+        let (mut k1, mut k2) = (sys.keys_client.clone(), sys.keys_client.clone());
+        let set = k1.set_event_key(pb::SetEventKeyRequest {
+            class_id: class.class_id.clone(),
+            ..Default::default()
+        });
+        let disable = k2.disable_event_key(pb::DisableEventKeyRequest {
+            class_id: class.class_id.clone(),
+        });
+        let (set, disabled) = tokio::join!(set, disable);
+        let new = set.unwrap().into_inner().key.unwrap();
+        let retired = disabled.unwrap().into_inner().key;
+        let retired = retired.expect("a key was live throughout, yet disable found none");
+        let mut db = sys.db().await;
+        let live: Vec<uuid::Uuid> = sqlx::query_scalar(
+            "SELECT key_id FROM key_issuance.keys WHERE class_id = $1::uuid AND kind = 3 AND revoked_at IS NULL",
+        )
+        .bind(&class.class_id)
+        .fetch_all(&mut db)
+        .await
+        .unwrap();
+        if retired.key_id == old.key_id {
+            assert_eq!(
+                live,
+                vec![new.key_id.parse::<uuid::Uuid>().unwrap()],
+                "disable first: the new key lives"
+            );
+        } else {
+            assert_eq!(retired.key_id, new.key_id);
+            assert!(live.is_empty(), "set first: disable retired the new key");
+        }
+    }
+}
+
+/// A class ending too late for its lab access end to be represented is
+/// refused, and nothing is created (it used to panic after the insert).
+#[tokio::test]
+async fn a_class_ending_at_the_end_of_time_is_refused() {
+    let sys = System::start(0).await;
+    let org = org();
+    let start = chrono::Utc::now();
+    let created = sys
+        .enrollment_client
+        .clone()
+        .create_class(pb::CreateClassRequest {
+            organization_id: org.clone(),
+            title: "Forever".into(),
+            course_id: "F-1".into(),
+            start_time: Some(to_timestamp(start)),
+            end_time: chrono::DateTime::from_timestamp(253_402_300_799, 0).map(to_timestamp),
+            max_students: 5,
+            lab_access_days: 30,
+        })
+        .await;
+    let status = assert_status(created, Code::InvalidArgument, "INVALID_FIELD");
+    assert_eq!(trainingkeys_tests::invalid_field(&status), "end_time");
+    let mut db = sys.db().await;
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM enrollment.classes WHERE organization_id = $1")
+            .bind(&org)
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
+    assert_eq!(rows, 0);
+}
+
+/// An event key used more times than a row lists is exported as one row of
+/// bounded size: its use count in full, its first 100 uses listed.
+#[tokio::test]
+async fn an_event_key_with_many_uses_exports_as_one_bounded_row() {
+    let sys = System::start(0).await;
+    let org = org();
+    let class = class(&sys, &org, 500, 1, 2, 0).await;
+    let key = event_key(&sys, &class.class_id, false).await;
+    let mut k = sys.keys_client.clone();
+    for _ in 0..130 {
+        k.consume_key(consume(&key.key_id, &idem(), 1))
+            .await
+            .unwrap();
+    }
+    let mut stream = k
+        .export_keys(pb::ExportKeysRequest {
+            scope: Some(pb::export_keys_request::Scope::ClassId(
+                class.class_id.clone(),
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut csv = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        csv.extend(chunk.chunk);
+    }
+    let mut reader = csv::Reader::from_reader(csv.as_slice());
+    let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(&rows[0][6], "130");
+    assert_eq!(rows[0][7].split(';').count(), 100);
+    assert!(rows[0].as_slice().len() < 8 * 1024, "a row stays small");
+}
