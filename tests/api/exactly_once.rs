@@ -483,7 +483,9 @@ async fn a_class_ending_at_the_end_of_time_is_refused() {
             title: "Forever".into(),
             course_id: "F-1".into(),
             start_time: Some(to_timestamp(start)),
-            end_time: chrono::DateTime::from_timestamp(253_402_300_799, 0).map(to_timestamp),
+            end_time: Some(to_timestamp(
+                chrono::DateTime::<chrono::Utc>::MAX_UTC - chrono::Duration::days(1),
+            )),
             max_students: 5,
             lab_access_days: 30,
         })
