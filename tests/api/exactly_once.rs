@@ -537,3 +537,161 @@ async fn an_event_key_with_many_uses_exports_as_one_bounded_row() {
     assert_eq!(rows[0][7].split(';').count(), 100);
     assert!(rows[0].as_slice().len() < 8 * 1024, "a row stays small");
 }
+
+fn enroll_for(class_id: &str, user_id: &str, rid: &str) -> pb::EnrollRequest {
+    pb::EnrollRequest {
+        class_id: class_id.into(),
+        user_id: user_id.into(),
+        redemption_id: rid.into(),
+        ..Default::default()
+    }
+}
+
+/// Enroll is idempotent per redemption, refusals included: a repeat gets
+/// the seat the redemption took, or the same CLASS_FULL even after a seat
+/// frees up (a late twin of a refused redemption cannot take it).
+#[tokio::test]
+async fn enroll_answers_a_redemption_the_same_every_time() {
+    let sys = System::start(0).await;
+    let org = org();
+    let class = class(&sys, &org, 1, 1, 2, 0).await;
+    let ids = users(&sys, &org, 3).await;
+    let mut e = sys.enrollment_client.clone();
+    let (r1, r2) = (idem(), idem());
+
+    let first = e
+        .enroll(enroll_for(&class.class_id, &ids[0], &r1))
+        .await
+        .unwrap();
+    let first = first.into_inner();
+    assert!(!first.already_enrolled);
+    let again = e
+        .enroll(enroll_for(&class.class_id, &ids[0], &r1))
+        .await
+        .unwrap();
+    let again = again.into_inner();
+    assert!(again.already_enrolled);
+    assert_eq!(again.enrollment.as_ref().unwrap().redemption_id, r1);
+    assert_eq!(again.enrollment, first.enrollment);
+
+    assert_status(
+        e.enroll(enroll_for(&class.class_id, &ids[1], &r2)).await,
+        Code::ResourceExhausted,
+        "CLASS_FULL",
+    );
+    e.cancel_enrollment(pb::CancelEnrollmentRequest {
+        enrollment_id: first.enrollment.unwrap().enrollment_id,
+    })
+    .await
+    .unwrap();
+    assert_status(
+        e.enroll(enroll_for(&class.class_id, &ids[1], &r2)).await,
+        Code::ResourceExhausted,
+        "CLASS_FULL",
+    );
+    let fresh = e
+        .enroll(enroll_for(&class.class_id, &ids[2], &idem()))
+        .await;
+    assert!(fresh.is_ok(), "the freed seat goes to a new redemption");
+}
+
+/// VoidRedemption takes a failed redemption's grant back and refuses any
+/// later one, however late it comes.
+#[tokio::test]
+async fn a_voided_redemption_keeps_nothing_and_gets_nothing() {
+    let sys = System::start(0).await;
+    let org = org();
+    let class = class(&sys, &org, 5, 1, 2, 0).await;
+    let ids = users(&sys, &org, 2).await;
+    let profile = sys
+        .enrollment_client
+        .clone()
+        .create_subscription_profile(pb::CreateSubscriptionProfileRequest {
+            organization_id: org.clone(),
+            name: "All".into(),
+            course_ids: vec!["A".into()],
+            duration_days: 30,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .profile
+        .unwrap();
+    let mut e = sys.enrollment_client.clone();
+    let void = |rid: &str| pb::VoidRedemptionRequest {
+        redemption_id: rid.into(),
+    };
+
+    // A seat taken, then voided: freed, and not taken again.
+    let seated = idem();
+    e.enroll(enroll_for(&class.class_id, &ids[0], &seated))
+        .await
+        .unwrap();
+    assert!(
+        e.void_redemption(void(&seated))
+            .await
+            .unwrap()
+            .into_inner()
+            .taken_back
+    );
+    assert_eq!(active_rows(&sys, &class.class_id).await, 0);
+    assert_status(
+        e.enroll(enroll_for(&class.class_id, &ids[0], &seated))
+            .await,
+        Code::FailedPrecondition,
+        "REDEMPTION_VOIDED",
+    );
+    assert!(
+        !e.void_redemption(void(&seated))
+            .await
+            .unwrap()
+            .into_inner()
+            .taken_back
+    );
+
+    // Voided before anything was granted: nothing is, ever.
+    let early = idem();
+    e.void_redemption(void(&early)).await.unwrap();
+    assert_status(
+        e.enroll(enroll_for(&class.class_id, &ids[1], &early)).await,
+        Code::FailedPrecondition,
+        "REDEMPTION_VOIDED",
+    );
+    let assign = |rid: &str| pb::AssignSubscriptionRequest {
+        profile_id: profile.profile_id.clone(),
+        user_id: ids[1].clone(),
+        redemption_id: rid.into(),
+        ..Default::default()
+    };
+    assert_status(
+        e.assign_subscription(assign(&early)).await,
+        Code::FailedPrecondition,
+        "REDEMPTION_VOIDED",
+    );
+
+    // A subscription granted, then voided: it ends now.
+    let granted = idem();
+    e.assign_subscription(assign(&granted)).await.unwrap();
+    assert!(
+        e.void_redemption(void(&granted))
+            .await
+            .unwrap()
+            .into_inner()
+            .taken_back
+    );
+    let subs = e
+        .list_subscriptions(pb::ListSubscriptionsRequest {
+            user_id: ids[1].clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .subscriptions;
+    assert!(subs.iter().all(|s| !s.active), "{subs:?}");
+    assert_status(
+        e.assign_subscription(assign(&granted)).await,
+        Code::FailedPrecondition,
+        "REDEMPTION_VOIDED",
+    );
+}

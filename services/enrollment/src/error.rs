@@ -28,6 +28,9 @@ pub enum Error {
     },
     #[error("class {0} is full")]
     ClassFull(Uuid),
+    /// The redemption failed and was voided: nothing may be granted for it.
+    #[error("the redemption was voided: nothing can be granted for it")]
+    RedemptionVoided(Uuid),
     #[error("cannot lower the maximum to {requested}: {enrolled} students are enrolled")]
     MaxBelowEnrolled { enrolled: i32, requested: i32 },
     #[error("database error")]
@@ -60,6 +63,9 @@ impl From<Error> for Status {
                 id,
                 message,
             ),
+            Error::RedemptionVoided(_) => {
+                status(Code::FailedPrecondition, "REDEMPTION_VOIDED", message)
+            }
             Error::MaxBelowEnrolled { .. } => {
                 status(Code::FailedPrecondition, "MAX_BELOW_ENROLLED", message)
             }

@@ -214,4 +214,15 @@ impl EnrollmentService for EnrollmentGrpc {
             next_page_token,
         })
     }
+
+    async fn void_redemption(
+        &self,
+        request: Request<pb::VoidRedemptionRequest>,
+    ) -> Reply<pb::VoidRedemptionResponse> {
+        let rid =
+            validate::id("redemption_id", &request.get_ref().redemption_id).map_err(Error::from)?;
+        reply(pb::VoidRedemptionResponse {
+            taken_back: self.store.void_redemption(rid).await?,
+        })
+    }
 }

@@ -239,7 +239,7 @@ impl Store {
                 && let Some(answered) = self.redemption_outcome(rid).await?
             {
                 return match answered {
-                    Some(_refused) => Err(Error::ClassFull(class_id)),
+                    Some(reason) => Err(refusal(&reason, class_id)),
                     None => Ok((self.enrollment_of_redemption(rid).await?, true)),
                 };
             }
@@ -279,11 +279,59 @@ impl Store {
         }
         if let Some(rid) = redemption_id
             && !self.refuse_for_want_of_a_seat(rid).await?
-            && let Some(None) = self.redemption_outcome(rid).await?
         {
-            return Ok((self.enrollment_of_redemption(rid).await?, true));
+            return match self.redemption_outcome(rid).await? {
+                Some(None) => Ok((self.enrollment_of_redemption(rid).await?, true)),
+                Some(Some(reason)) => Err(refusal(&reason, class_id)),
+                None => Err(Error::ClassFull(class_id)),
+            };
         }
         Err(Error::ClassFull(class_id))
+    }
+
+    /// VoidRedemption: a failed redemption's grant is taken back and any
+    /// later grant for it refused. The outcome row is written first (or
+    /// turned into a refusal): a grant racing this call conflicts on its key,
+    /// so either the grant is refused or it committed first and is taken back
+    /// here. Returns whether a grant was taken back.
+    pub async fn void_redemption(&self, rid: Uuid) -> Result<bool, Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO redemptions (redemption_id, refused_reason) VALUES ($1, $2)
+             ON CONFLICT (redemption_id) DO UPDATE SET refused_reason = EXCLUDED.refused_reason",
+        )
+        .bind(rid)
+        .bind(VOIDED)
+        .execute(&mut *tx)
+        .await?;
+        // The class row first, in the order Enroll takes its locks.
+        sqlx::query(
+            "SELECT 1 FROM classes
+             WHERE class_id = (SELECT class_id FROM enrollments WHERE redemption_id = $1)
+             FOR UPDATE",
+        )
+        .bind(rid)
+        .execute(&mut *tx)
+        .await?;
+        let seat = sqlx::query(
+            "WITH gone AS (
+                 UPDATE enrollments SET cancelled_at = now()
+                 WHERE redemption_id = $1 AND cancelled_at IS NULL RETURNING class_id)
+             UPDATE classes SET enrolled_count = enrolled_count - 1
+             WHERE class_id IN (SELECT class_id FROM gone)",
+        )
+        .bind(rid)
+        .execute(&mut *tx)
+        .await?;
+        let subscription = sqlx::query(
+            "UPDATE subscriptions SET expires_at = GREATEST(now(), starts_at + interval '1 microsecond')
+             WHERE redemption_id = $1 AND expires_at > now()",
+        )
+        .bind(rid)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(seat.rows_affected() + subscription.rows_affected() > 0)
     }
 
     /// How enrollment answered a redemption: `None` if never, `Some(None)`
@@ -420,6 +468,18 @@ impl Store {
                 target_org: profile.organization_id,
             });
         }
+        if let Some(rid) = redemption_id {
+            let refused: Option<Option<String>> = sqlx::query_scalar(
+                "SELECT refused_reason FROM redemptions WHERE redemption_id = $1",
+            )
+            .bind(rid)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(Some(_)) = refused {
+                tx.rollback().await?;
+                return Err(Error::RedemptionVoided(rid));
+            }
+        }
         // This redemption's own grant first (even if expired since), then
         // an unexpired one the user had.
         let sql = format!(
@@ -437,6 +497,20 @@ impl Store {
         if let Some(existing) = existing {
             tx.rollback().await?;
             return Ok((existing, true));
+        }
+        if let Some(rid) = redemption_id {
+            // The redemption's outcome row, in the key space VoidRedemption
+            // writes: a void that came first refuses this grant.
+            let recorded = sqlx::query(
+                "INSERT INTO redemptions (redemption_id) VALUES ($1) ON CONFLICT (redemption_id) DO NOTHING",
+            )
+            .bind(rid)
+            .execute(&mut *tx)
+            .await?;
+            if recorded.rows_affected() == 0 {
+                tx.rollback().await?;
+                return Err(Error::RedemptionVoided(rid));
+            }
         }
         let starts_at = Utc::now();
         let expires_at = starts_at + Duration::days(i64::from(profile.duration_days));
@@ -481,6 +555,18 @@ impl Store {
             .bind(limit)
             .fetch_all(&self.pool)
             .await?)
+    }
+}
+
+/// The refusal reason VoidRedemption records.
+const VOIDED: &str = "VOIDED";
+
+/// The error a recorded refusal answers with.
+fn refusal(reason: &str, class_id: Uuid) -> Error {
+    if reason == VOIDED {
+        Error::RedemptionVoided(class_id)
+    } else {
+        Error::ClassFull(class_id)
     }
 }
 

@@ -35,7 +35,8 @@ fn from_status(service: &'static str, status: tonic::Status) -> Error {
         (_, "KEY_REVOKED") => Error::KeyRevoked,
         (_, "KEY_ALREADY_REDEEMED") => Error::KeyAlreadyRedeemed,
         (_, "KEY_USE_RELEASED") => Error::KeyUseReleased,
-        (_, "STALE_GENERATION") => Error::LeaseLost,
+        // Seen only by a driver that lost its lease (a later one decided).
+        (_, "STALE_GENERATION" | "REDEMPTION_VOIDED") => Error::LeaseLost,
         (_, "CLASS_FULL") => Error::ClassFull,
         (_, "USER_NOT_FOUND") => Error::UserNotFound,
         (_, "ORGANIZATION_MISMATCH") => Error::OrganizationMismatch,
@@ -336,6 +337,22 @@ impl Clients {
                 .ok_or_else(|| missing("AssignSubscription.subscription"))?,
             r.already_assigned,
         ))
+    }
+
+    /// VoidRedemption: what a failed redemption was granted is taken back,
+    /// and any later grant for it refused.
+    pub async fn void_redemption(&self, redemption_id: Uuid) -> Result<(), Error> {
+        let request = pb::VoidRedemptionRequest {
+            redemption_id: redemption_id.to_string(),
+        };
+        call(
+            ENROLLMENT,
+            &self.enrollment,
+            request,
+            |mut c, r| async move { c.void_redemption(r).await },
+        )
+        .await
+        .map(drop)
     }
 
     /// One page of a class's active roster (optionally one user's seat).

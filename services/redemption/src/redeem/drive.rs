@@ -239,12 +239,20 @@ impl Redeemer {
     }
 
     /// Undoes what a failed redemption may hold: the key's use (a marker is
-    /// left if it had none, so a late consume is refused) and the seat hold.
+    /// left if it had none, so a late consume is refused), then anything
+    /// granted for it (a stale driver's consume may have slipped in before
+    /// the release, and its grant may still come: enrollment refuses it from
+    /// now on), and the seat hold. The void comes only after the fenced
+    /// release, so a driver that lost its lease never voids a redemption its
+    /// successor completed. Event keys take no use, and their only final
+    /// failures are Enroll's own refusals, which Enroll answers again to any
+    /// later driver, so there is nothing to void.
     async fn compensate(&self, lease: Lease, record: &Record) -> Result<(), Error> {
         if record.key_kind != pb::KeyKind::Event as i32 {
             self.clients
                 .release_key(record.key_id, record.redemption_id, lease.generation)
                 .await?;
+            self.clients.void_redemption(record.redemption_id).await?;
         }
         if record.key_kind != pb::KeyKind::Subscription as i32 {
             self.gate
