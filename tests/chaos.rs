@@ -1,7 +1,10 @@
 //! The fault-injection harness: a herd of redemptions through the system
 //! while a fault strikes, every attempt's outcome recorded per idempotency
 //! key (ok / failed with a reason / unknown after retries), and a checker of
-//! the invariants of DESIGN.md over PostgreSQL and Redis once things settle.
+//! the invariants (docs/architecture.md) over PostgreSQL and Redis once
+//! things settle: seats, acknowledged answers, the gate, and every key's
+//! accounting (its uses equal its live use rows and the grants naming it, and
+//! no failed or unfinished redemption holds a use or a grant).
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -27,8 +30,22 @@ pub enum Outcome {
 #[derive(Debug, Clone)]
 pub struct Attempt {
     pub user_id: String,
+    /// The code redeemed.
+    pub code: String,
     pub idempotency_key: String,
     pub outcome: Outcome,
+}
+
+/// What a herd redeemed: the class its class keys seat students in, and
+/// which codes grant subscriptions instead.
+#[derive(Debug, Clone, Default)]
+pub struct Scenario {
+    pub organization_id: String,
+    pub class_id: String,
+    /// The class's event key.
+    pub event_code: String,
+    pub max: i32,
+    pub subscription_codes: HashSet<String>,
 }
 
 /// Answers a client retries with the same idempotency key.
@@ -44,13 +61,12 @@ fn retryable(s: &tonic::Status) -> bool {
     )
 }
 
-/// Every user redeems `code` once (one idempotency key each), retrying
-/// outages on the next replica; `fault` runs when a third of the answers
-/// are in. `deadline` bounds each call, like a real client's.
+/// Every (user, code) pair is redeemed once (one idempotency key each),
+/// retrying outages on the next replica; `fault` runs when a third of the
+/// answers are in. `deadline` bounds each call, like a real client's.
 pub async fn herd<F, Fut>(
     sys: &System,
-    code: &str,
-    users: &[String],
+    students: &[(String, String)],
     deadline: Duration,
     fault: F,
 ) -> Vec<Attempt>
@@ -59,16 +75,16 @@ where
     Fut: Future<Output = ()>,
 {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let handles: Vec<_> = users
+    let handles: Vec<_> = students
         .iter()
         .enumerate()
-        .map(|(i, user)| {
+        .map(|(i, (user, code))| {
             let clients: Vec<_> = (0..sys.redeem_clients.len())
                 .map(|r| sys.redeem(i + r))
                 .collect();
             let key = idem();
             let request = as_user(code, user, &key);
-            let user = user.clone();
+            let (user, code) = (user.clone(), code.clone());
             let tx = tx.clone();
             tokio::spawn(async move {
                 let mut last = String::new();
@@ -96,6 +112,7 @@ where
                 let _ = tx.send(());
                 Attempt {
                     user_id: user,
+                    code,
                     idempotency_key: key,
                     outcome: outcome.unwrap_or(Outcome::Unknown(last)),
                 }
@@ -103,7 +120,7 @@ where
         })
         .collect();
     drop(tx);
-    for _ in 0..users.len() / 3 {
+    for _ in 0..students.len() / 3 {
         rx.recv().await;
     }
     fault().await;
@@ -118,11 +135,11 @@ where
 /// settle: returns every violation found (empty = all hold).
 pub async fn check(
     sys: &System,
-    class_id: &str,
-    max: i32,
+    scenario: &Scenario,
     attempts: &[Attempt],
     settle: Duration,
 ) -> Vec<String> {
+    let (class_id, max) = (scenario.class_id.as_str(), scenario.max);
     let mut violations = Vec::new();
     let mut db = sys.db().await;
 
@@ -178,30 +195,45 @@ pub async fn check(
             roster.len() - enrolled.len()
         ));
     }
-    // 3. Every acknowledged redemption is committed; 4. no final failure left a seat.
-    let mut by_user: HashMap<&str, &Attempt> = HashMap::new();
+    // 3. Every acknowledged redemption is committed; 4. no final failure
+    // left a seat or a subscription.
+    let subscribed: HashSet<String> = sqlx::query_scalar(
+        "SELECT user_id::text FROM enrollment.subscriptions WHERE expires_at > now()",
+    )
+    .fetch_all(&mut db)
+    .await
+    .unwrap_or_default()
+    .into_iter()
+    .collect();
     for a in attempts {
-        by_user.insert(a.user_id.as_str(), a);
+        let holds = if scenario.subscription_codes.contains(&a.code) {
+            subscribed.contains(&a.user_id)
+        } else {
+            enrolled.contains(a.user_id.as_str())
+        };
         match &a.outcome {
-            Outcome::Ok(_) if !enrolled.contains(a.user_id.as_str()) => {
+            Outcome::Ok(_) if !holds => {
                 violations.push(format!(
                     "acknowledged redemption {} is not in PostgreSQL",
                     a.idempotency_key
                 ));
             }
-            Outcome::Failed(code, reason) if enrolled.contains(a.user_id.as_str()) => {
+            Outcome::Failed(code, reason) if holds => {
                 violations.push(format!(
-                    "failed redemption ({code:?} {reason}) left a seat for {}",
+                    "failed redemption ({code:?} {reason}) left a grant for {}",
                     a.user_id
                 ));
             }
             _ => {}
         }
     }
+    violations.extend(keys_accounted_for(&mut db).await);
     // A sold-out class sells every seat, unless answers were lost.
     let ok = attempts
         .iter()
-        .filter(|a| matches!(a.outcome, Outcome::Ok(_)))
+        .filter(|a| {
+            matches!(a.outcome, Outcome::Ok(_)) && !scenario.subscription_codes.contains(&a.code)
+        })
         .count();
     if ok > max as usize {
         violations.push(format!("{ok} acknowledged redemptions for {max} seats"));
@@ -210,6 +242,68 @@ pub async fn check(
     // 5. After settling, Redis agrees with PostgreSQL.
     if let Err(e) = gate_agrees(sys, class_id, &enrolled, settle).await {
         violations.push(e);
+    }
+    violations
+}
+
+/// Invariant 8 for every class enrollment and subscription key of the
+/// database: its recorded uses equal its live use rows and the grants that
+/// name it (voided grants, taken back, excepted), and no redemption that did
+/// not complete holds a live use or a grant.
+pub async fn keys_accounted_for(db: &mut sqlx::PgConnection) -> Vec<String> {
+    let mut violations = Vec::new();
+    let rows: Vec<(String, i32, i64, i64)> = sqlx::query_as(
+        "SELECT k.key_id::text, k.uses,
+                (SELECT count(*) FROM key_issuance.key_uses u
+                 WHERE u.key_id = k.key_id AND u.released_at IS NULL),
+                (SELECT count(*) FROM enrollment.enrollments e
+                 WHERE e.source_key_id = k.key_id AND e.redemption_id IS NOT NULL
+                   AND NOT EXISTS (SELECT 1 FROM enrollment.redemptions r
+                                   WHERE r.redemption_id = e.redemption_id AND r.refused_reason = 'VOIDED'))
+              + (SELECT count(*) FROM enrollment.subscriptions s
+                 WHERE s.source_key_id = k.key_id AND s.redemption_id IS NOT NULL
+                   AND NOT EXISTS (SELECT 1 FROM enrollment.redemptions r
+                                   WHERE r.redemption_id = s.redemption_id AND r.refused_reason = 'VOIDED'))
+         FROM key_issuance.keys k WHERE k.kind IN (1, 2)",
+    )
+    .fetch_all(&mut *db)
+    .await
+    .unwrap_or_default();
+    for (key_id, uses, live, grants) in rows {
+        if i64::from(uses) != live || live != grants {
+            violations.push(format!(
+                "key {key_id}: {uses} uses recorded, {live} live use rows, {grants} grants naming it"
+            ));
+        }
+    }
+    let held: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM key_issuance.key_uses u
+         JOIN redemption.redemptions r ON r.redemption_id = u.redemption_id
+         WHERE u.released_at IS NULL AND r.state <> 'completed'",
+    )
+    .fetch_one(&mut *db)
+    .await
+    .unwrap_or(-1);
+    if held != 0 {
+        violations.push(format!(
+            "{held} key uses held by failed or unfinished redemptions"
+        ));
+    }
+    let granted: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM enrollment.enrollments e
+                 JOIN redemption.redemptions r ON r.redemption_id = e.redemption_id
+                 WHERE e.cancelled_at IS NULL AND r.state <> 'completed')
+              + (SELECT count(*) FROM enrollment.subscriptions s
+                 JOIN redemption.redemptions r ON r.redemption_id = s.redemption_id
+                 WHERE s.expires_at > now() AND r.state <> 'completed')",
+    )
+    .fetch_one(&mut *db)
+    .await
+    .unwrap_or(-1);
+    if granted != 0 {
+        violations.push(format!(
+            "{granted} grants held by failed or unfinished redemptions"
+        ));
     }
     violations
 }

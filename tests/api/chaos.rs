@@ -1,14 +1,19 @@
-//! Fault injection: a herd redeems one event key through a load balancer
-//! (haproxy) in front of three replicas while a fault strikes; every attempt's outcome is recorded per idempotency key
-//! and the checker (tests/chaos.rs) verifies the invariants once recovery has
-//! settled. `make chaos` runs these with more students and rounds
+//! Fault injection: a herd redeems a class's event key, its class
+//! enrollment keys (several students per key) and a pool of subscription
+//! keys through a load balancer (haproxy) in front of three replicas while a
+//! fault strikes; every attempt's outcome is recorded per idempotency key
+//! and the checker (tests/chaos.rs) verifies the invariants, key accounting
+//! included, once recovery has settled. `make chaos` runs these with more students and rounds
 //! (CHAOS_STUDENTS, CHAOS_ROUNDS); `make test` runs a short form.
 
 use std::time::Duration;
 
-use trainingkeys_redemption::{Config, FaultPoint};
-use trainingkeys_tests::chaos::{self, Attempt};
-use trainingkeys_tests::system::{System, class, event_key, org, users};
+use sqlx::Connection as _;
+use trainingkeys_redemption::{Config, FaultAction, FaultPoint};
+use trainingkeys_tests::chaos::{self, Attempt, Scenario};
+use trainingkeys_tests::system::{
+    System, active_rows, class, class_keys, event_key, org, subscription_pool, users,
+};
 
 const MAX: i32 = 50;
 
@@ -34,22 +39,56 @@ fn quick(c: &mut Config) {
     c.redis_timeout_ms = 500;
 }
 
-/// A class of MAX with an event key, its students, and the herd under `fault`.
-async fn run<F, Fut>(sys: &System, deadline: Duration, fault: F) -> (String, Vec<Attempt>)
+/// Class enrollment keys of the class (each wanted by several students).
+const CLASS_KEYS: i32 = 10;
+/// Subscription keys of the pool (single use, each wanted by several).
+const SUBSCRIPTION_KEYS: i32 = 20;
+
+/// A class of MAX with an event key and class enrollment keys, a pool of
+/// subscription keys, and students: every fourth redeems a class key, every
+/// fourth a subscription key, the rest the event key.
+async fn scenario(sys: &System) -> (Scenario, Vec<(String, String)>) {
+    let org = org();
+    let class = class(sys, &org, MAX, 1, 2, 0).await;
+    let event = event_key(sys, &class.class_id, false).await;
+    let class_keys = class_keys(sys, &class.class_id, CLASS_KEYS).await;
+    let (_, pool) = subscription_pool(sys, &org, SUBSCRIPTION_KEYS, None).await;
+    let students = users(sys, &org, students()).await;
+    let codes = students
+        .into_iter()
+        .enumerate()
+        .map(|(i, user)| {
+            let code = match i % 4 {
+                0 => &class_keys[(i / 4) % class_keys.len()].code,
+                1 => &pool[(i / 4) % pool.len()].code,
+                _ => &event.code,
+            };
+            (user, code.clone())
+        })
+        .collect();
+    let scenario = Scenario {
+        organization_id: org,
+        class_id: class.class_id,
+        event_code: event.code,
+        max: MAX,
+        subscription_codes: pool.into_iter().map(|k| k.code).collect(),
+    };
+    (scenario, codes)
+}
+
+/// The scenario's herd under `fault`.
+async fn run<F, Fut>(sys: &System, deadline: Duration, fault: F) -> (Scenario, Vec<Attempt>)
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let org = org();
-    let class = class(sys, &org, MAX, 1, 2, 0).await;
-    let key = event_key(sys, &class.class_id, false).await;
-    let students = users(sys, &org, students()).await;
-    let attempts = chaos::herd(sys, &key.code, &students, deadline, fault).await;
-    (class.class_id, attempts)
+    let (scenario, students) = scenario(sys).await;
+    let attempts = chaos::herd(sys, &students, deadline, fault).await;
+    (scenario, attempts)
 }
 
-async fn assert_invariants(sys: &System, class_id: &str, attempts: &[Attempt]) {
-    let violations = chaos::check(sys, class_id, MAX, attempts, Duration::from_secs(20)).await;
+async fn assert_invariants(sys: &System, scenario: &Scenario, attempts: &[Attempt]) {
+    let violations = chaos::check(sys, scenario, attempts, Duration::from_secs(20)).await;
     assert!(
         violations.is_empty(),
         "violations: {violations:#?}\noutcomes: {}",
@@ -70,13 +109,13 @@ async fn behind_lb(tweak: impl Fn(&mut Config)) -> System {
 async fn chaos_redis_killed_and_restarted_empty() {
     let sys = behind_lb(quick).await;
     for _ in 0..rounds() {
-        let (class_id, attempts) = run(&sys, DEADLINE, || async {
+        let (scenario, attempts) = run(&sys, DEADLINE, || async {
             sys.redis.kill();
             tokio::time::sleep(Duration::from_millis(300)).await;
             sys.redis.restart().await;
         })
         .await;
-        assert_invariants(&sys, &class_id, &attempts).await;
+        assert_invariants(&sys, &scenario, &attempts).await;
     }
 }
 
@@ -84,13 +123,13 @@ async fn chaos_redis_killed_and_restarted_empty() {
 async fn chaos_redis_paused_past_the_client_timeout() {
     let sys = behind_lb(quick).await;
     for _ in 0..rounds() {
-        let (class_id, attempts) = run(&sys, DEADLINE, || async {
+        let (scenario, attempts) = run(&sys, DEADLINE, || async {
             sys.redis.signal("STOP");
             tokio::time::sleep(Duration::from_millis(1500)).await;
             sys.redis.signal("CONT");
         })
         .await;
-        assert_invariants(&sys, &class_id, &attempts).await;
+        assert_invariants(&sys, &scenario, &attempts).await;
     }
 }
 
@@ -98,13 +137,13 @@ async fn chaos_redis_paused_past_the_client_timeout() {
 async fn chaos_redis_replaced_by_a_replica_that_missed_the_last_writes() {
     let sys = behind_lb(quick).await;
     for _ in 0..rounds() {
-        let (class_id, attempts) = run(&sys, DEADLINE, || async {
+        let (scenario, attempts) = run(&sys, DEADLINE, || async {
             sys.redis.snapshot().await;
             tokio::time::sleep(Duration::from_millis(200)).await;
             sys.redis.fail_over_to_stale_replica().await;
         })
         .await;
-        assert_invariants(&sys, &class_id, &attempts).await;
+        assert_invariants(&sys, &scenario, &attempts).await;
     }
 }
 
@@ -119,8 +158,8 @@ async fn replica_dies_at(point: FaultPoint) {
     .await;
     sys.behind_load_balancer().await;
     for _ in 0..rounds() {
-        let (class_id, attempts) = run(&sys, Duration::from_secs(1), || async {}).await;
-        assert_invariants(&sys, &class_id, &attempts).await;
+        let (scenario, attempts) = run(&sys, Duration::from_secs(1), || async {}).await;
+        assert_invariants(&sys, &scenario, &attempts).await;
     }
 }
 
@@ -136,13 +175,72 @@ async fn chaos_replica_dies_between_commit_and_reply() {
 }
 
 #[tokio::test]
+async fn chaos_replica_dies_between_admission_and_record() {
+    replica_dies_at(FaultPoint::BeforeRecord).await;
+}
+
+/// One healthy replica and two whose first drivers freeze (after consuming,
+/// after committing) past the take-over time and then carry on, stale: the
+/// clients' retries and recovery take their redemptions over while they
+/// live, and every write they make on waking is fenced off.
+#[tokio::test]
+async fn chaos_stalled_drivers_are_taken_over_while_alive() {
+    let mut sys = System::start_with(1, quick).await;
+    for point in [FaultPoint::AfterConsume, FaultPoint::AfterCommit] {
+        sys.add_replica(|c| {
+            quick(c);
+            c.fault = Some(point);
+            c.fault_action = FaultAction::Stall;
+            c.fault_stall_ms = 6000;
+        })
+        .await;
+    }
+    sys.behind_load_balancer().await;
+    for _ in 0..rounds() {
+        let (scenario, attempts) = run(&sys, Duration::from_secs(1), || async {}).await;
+        // Let the stalled drivers wake and try their stale writes.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_invariants(&sys, &scenario, &attempts).await;
+    }
+}
+
+/// The class row is locked (a long transaction, a vacuum stall) past the
+/// peer and redemption timeouts while the herd runs: Enroll statements pile
+/// up, callers give up on them, and they commit later.
+#[tokio::test]
+async fn chaos_class_rows_locked_past_the_timeouts() {
+    let sys = behind_lb(|c| {
+        quick(c);
+        c.peer_timeout_ms = 1000;
+    })
+    .await;
+    for _ in 0..rounds() {
+        let (scenario, students) = scenario(&sys).await;
+        let class_id = scenario.class_id.clone();
+        let attempts = chaos::herd(&sys, &students, DEADLINE, || async {
+            let mut db = sys.db().await;
+            let mut tx = db.begin().await.unwrap();
+            sqlx::query("SELECT 1 FROM enrollment.classes WHERE class_id = $1::uuid FOR UPDATE")
+                .bind(&class_id)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            tx.commit().await.unwrap();
+        })
+        .await;
+        assert_invariants(&sys, &scenario, &attempts).await;
+    }
+}
+
+#[tokio::test]
 async fn chaos_clients_retry_after_deadline_exceeded() {
     let sys = behind_lb(quick).await;
     for _ in 0..rounds() {
         // Deadlines so short that many calls give up mid-way and are retried
         // with the same idempotency key.
-        let (class_id, attempts) = run(&sys, Duration::from_millis(40), || async {}).await;
-        assert_invariants(&sys, &class_id, &attempts).await;
+        let (scenario, attempts) = run(&sys, Duration::from_millis(40), || async {}).await;
+        assert_invariants(&sys, &scenario, &attempts).await;
     }
 }
 
@@ -150,14 +248,14 @@ async fn chaos_clients_retry_after_deadline_exceeded() {
 async fn chaos_load_balancer_restarted() {
     let sys = behind_lb(quick).await;
     for _ in 0..rounds() {
-        let (class_id, attempts) = run(&sys, DEADLINE, || async {
+        let (scenario, attempts) = run(&sys, DEADLINE, || async {
             let lb = sys.lb.as_ref().expect("behind the load balancer");
             lb.kill();
             tokio::time::sleep(Duration::from_millis(300)).await;
             lb.restart().await;
         })
         .await;
-        assert_invariants(&sys, &class_id, &attempts).await;
+        assert_invariants(&sys, &scenario, &attempts).await;
     }
 }
 
@@ -169,7 +267,7 @@ async fn chaos_postgres_restarted_mid_herd() {
         .expect("TEST_PG_RESTART: run with `make test`, which owns the test PostgreSQL");
     let sys = behind_lb(quick).await;
     for _ in 0..rounds() {
-        let (class_id, attempts) = run(&sys, DEADLINE, || async {
+        let (scenario, attempts) = run(&sys, DEADLINE, || async {
             let restart = restart.clone();
             let status = tokio::task::spawn_blocking(move || {
                 std::process::Command::new("bash")
@@ -185,25 +283,28 @@ async fn chaos_postgres_restarted_mid_herd() {
             );
         })
         .await;
-        assert_invariants(&sys, &class_id, &attempts).await;
+        assert_invariants(&sys, &scenario, &attempts).await;
     }
 }
 
 #[tokio::test]
 async fn the_checker_catches_an_oversell() {
     let sys = behind_lb(quick).await;
-    let (class_id, attempts) = run(&sys, DEADLINE, || async {}).await;
-    assert_invariants(&sys, &class_id, &attempts).await;
-    // Sneak one more student in behind the guard's back.
-    let outsider = users(&sys, &org(), 1).await.remove(0);
+    let (scenario, attempts) = run(&sys, DEADLINE, || async {}).await;
+    assert_invariants(&sys, &scenario, &attempts).await;
+    // Sneak students in behind the guard's back, one past the maximum.
+    let seated = active_rows(&sys, &scenario.class_id).await;
+    let outsiders = users(&sys, &org(), (i64::from(MAX) - seated + 1) as usize).await;
     let mut db = sys.db().await;
-    sqlx::query("INSERT INTO enrollment.enrollments (enrollment_id, class_id, user_id) VALUES (gen_random_uuid(), $1::uuid, $2::uuid)")
-        .bind(&class_id)
-        .bind(&outsider)
-        .execute(&mut db)
-        .await
-        .unwrap();
-    let violations = chaos::check(&sys, &class_id, MAX, &attempts, Duration::from_secs(2)).await;
+    for outsider in outsiders {
+        sqlx::query("INSERT INTO enrollment.enrollments (enrollment_id, class_id, user_id) VALUES (gen_random_uuid(), $1::uuid, $2::uuid)")
+            .bind(&scenario.class_id)
+            .bind(&outsider)
+            .execute(&mut db)
+            .await
+            .unwrap();
+    }
+    let violations = chaos::check(&sys, &scenario, &attempts, Duration::from_secs(2)).await;
     assert!(
         violations.iter().any(|v| v.starts_with("oversold")),
         "{violations:?}"
@@ -217,23 +318,14 @@ async fn the_checker_catches_a_gate_whose_rebuild_is_disabled() {
         c.gate_rebuild_disabled = true;
     })
     .await;
-    let org = org();
-    let class = class(&sys, &org, MAX, 1, 2, 0).await;
-    let key = event_key(&sys, &class.class_id, false).await;
-    let students = users(&sys, &org, students()).await;
-    let mut attempts = chaos::herd(&sys, &key.code, &students, DEADLINE, || async {}).await;
+    let (scenario, students) = scenario(&sys).await;
+    let mut attempts = chaos::herd(&sys, &students, DEADLINE, || async {}).await;
     // Redis loses everything; without a rebuild the gate starts from empty.
     let _: String = sys.redis.cmd(&["FLUSHALL"]).await.unwrap();
-    let late = users(&sys, &org, 1).await;
-    attempts.extend(chaos::herd(&sys, &key.code, &late, DEADLINE, || async {}).await);
-    let violations = chaos::check(
-        &sys,
-        &class.class_id,
-        MAX,
-        &attempts,
-        Duration::from_secs(3),
-    )
-    .await;
+    let late = users(&sys, &scenario.organization_id, 1).await.remove(0);
+    let late = [(late, scenario.event_code.clone())];
+    attempts.extend(chaos::herd(&sys, &late, DEADLINE, || async {}).await);
+    let violations = chaos::check(&sys, &scenario, &attempts, Duration::from_secs(3)).await;
     // PostgreSQL still refuses the oversell; the gate's drift is caught.
     assert!(
         !violations.iter().any(|v| v.starts_with("oversold")),
@@ -241,6 +333,33 @@ async fn the_checker_catches_a_gate_whose_rebuild_is_disabled() {
     );
     assert!(
         violations.iter().any(|v| v.starts_with("Redis disagrees")),
+        "{violations:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_checker_catches_a_refunded_key_use() {
+    let sys = behind_lb(quick).await;
+    let (scenario, attempts) = run(&sys, DEADLINE, || async {}).await;
+    assert_invariants(&sys, &scenario, &attempts).await;
+    // Give one completed redemption's use back, as the old refund did.
+    let mut db = sys.db().await;
+    let refunded: Option<uuid::Uuid> = sqlx::query_scalar(
+        "WITH one AS (SELECT key_id, redemption_id FROM key_issuance.key_uses
+                      WHERE released_at IS NULL LIMIT 1),
+              gone AS (UPDATE key_issuance.key_uses u SET released_at = now() FROM one
+                       WHERE u.key_id = one.key_id AND u.redemption_id = one.redemption_id
+                       RETURNING u.key_id)
+         UPDATE key_issuance.keys k SET uses = uses - 1 FROM gone
+         WHERE k.key_id = gone.key_id RETURNING k.key_id",
+    )
+    .fetch_optional(&mut db)
+    .await
+    .unwrap();
+    assert!(refunded.is_some(), "the herd used no key");
+    let violations = chaos::check(&sys, &scenario, &attempts, Duration::from_secs(2)).await;
+    assert!(
+        violations.iter().any(|v| v.starts_with("key ")),
         "{violations:?}"
     );
 }
