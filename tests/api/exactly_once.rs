@@ -620,6 +620,7 @@ async fn a_voided_redemption_keeps_nothing_and_gets_nothing() {
     let mut e = sys.enrollment_client.clone();
     let void = |rid: &str| pb::VoidRedemptionRequest {
         redemption_id: rid.into(),
+        ..Default::default()
     };
 
     // A seat taken, then voided: freed, and not taken again.
@@ -694,4 +695,245 @@ async fn a_voided_redemption_keeps_nothing_and_gets_nothing() {
         Code::FailedPrecondition,
         "REDEMPTION_VOIDED",
     );
+}
+
+/// A redemption that found the seat already held, completed by a take-over
+/// while its first driver was frozen: when that driver wakes (after the
+/// student's other seat was cancelled), it gets the recorded answer, not a
+/// seat of its own on a key whose use was given back.
+#[tokio::test]
+async fn a_stale_driver_cannot_seat_a_student_the_redemption_found_already_seated() {
+    let sys = System::start_with(1, |c| {
+        c.fault = Some(FaultPoint::AfterConsume);
+        c.fault_action = FaultAction::Stall;
+        c.fault_stall_ms = 7000;
+        c.recovery_interval_seconds = 3600;
+    })
+    .await;
+    let org = org();
+    let class = class(&sys, &org, 5, 1, 2, 0).await;
+    let key = class_keys(&sys, &class.class_id, 1).await.remove(0);
+    let user = users(&sys, &org, 1).await.remove(0);
+    let mut e = sys.enrollment_client.clone();
+    let direct = e
+        .enroll(pb::EnrollRequest {
+            class_id: class.class_id.clone(),
+            user_id: user.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .enrollment
+        .unwrap();
+
+    let answer = redeem_until_answered(&sys, as_user(&key.code, &user, &idem()))
+        .await
+        .unwrap();
+    assert!(answer.already_held);
+    e.cancel_enrollment(pb::CancelEnrollmentRequest {
+        enrollment_id: direct.enrollment_id,
+    })
+    .await
+    .unwrap();
+    // The first driver wakes at 7 s and tries to enroll.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(active_rows(&sys, &class.class_id).await, 0);
+    assert_eq!(get_key(&sys, &key.key_id).await.uses, 0);
+    let mut db = sys.db().await;
+    assert_eq!(
+        trainingkeys_tests::chaos::keys_accounted_for(&mut db).await,
+        Vec::<String>::new()
+    );
+}
+
+/// A self-registering student turned away after the account was made (the
+/// gate off, so PostgreSQL's guard refuses; or another student's consume
+/// won the single-use key) keeps no account.
+#[tokio::test]
+async fn a_student_turned_away_after_registering_keeps_no_account() {
+    let sys = System::start_with(1, |c| c.gate_enabled = false).await;
+    let org = org();
+    let mut r = sys.redeem(0);
+    let full = class(&sys, &org, 1, 1, 2, 0).await;
+    let key = event_key(&sys, &full.class_id, false).await;
+    let seated = users(&sys, &org, 1).await.remove(0);
+    redeem(&mut r, as_user(&key.code, &seated, &idem()))
+        .await
+        .unwrap();
+    assert_status(
+        redeem(&mut r, as_new(&key.code, &org, "late@example.com", "Late")).await,
+        Code::ResourceExhausted,
+        "CLASS_FULL",
+    );
+    assert!(account(&sys, &org, "late@example.com").await.is_none());
+
+    let (_, pool) = subscription_pool(&sys, &org, 1, None).await;
+    let racers = (0..6).map(|i| {
+        let mut r = sys.redeem(0);
+        let request = as_new(&pool[0].code, &org, &format!("racer{i}@example.com"), "R");
+        async move { redeem(&mut r, request).await }
+    });
+    let answers = futures::future::join_all(racers).await;
+    let won = answers.iter().filter(|a| a.is_ok()).count();
+    assert_eq!(won, 1, "{answers:?}");
+    let mut accounts = 0;
+    for i in 0..6 {
+        accounts += usize::from(
+            account(&sys, &org, &format!("racer{i}@example.com"))
+                .await
+                .is_some(),
+        );
+    }
+    assert_eq!(accounts, 1, "only the winner keeps an account");
+}
+
+/// Records from before requests were stored by meaning hold the bytes as
+/// sent: a retry written another way still gets the first answer.
+#[tokio::test]
+async fn records_from_before_canonical_requests_still_replay() {
+    use prost::Message as _;
+    let sys = System::start(1).await;
+    let org = org();
+    let class = class(&sys, &org, 5, 1, 2, 0).await;
+    let key = event_key(&sys, &class.class_id, false).await;
+    let user = users(&sys, &org, 1).await.remove(0);
+    let attempt = idem();
+    let as_sent = as_user(&key.code.to_lowercase(), &user.to_uppercase(), &attempt);
+    let answer = pb::RedeemKeyResponse {
+        redemption_id: idem(),
+        key_id: key.key_id.clone(),
+        ..Default::default()
+    };
+    let mut db = sys.db().await;
+    sqlx::query(
+        "INSERT INTO redemption.redemptions (redemption_id, scope, idempotency_key, request, state,
+             key_id, key_kind, target_id, user_id, response)
+         VALUES ($1::uuid, $2, $3, $4, 'completed', $5::uuid, 3, $6::uuid, $7::uuid, $8)",
+    )
+    .bind(&answer.redemption_id)
+    .bind(format!("user:{user}"))
+    .bind(&attempt)
+    .bind(as_sent.encode_to_vec())
+    .bind(&key.key_id)
+    .bind(&class.class_id)
+    .bind(&user)
+    .bind(answer.encode_to_vec())
+    .execute(&mut db)
+    .await
+    .unwrap();
+    let replayed = redeem(&mut sys.redeem(0), as_user(&key.code, &user, &attempt))
+        .await
+        .unwrap();
+    assert_eq!(replayed, answer);
+}
+
+/// An idempotency key with a control character is refused as a bad field
+/// (a NUL would fail the batched look-up of every request beside it).
+#[tokio::test]
+async fn idempotency_keys_with_control_characters_are_refused() {
+    let sys = System::start(1).await;
+    let org = org();
+    let class = class(&sys, &org, 5, 1, 2, 0).await;
+    let key = event_key(&sys, &class.class_id, false).await;
+    let user = users(&sys, &org, 1).await.remove(0);
+    let status = assert_status(
+        redeem(&mut sys.redeem(0), as_user(&key.code, &user, "a\u{0}b")).await,
+        Code::InvalidArgument,
+        "INVALID_FIELD",
+    );
+    assert_eq!(
+        trainingkeys_tests::invalid_field(&status),
+        "idempotency_key"
+    );
+}
+
+/// A redemption in flight across the upgrade (its seat taken with the key
+/// but not naming it, the record never renewed) is finished by recovery
+/// without giving its key's use back; a failed one from before, still
+/// holding a use, is audited and the use given back.
+#[tokio::test]
+async fn redemptions_from_before_the_upgrade_are_finished_and_audited() {
+    let sys = System::start(1).await;
+    let org = org();
+    let class = class(&sys, &org, 5, 1, 2, 0).await;
+    let keys = class_keys(&sys, &class.class_id, 2).await;
+    let ids = users(&sys, &org, 2).await;
+    let mut e = sys.enrollment_client.clone();
+    let mut k = sys.keys_client.clone();
+    let mut db = sys.db().await;
+    let legacy = |rid: &str, user: &str, key: &pb::Key, state: &str| {
+        format!(
+            "INSERT INTO redemption.redemptions (redemption_id, scope, idempotency_key, request, state,
+                 key_id, key_kind, target_id, user_id, updated_at, error_code, error_reason, error_message)
+             VALUES ('{rid}', 'user:{user}', '{rid}', '', '{state}', '{}', 2, '{}', '{user}',
+                     now() - interval '1 hour', 9, 'CLASS_FULL', 'full')",
+            key.key_id, class.class_id
+        )
+    };
+
+    // In flight: consumed and enrolled by the old code, not yet completed.
+    let (r1, r2) = (idem(), idem());
+    k.consume_key(pb::ConsumeKeyRequest {
+        key_id: keys[0].key_id.clone(),
+        user_id: ids[0].clone(),
+        redemption_id: r1.clone(),
+        generation: 0,
+    })
+    .await
+    .unwrap();
+    e.enroll(pb::EnrollRequest {
+        class_id: class.class_id.clone(),
+        user_id: ids[0].clone(),
+        source_key_id: keys[0].key_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(legacy(
+        &r1, &ids[0], &keys[0], "admitted",
+    )))
+    .execute(&mut db)
+    .await
+    .unwrap();
+    // Failed by the old code with its use left behind.
+    k.consume_key(pb::ConsumeKeyRequest {
+        key_id: keys[1].key_id.clone(),
+        user_id: ids[1].clone(),
+        redemption_id: r2.clone(),
+        generation: 0,
+    })
+    .await
+    .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(legacy(
+        &r2, &ids[1], &keys[1], "failed",
+    )))
+    .execute(&mut db)
+    .await
+    .unwrap();
+
+    let settled = trainingkeys_tests::eventually(Duration::from_secs(10), || async {
+        let mut db = sys.db().await;
+        let open: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM redemption.redemptions
+             WHERE state = 'admitted' OR (state = 'failed' AND audited_at IS NULL)",
+        )
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+        open == 0
+    })
+    .await;
+    assert!(settled, "recovery did not finish and audit");
+    assert_eq!(
+        get_key(&sys, &keys[0].key_id).await.uses,
+        1,
+        "the in-flight use was refunded"
+    );
+    assert_eq!(
+        get_key(&sys, &keys[1].key_id).await.uses,
+        0,
+        "the failed use was kept"
+    );
+    assert_eq!(active_rows(&sys, &class.class_id).await, 1);
 }

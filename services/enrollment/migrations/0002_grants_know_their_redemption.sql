@@ -17,10 +17,16 @@ ALTER TABLE subscriptions ADD COLUMN redemption_id uuid;
 -- rows whatever a statement's snapshot, which a NOT EXISTS would not.
 CREATE TABLE redemptions (
     redemption_id  uuid PRIMARY KEY,
-    -- Set when the redemption was refused for want of a seat: every repeat is
-    -- answered the same (the other refusals, an unknown class or user or
-    -- another organization, cannot change, so they need no record).
+    -- Set when the redemption was refused: CLASS_FULL (for want of a seat)
+    -- or VOIDED (it failed, and VoidRedemption took its grant back). Every
+    -- repeat is answered the same. (The other refusals, an unknown class or
+    -- user or another organization, cannot change, so they need no record.)
     refused_reason text,
+    -- Set when the student already held the grant (this enrollment or
+    -- subscription id) when the redemption asked: every repeat is answered
+    -- with it, even once it is cancelled, so a late twin of the redemption
+    -- never takes a grant of its own.
+    held_before    uuid,
     created_at     timestamptz NOT NULL DEFAULT now()
 );
 

@@ -219,10 +219,12 @@ impl EnrollmentService for EnrollmentGrpc {
         &self,
         request: Request<pb::VoidRedemptionRequest>,
     ) -> Reply<pb::VoidRedemptionResponse> {
-        let rid =
-            validate::id("redemption_id", &request.get_ref().redemption_id).map_err(Error::from)?;
+        let r = request.get_ref();
+        let rid = validate::id("redemption_id", &r.redemption_id).map_err(Error::from)?;
+        let created_user =
+            validate::optional_id("created_user_id", &r.created_user_id).map_err(Error::from)?;
         reply(pb::VoidRedemptionResponse {
-            taken_back: self.store.void_redemption(rid).await?,
+            taken_back: self.store.void_redemption(rid, created_user).await?,
         })
     }
 }

@@ -236,12 +236,9 @@ impl Store {
                 Err(e) => return Err(e.into()),
             }
             if let Some(rid) = redemption_id
-                && let Some(answered) = self.redemption_outcome(rid).await?
+                && let Some(answered) = self.redemption_outcome(&self.pool, rid).await?
             {
-                return match answered {
-                    Some(reason) => Err(refusal(&reason, class_id)),
-                    None => Ok((self.enrollment_of_redemption(rid).await?, true)),
-                };
+                return self.enrollment_answer(answered, rid, class_id).await;
             }
             let check: EnrollCheck = sqlx::query_as(
                 "SELECT c.organization_id AS class_org, u.organization_id AS user_org,
@@ -264,6 +261,11 @@ impl Store {
                 });
             }
             if let Some(id) = check.enrollment_id {
+                if let Some(rid) = redemption_id
+                    && !self.record_held_before(&self.pool, rid, id).await?
+                {
+                    continue;
+                }
                 return Ok((self.enrollment(id).await?, true));
             }
             if check.full == Some(true) {
@@ -279,14 +281,31 @@ impl Store {
         }
         if let Some(rid) = redemption_id
             && !self.refuse_for_want_of_a_seat(rid).await?
+            && let Some(answered) = self.redemption_outcome(&self.pool, rid).await?
         {
-            return match self.redemption_outcome(rid).await? {
-                Some(None) => Ok((self.enrollment_of_redemption(rid).await?, true)),
-                Some(Some(reason)) => Err(refusal(&reason, class_id)),
-                None => Err(Error::ClassFull(class_id)),
-            };
+            return self.enrollment_answer(answered, rid, class_id).await;
         }
         Err(Error::ClassFull(class_id))
+    }
+
+    /// Enroll's answer to a redemption it answered before: the same.
+    async fn enrollment_answer(
+        &self,
+        answered: Outcome,
+        rid: Uuid,
+        class_id: Uuid,
+    ) -> Result<(Enrollment, bool), Error> {
+        match answered {
+            Outcome {
+                refused_reason: Some(reason),
+                ..
+            } => Err(refusal(&reason, class_id)),
+            Outcome {
+                held_before: Some(held),
+                ..
+            } => Ok((self.enrollment(held).await?, true)),
+            Outcome { .. } => Ok((self.enrollment_of_redemption(rid).await?, true)),
+        }
     }
 
     /// VoidRedemption: a failed redemption's grant is taken back and any
@@ -294,7 +313,11 @@ impl Store {
     /// turned into a refusal): a grant racing this call conflicts on its key,
     /// so either the grant is refused or it committed first and is taken back
     /// here. Returns whether a grant was taken back.
-    pub async fn void_redemption(&self, rid: Uuid) -> Result<bool, Error> {
+    pub async fn void_redemption(
+        &self,
+        rid: Uuid,
+        created_user: Option<Uuid>,
+    ) -> Result<bool, Error> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO redemptions (redemption_id, refused_reason) VALUES ($1, $2)
@@ -330,19 +353,65 @@ impl Store {
         .bind(rid)
         .execute(&mut *tx)
         .await?;
+        if let Some(user) = created_user {
+            // A student turned away keeps no account: the one this
+            // redemption created goes, with the grants it took back, unless
+            // it holds anything else (then it is a student's account now).
+            let others: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM enrollments
+                                WHERE user_id = $1 AND redemption_id IS DISTINCT FROM $2)
+                     OR EXISTS (SELECT 1 FROM subscriptions
+                                WHERE user_id = $1 AND redemption_id IS DISTINCT FROM $2)",
+            )
+            .bind(user)
+            .bind(rid)
+            .fetch_one(&mut *tx)
+            .await?;
+            if !others {
+                for sql in [
+                    "DELETE FROM enrollments WHERE user_id = $1",
+                    "DELETE FROM subscriptions WHERE user_id = $1",
+                    "DELETE FROM users WHERE user_id = $1",
+                ] {
+                    sqlx::query(sql).bind(user).execute(&mut *tx).await?;
+                }
+            }
+        }
         tx.commit().await?;
         Ok(seat.rows_affected() + subscription.rows_affected() > 0)
     }
 
-    /// How enrollment answered a redemption: `None` if never, `Some(None)`
-    /// if it took a seat, `Some(Some(reason))` if it refused.
-    async fn redemption_outcome(&self, rid: Uuid) -> Result<Option<Option<String>>, Error> {
-        let row: Option<(Option<String>,)> =
-            sqlx::query_as("SELECT refused_reason FROM redemptions WHERE redemption_id = $1")
-                .bind(rid)
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(row.map(|(reason,)| reason))
+    /// How enrollment answered a redemption, if it ever did.
+    async fn redemption_outcome(
+        &self,
+        conn: impl sqlx::PgExecutor<'_>,
+        rid: Uuid,
+    ) -> Result<Option<Outcome>, Error> {
+        Ok(sqlx::query_as(
+            "SELECT refused_reason, held_before FROM redemptions WHERE redemption_id = $1",
+        )
+        .bind(rid)
+        .fetch_optional(conn)
+        .await?)
+    }
+
+    /// Records that a redemption found the grant `held` already there;
+    /// false when it already had an answer.
+    async fn record_held_before(
+        &self,
+        conn: impl sqlx::PgExecutor<'_>,
+        rid: Uuid,
+        held: Uuid,
+    ) -> Result<bool, Error> {
+        let done = sqlx::query(
+            "INSERT INTO redemptions (redemption_id, held_before) VALUES ($1, $2)
+             ON CONFLICT (redemption_id) DO NOTHING",
+        )
+        .bind(rid)
+        .bind(held)
+        .execute(conn)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Records that a redemption was refused for want of a seat; false when
@@ -469,15 +538,22 @@ impl Store {
             });
         }
         if let Some(rid) = redemption_id {
-            let refused: Option<Option<String>> = sqlx::query_scalar(
-                "SELECT refused_reason FROM redemptions WHERE redemption_id = $1",
-            )
-            .bind(rid)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(Some(_)) = refused {
-                tx.rollback().await?;
-                return Err(Error::RedemptionVoided(rid));
+            match self.redemption_outcome(&mut *tx, rid).await? {
+                Some(Outcome {
+                    refused_reason: Some(_),
+                    ..
+                }) => {
+                    tx.rollback().await?;
+                    return Err(Error::RedemptionVoided(rid));
+                }
+                Some(Outcome {
+                    held_before: Some(held),
+                    ..
+                }) => {
+                    tx.rollback().await?;
+                    return Ok((self.subscription(held).await?, true));
+                }
+                _ => {}
             }
         }
         // This redemption's own grant first (even if expired since), then
@@ -495,7 +571,17 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await?;
         if let Some(existing) = existing {
-            tx.rollback().await?;
+            if let Some(rid) = redemption_id
+                && existing.redemption_id != Some(rid)
+                && !self
+                    .record_held_before(&mut *tx, rid, existing.subscription_id)
+                    .await?
+            {
+                // A void of this redemption came first.
+                tx.rollback().await?;
+                return Err(Error::RedemptionVoided(rid));
+            }
+            tx.commit().await?;
             return Ok((existing, true));
         }
         if let Some(rid) = redemption_id {
@@ -533,6 +619,16 @@ impl Store {
         Ok((created, false))
     }
 
+    async fn subscription(&self, subscription_id: Uuid) -> Result<Subscription, Error> {
+        let sql =
+            format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE subscription_id = $1");
+        sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(subscription_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| Error::Database(sqlx::Error::RowNotFound))
+    }
+
     /// A page of a user's subscriptions, newest first.
     pub async fn list_subscriptions(
         &self,
@@ -556,6 +652,14 @@ impl Store {
             .fetch_all(&self.pool)
             .await?)
     }
+}
+
+/// How enrollment answered a redemption (a row of `redemptions`): granted
+/// (neither field), refused, or found the grant held before.
+#[derive(sqlx::FromRow)]
+struct Outcome {
+    refused_reason: Option<String>,
+    held_before: Option<Uuid>,
 }
 
 /// The refusal reason VoidRedemption records.

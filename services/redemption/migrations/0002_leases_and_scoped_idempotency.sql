@@ -18,3 +18,19 @@ ALTER TABLE redemptions ADD CONSTRAINT redemptions_idempotency_key_unique UNIQUE
 
 -- Never written or read: seat holds are released by the record's kind.
 ALTER TABLE redemptions DROP COLUMN seat_held;
+
+-- failing: the redemption's final error is decided and recorded, and its
+-- compensation (give the key's use back, void its grant, release the hold)
+-- is under way; a driver that stops half-way leaves it failing, and whoever
+-- takes it over finishes the compensation, never the redemption.
+ALTER TABLE redemptions DROP CONSTRAINT redemptions_state_check;
+ALTER TABLE redemptions ADD CONSTRAINT redemptions_state_check
+    CHECK (state IN ('admitted', 'failing', 'completed', 'failed'));
+DROP INDEX redemptions_unfinished;
+CREATE INDEX redemptions_unfinished ON redemptions (updated_at) WHERE state IN ('admitted', 'failing');
+
+-- audited_at: when recovery last made sure a failed redemption holds no key
+-- use and no grant. Set as a redemption fails; the ones failed before this
+-- migration (by code that could leave a use behind) are audited once.
+ALTER TABLE redemptions ADD COLUMN audited_at timestamptz;
+CREATE INDEX redemptions_unaudited ON redemptions (created_at) WHERE state = 'failed' AND audited_at IS NULL;

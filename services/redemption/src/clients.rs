@@ -340,10 +340,16 @@ impl Clients {
     }
 
     /// VoidRedemption: what a failed redemption was granted is taken back,
-    /// and any later grant for it refused.
-    pub async fn void_redemption(&self, redemption_id: Uuid) -> Result<(), Error> {
+    /// any later grant for it refused, and the account it created removed
+    /// if that holds nothing else.
+    pub async fn void_redemption(
+        &self,
+        redemption_id: Uuid,
+        created_user: Option<Uuid>,
+    ) -> Result<(), Error> {
         let request = pb::VoidRedemptionRequest {
             redemption_id: redemption_id.to_string(),
+            created_user_id: opt(created_user),
         };
         call(
             ENROLLMENT,

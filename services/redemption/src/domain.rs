@@ -102,6 +102,12 @@ impl TryFrom<pb::RedeemKeyRequest> for RedeemCommand {
                 format!("must be 1-{MAX_IDEMPOTENCY_KEY} characters"),
             ));
         }
+        if key.chars().any(char::is_control) {
+            return Err(InvalidField::new(
+                "idempotency_key",
+                "must not contain control characters",
+            ));
+        }
         let code = code(&r.code)?;
         let meaning = pb::RedeemKeyRequest {
             code: validate::normalize_code(&code),
@@ -118,6 +124,17 @@ impl TryFrom<pb::RedeemKeyRequest> for RedeemCommand {
             request: meaning.encode_to_vec(),
         })
     }
+}
+
+/// Whether a stored request means what `canonical` (a command's `request`)
+/// means. Records from before requests were stored canonically hold the
+/// bytes as sent: those are read and canonicalised first.
+pub fn same_meaning(stored: &[u8], canonical: &[u8]) -> bool {
+    stored == canonical
+        || pb::RedeemKeyRequest::decode(stored)
+            .ok()
+            .and_then(|r| RedeemCommand::try_from(r).ok())
+            .is_some_and(|c| c.request == canonical)
 }
 
 /// The kind of a resolved key.

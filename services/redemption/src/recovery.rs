@@ -1,9 +1,10 @@
-//! The recovery loop: redemptions left `admitted` whose driver stopped
+//! The recovery loop: redemptions left `admitted` or `failing` whose driver stopped
 //! renewing its lease (a crash, a lost database connection, an outage
 //! mid-way) are taken over by one replica (the generation bump fences the
 //! old driver out) and driven to their end — completed, or compensated (ReleaseKey, release the hold) and
 //! failed — so no key stays consumed without its enrollment and no seat stays
-//! held. It also rebuilds the gate state of classes where a Redis outage
+//! held. It audits failed redemptions from before that rule (a use or a
+//! grant they hold is given back), and rebuilds the gate state of classes where a Redis outage
 //! made the gate and PostgreSQL disagree.
 
 use std::sync::Arc;
@@ -36,6 +37,13 @@ pub async fn run(redeemer: Arc<Redeemer>, interval: Duration, shutdown: Cancella
             Ok(n) => tracing::info!(redemptions = n, "recovery finished abandoned redemptions"),
             Err(e) => tracing::warn!(error = %e, "recovery sweep failed; retrying next interval"),
         }
+        match audit(&redeemer).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(redemptions = n, "audited failed redemptions"),
+            Err(e) => {
+                tracing::warn!(error = %e, "audit of failed redemptions failed; retrying next interval")
+            }
+        }
     }
 }
 
@@ -60,4 +68,22 @@ pub async fn sweep(redeemer: &Redeemer) -> Result<usize, crate::error::Error> {
         }
     }
     Ok(finished)
+}
+
+/// Failed redemptions never audited: they failed before redemptions were
+/// decided, compensated and failed under a lease, when a failure could leave
+/// a key use or a grant behind. Their compensation runs again (every step
+/// is idempotent, and a failed redemption can never complete, so nothing a
+/// successor did is undone) and they are marked audited. Returns how many.
+pub async fn audit(redeemer: &Redeemer) -> Result<usize, crate::error::Error> {
+    let failed = redeemer.store().unaudited(BATCH).await?;
+    for record in &failed {
+        let lease = crate::store::Lease {
+            redemption_id: record.redemption_id,
+            generation: record.generation,
+        };
+        redeemer.compensate(lease, record).await?;
+        redeemer.store().audited(record.redemption_id).await?;
+    }
+    Ok(failed.len())
 }

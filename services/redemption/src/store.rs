@@ -1,6 +1,7 @@
 //! The redemption log in PostgreSQL: one row per (scope, idempotency key),
-//! moving from `admitted` to `completed` (with the encoded response) or
-//! `failed` (with the final error). The row is also the lease of the one
+//! moving from `admitted` to `completed` (with the encoded response), or to
+//! `failing` (the final error decided and stored, compensation under way)
+//! and then `failed`. The row is also the lease of the one
 //! driver taking the redemption on: transitions name the driver's generation,
 //! so a driver that lost its lease cannot finish the row, and idleness is
 //! measured by PostgreSQL's clock.
@@ -42,6 +43,8 @@ type Find = (
 pub enum State {
     /// Admitted and recorded; its driver is taking it to its end.
     Admitted,
+    /// Its final error is decided and stored; its compensation is under way.
+    Failing,
     /// Answered with the stored response.
     Completed,
     /// Answered with the stored final error, and compensated.
@@ -52,6 +55,7 @@ impl State {
     fn as_str(self) -> &'static str {
         match self {
             State::Admitted => "admitted",
+            State::Failing => "failing",
             State::Completed => "completed",
             State::Failed => "failed",
         }
@@ -63,6 +67,7 @@ impl TryFrom<String> for State {
     fn try_from(s: String) -> Result<Self, String> {
         match s.as_str() {
             "admitted" => Ok(State::Admitted),
+            "failing" => Ok(State::Failing),
             "completed" => Ok(State::Completed),
             "failed" => Ok(State::Failed),
             _ => Err(format!("unknown redemption state {s:?}")),
@@ -167,9 +172,10 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Marks a redemption failed for good. False when the driver of
+    /// Decides a redemption's final error: stored, and the redemption is
+    /// `failing` until its compensation is done. False when the driver of
     /// `generation` no longer holds it.
-    pub async fn fail(&self, lease: Lease, error: &Error) -> Result<bool, Error> {
+    pub async fn decide_failure(&self, lease: Lease, error: &Error) -> Result<bool, Error> {
         let (code, reason) = error.code_and_reason();
         let done = sqlx::query(
             "UPDATE redemptions SET state = $3, error_code = $4, error_reason = $5, error_message = $6,
@@ -178,7 +184,7 @@ impl Store {
         )
         .bind(lease.redemption_id)
         .bind(lease.generation)
-        .bind(State::Failed.as_str())
+        .bind(State::Failing.as_str())
         .bind(code as i32)
         .bind(reason)
         .bind(error.to_string())
@@ -187,11 +193,47 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Marks a compensated redemption failed for good. False when the
+    /// driver of `generation` no longer holds it.
+    pub async fn fail(&self, lease: Lease) -> Result<bool, Error> {
+        let done = sqlx::query(
+            "UPDATE redemptions SET state = $3, updated_at = now(), audited_at = now()
+             WHERE redemption_id = $1 AND generation = $2 AND state = 'failing'",
+        )
+        .bind(lease.redemption_id)
+        .bind(lease.generation)
+        .bind(State::Failed.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Failed redemptions never audited (failed before audits existed).
+    pub async fn unaudited(&self, limit: i64) -> Result<Vec<Record>, Error> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM redemptions
+             WHERE state = 'failed' AND audited_at IS NULL ORDER BY created_at LIMIT $1"
+        );
+        Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Notes that a failed redemption was audited.
+    pub async fn audited(&self, redemption_id: Uuid) -> Result<(), Error> {
+        sqlx::query("UPDATE redemptions SET audited_at = now() WHERE redemption_id = $1")
+            .bind(redemption_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Renews the lease. False when it is lost (finished, or taken over).
     pub async fn renew(&self, lease: Lease) -> Result<bool, Error> {
         let done = sqlx::query(
             "UPDATE redemptions SET updated_at = now()
-             WHERE redemption_id = $1 AND generation = $2 AND state = 'admitted'",
+             WHERE redemption_id = $1 AND generation = $2 AND state IN ('admitted', 'failing')",
         )
         .bind(lease.redemption_id)
         .bind(lease.generation)
@@ -214,7 +256,7 @@ impl Store {
     pub async fn stale(&self, idle: Duration, limit: i64) -> Result<Vec<Record>, Error> {
         let sql = format!(
             "SELECT {COLUMNS} FROM redemptions
-             WHERE state = 'admitted' AND updated_at < now() - make_interval(secs => $1)
+             WHERE state IN ('admitted', 'failing') AND updated_at < now() - make_interval(secs => $1)
              ORDER BY updated_at LIMIT $2"
         );
         Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
@@ -231,7 +273,7 @@ impl Store {
     pub async fn take_over(&self, record: &Record, idle: Duration) -> Result<Option<Lease>, Error> {
         let generation: Option<i64> = sqlx::query_scalar(
             "UPDATE redemptions SET generation = generation + 1, updated_at = now()
-             WHERE redemption_id = $1 AND state = 'admitted' AND generation = $2
+             WHERE redemption_id = $1 AND state IN ('admitted', 'failing') AND generation = $2
                AND updated_at < now() - make_interval(secs => $3)
              RETURNING generation",
         )

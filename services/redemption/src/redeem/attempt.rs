@@ -132,7 +132,7 @@ impl Redeemer {
             redemption_id: record.redemption_id,
             generation: record.generation,
         };
-        self.drive(lease, &record, user).await
+        self.drive(lease, &record, Some(user)).await
     }
 
     /// The class (class keys) or profile (subscription keys) the key grants.

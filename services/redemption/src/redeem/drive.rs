@@ -59,21 +59,35 @@ pub struct Fault {
     pub stall: Duration,
 }
 
-/// Whether the grant existed before this call (another redemption's or a
-/// direct one), as opposed to made now or by this redemption earlier.
-fn had_before(existed: bool, granted_by: &str, lease: Lease) -> bool {
-    existed && granted_by != lease.redemption_id.to_string()
+/// Whether the grant existed before this redemption (another redemption's
+/// or a direct one), as opposed to made now or by this redemption earlier.
+/// A grant from before grants named their redemption, made with this very
+/// key, may be this redemption's own (one in flight across the upgrade): it
+/// is taken as such, so its key use is kept.
+fn had_before(existed: bool, granted_by: &str, source_key: &str, record: &Record) -> bool {
+    let legacy_from_this_key = granted_by.is_empty() && source_key == record.key_id.to_string();
+    existed && granted_by != record.redemption_id.to_string() && !legacy_from_this_key
+}
+
+/// The final error recorded for a redemption, answered again.
+pub(super) fn recorded_error(record: &Record) -> Error {
+    Error::Replayed {
+        code: record.error_code.unwrap_or(tonic::Code::Unknown as i32),
+        reason: record.error_reason.clone().unwrap_or_default(),
+        message: record.error_message.clone().unwrap_or_default(),
+    }
 }
 
 impl Redeemer {
     /// Takes a recorded redemption to its end under `lease`: completed, or
-    /// compensated and failed. An outage leaves it `admitted`, to be taken
-    /// over later; a lost lease hands the answer to whoever holds it now.
+    /// failed (decided, compensated, failed). An outage leaves it where it
+    /// was, to be taken over later; a lost lease hands the answer to
+    /// whoever holds it now. `user` is needed only for an `admitted` record.
     pub(super) async fn drive(
         &self,
         lease: Lease,
         record: &Record,
-        user: pb::User,
+        user: Option<pb::User>,
     ) -> Result<pb::RedeemKeyResponse, Error> {
         let paused = AtomicBool::new(false);
         let outcome = tokio::select! {
@@ -109,9 +123,21 @@ impl Redeemer {
         &self,
         lease: Lease,
         record: &Record,
-        user: pb::User,
+        user: Option<pb::User>,
         paused: &AtomicBool,
     ) -> Result<pb::RedeemKeyResponse, Error> {
+        let user = match (record.state, user) {
+            (State::Admitted, Some(user)) => user,
+            (State::Failing, _) => {
+                self.compensate_and_fail(lease, record).await?;
+                return Err(recorded_error(record));
+            }
+            (state, _) => {
+                return Err(Error::Internal(format!(
+                    "cannot drive a {state:?} redemption"
+                )));
+            }
+        };
         match self.apply(lease, record, user, paused).await {
             Ok(response) => {
                 if self
@@ -125,14 +151,25 @@ impl Redeemer {
                 }
             }
             Err(error) if error.is_final() => {
-                self.compensate(lease, record).await?;
-                if self.store.fail(lease, &error).await? {
-                    Err(error)
-                } else {
-                    Err(Error::LeaseLost)
+                // Decided first, under the lease: from here on the
+                // redemption can only fail, so compensating is safe, and a
+                // driver stopping half-way leaves it for the next to finish.
+                if !self.store.decide_failure(lease, &error).await? {
+                    return Err(Error::LeaseLost);
                 }
+                self.compensate_and_fail(lease, record).await?;
+                Err(error)
             }
             Err(outage) => Err(outage),
+        }
+    }
+
+    async fn compensate_and_fail(&self, lease: Lease, record: &Record) -> Result<(), Error> {
+        self.compensate(lease, record).await?;
+        if self.store.fail(lease).await? {
+            Ok(())
+        } else {
+            Err(Error::LeaseLost)
         }
     }
 
@@ -172,7 +209,12 @@ impl Redeemer {
                 let (enrollment, existed) = self.clients.enroll(target, user_id, key, rid).await?;
                 self.fault(FaultPoint::AfterCommit, Some(lease), paused)
                     .await;
-                let before = had_before(existed, &enrollment.redemption_id, lease);
+                let before = had_before(
+                    existed,
+                    &enrollment.redemption_id,
+                    &enrollment.source_key_id,
+                    record,
+                );
                 if before && kind == pb::KeyKind::ClassEnrollment {
                     // The student had the seat already: no use for it.
                     self.clients.release_key(key, rid, lease.generation).await?;
@@ -193,7 +235,12 @@ impl Redeemer {
                     .await?;
                 self.fault(FaultPoint::AfterCommit, Some(lease), paused)
                     .await;
-                let before = had_before(existed, &subscription.redemption_id, lease);
+                let before = had_before(
+                    existed,
+                    &subscription.redemption_id,
+                    &subscription.source_key_id,
+                    record,
+                );
                 if before {
                     self.clients.release_key(key, rid, lease.generation).await?;
                 }
@@ -206,10 +253,11 @@ impl Redeemer {
         Ok(response(record, user, grant, already_held))
     }
 
-    /// ConsumeKey for this redemption. When the key cannot be used (used up,
-    /// or this redemption gave its use back after finding the grant already
-    /// held) but the student holds what it grants, that grant is the answer
-    /// (`Some`), and no use is taken.
+    /// ConsumeKey for this redemption. When the key is used up but the
+    /// student holds what it grants, that grant is the answer (`Some`), and
+    /// no use is taken. When this redemption gave its use back earlier (it
+    /// found the grant already held), the grant step answers as it did then
+    /// (enrollment recorded it).
     async fn consume<G, F>(
         &self,
         lease: Lease,
@@ -229,8 +277,8 @@ impl Redeemer {
             )
             .await;
         match consumed {
-            Ok(()) => Ok(None),
-            Err(e @ (Error::KeyAlreadyRedeemed | Error::KeyUseReleased)) => match held().await? {
+            Ok(()) | Err(Error::KeyUseReleased) => Ok(None),
+            Err(e @ Error::KeyAlreadyRedeemed) => match held().await? {
                 Some(grant) => Ok(Some(grant)),
                 None => Err(e),
             },
@@ -239,21 +287,22 @@ impl Redeemer {
     }
 
     /// Undoes what a failed redemption may hold: the key's use (a marker is
-    /// left if it had none, so a late consume is refused), then anything
-    /// granted for it (a stale driver's consume may have slipped in before
-    /// the release, and its grant may still come: enrollment refuses it from
-    /// now on), and the seat hold. The void comes only after the fenced
-    /// release, so a driver that lost its lease never voids a redemption its
-    /// successor completed. Event keys take no use, and their only final
-    /// failures are Enroll's own refusals, which Enroll answers again to any
-    /// later driver, so there is nothing to void.
-    async fn compensate(&self, lease: Lease, record: &Record) -> Result<(), Error> {
+    /// left if it had none, so a late consume is refused), anything granted
+    /// for it (enrollment refuses any later grant; a stale driver's consume
+    /// may have slipped in before the release, its Enroll may still come),
+    /// the account it created for a student now turned away, and the seat
+    /// hold. Only ever for a redemption whose failure is decided, so it never
+    /// undoes what a successor completed. Every step is idempotent.
+    pub(crate) async fn compensate(&self, lease: Lease, record: &Record) -> Result<(), Error> {
         if record.key_kind != pb::KeyKind::Event as i32 {
             self.clients
                 .release_key(record.key_id, record.redemption_id, lease.generation)
                 .await?;
-            self.clients.void_redemption(record.redemption_id).await?;
         }
+        let created = record.user_created.then_some(record.user_id);
+        self.clients
+            .void_redemption(record.redemption_id, created)
+            .await?;
         if record.key_kind != pb::KeyKind::Subscription as i32 {
             self.gate
                 .settle(record.target_id, record.user_id, Settle::Release)
@@ -270,7 +319,7 @@ impl Redeemer {
         record: Record,
         request: &[u8],
     ) -> Result<pb::RedeemKeyResponse, Error> {
-        if record.request != request {
+        if !crate::domain::same_meaning(&record.request, request) {
             return Err(Error::IdempotencyKeyReused);
         }
         let deadline = tokio::time::Instant::now() + self.settings.timeout;
@@ -282,13 +331,9 @@ impl Redeemer {
                     return pb::RedeemKeyResponse::decode(bytes)
                         .map_err(|e| Error::Internal(e.to_string()));
                 }
-                State::Failed => {
-                    return Err(Error::Replayed {
-                        code: record.error_code.unwrap_or(tonic::Code::Unknown as i32),
-                        reason: record.error_reason.unwrap_or_default(),
-                        message: record.error_message.unwrap_or_default(),
-                    });
-                }
+                // Decided: the compensation of a failing one is its
+                // driver's (or a take-over's) to finish.
+                State::Failing | State::Failed => return Err(recorded_error(&record)),
                 State::Admitted => {}
             }
             if record.idle_seconds > self.settings.take_over_after.as_secs_f64() {
@@ -313,7 +358,10 @@ impl Redeemer {
             return Err(Error::InProgress);
         };
         tracing::info!(redemption_id = %record.redemption_id, generation = lease.generation, "took an abandoned redemption over");
-        let user = self.clients.get_user(record.user_id).await?;
+        let user = match record.state {
+            State::Admitted => Some(self.clients.get_user(record.user_id).await?),
+            State::Failing | State::Completed | State::Failed => None,
+        };
         self.drive(lease, &record, user).await
     }
 
