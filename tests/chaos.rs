@@ -268,7 +268,7 @@ pub async fn keys_accounted_for(db: &mut sqlx::PgConnection) -> Vec<String> {
     )
     .fetch_all(&mut *db)
     .await
-    .unwrap_or_default();
+    .expect("key accounting query");
     for (key_id, uses, live, grants) in rows {
         if i64::from(uses) != live || live != grants {
             violations.push(format!(
@@ -283,7 +283,7 @@ pub async fn keys_accounted_for(db: &mut sqlx::PgConnection) -> Vec<String> {
     )
     .fetch_one(&mut *db)
     .await
-    .unwrap_or(-1);
+    .expect("held uses query");
     if held != 0 {
         violations.push(format!(
             "{held} key uses held by failed or unfinished redemptions"
@@ -299,7 +299,7 @@ pub async fn keys_accounted_for(db: &mut sqlx::PgConnection) -> Vec<String> {
     )
     .fetch_one(&mut *db)
     .await
-    .unwrap_or(-1);
+    .expect("held grants query");
     if granted != 0 {
         violations.push(format!(
             "{granted} grants held by failed or unfinished redemptions"
