@@ -73,21 +73,16 @@ impl Spawned {
     }
 }
 
-/// Common settings for a service under test on `database_url`.
-pub fn common_config(database_url: &str) -> CommonConfig {
-    CommonConfig {
-        shutdown_grace_seconds: 2,
-        ..CommonConfig::for_database(database_url)
-    }
+/// What every service under test shares: a short shutdown grace.
+pub fn for_tests(common: &mut CommonConfig) {
+    common.shutdown_grace_seconds = 2;
 }
 
 /// The enrollment service on `database_url`.
 pub async fn spawn_enrollment(database_url: &str) -> Spawned {
     trainingkeys_shared::telemetry::init_for_tests();
-    let config = trainingkeys_enrollment::Config {
-        listen_addr: "127.0.0.1:0".parse().unwrap(),
-        common: common_config(database_url),
-    };
+    let mut config = trainingkeys_enrollment::Config::for_tests(database_url).unwrap();
+    for_tests(&mut config.common);
     spawn::<trainingkeys_enrollment::Application>(config).await
 }
 
@@ -147,13 +142,14 @@ pub const TEST_ENCRYPTION_KEY: &str =
 /// at `enrollment_url`.
 pub async fn spawn_key_issuance(database_url: &str, enrollment_url: &str) -> Spawned {
     trainingkeys_shared::telemetry::init_for_tests();
-    let mut config = trainingkeys_key_issuance::config_for(
+    let mut config = trainingkeys_key_issuance::Config::for_tests(
         database_url,
         enrollment_url,
         TEST_HMAC_SECRET,
         TEST_ENCRYPTION_KEY,
-    );
-    config.common = common_config(database_url);
+    )
+    .unwrap();
+    for_tests(&mut config.common);
     spawn::<trainingkeys_key_issuance::Application>(config).await
 }
 

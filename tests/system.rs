@@ -18,7 +18,7 @@ use trainingkeys_proto::v1 as pb;
 use trainingkeys_proto::v1::redeem_key_request::Redeemer;
 use trainingkeys_proto::v1::redeem_key_response::Grant;
 
-use crate::{Spawned, common_config, fresh_database, spawn_enrollment, spawn_key_issuance};
+use crate::{Spawned, fresh_database, spawn_enrollment, spawn_key_issuance};
 
 /// A throwaway `redis-server` on a free port, killed on drop.
 pub struct RedisServer {
@@ -234,12 +234,9 @@ pub fn redemption_config(
     keys: &str,
     redis: &str,
 ) -> trainingkeys_redemption::Config {
-    let mut config = trainingkeys_redemption::Config::new(
-        common_config(database_url),
-        enrollment.to_owned(),
-        keys.to_owned(),
-        redis.to_owned(),
-    );
+    let mut config =
+        trainingkeys_redemption::Config::for_tests(database_url, enrollment, keys, redis).unwrap();
+    crate::for_tests(&mut config.common);
     config.redemption_timeout_seconds = 3;
     config.recovery_after_seconds = 4;
     config.recovery_interval_seconds = 1;

@@ -37,18 +37,18 @@ pub struct CommonConfig {
     pub max_connection_age_seconds: u64,
 }
 
-impl CommonConfig {
-    /// A configuration for tests and tools: the given database, defaults elsewhere.
-    pub fn for_database(database_url: impl Into<String>) -> Self {
-        Self {
-            database_url: database_url.into(),
-            database_max_connections: 20,
-            log_format: LogFormat::Text,
-            shutdown_grace_seconds: 10,
-            max_connection_age_seconds: 0,
-        }
-    }
+/// A configuration as its binary reads it from these flags, ignoring the
+/// environment: the one way tests and tools configure a service. Every
+/// default comes from the clap definitions, so none is restated.
+pub fn from_flags<C: clap::Args + clap::FromArgMatches>(flags: &[&str]) -> anyhow::Result<C> {
+    let command = C::augment_args(clap::Command::new("config"))
+        .mut_args(|arg| arg.env(None::<&str>))
+        .no_binary_name(true);
+    let matches = command.try_get_matches_from(flags)?;
+    Ok(C::from_arg_matches(&matches)?)
+}
 
+impl CommonConfig {
     /// The bounded wait for in-flight calls on shutdown.
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_seconds)

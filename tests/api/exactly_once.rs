@@ -14,6 +14,7 @@ use trainingkeys_proto::time::to_timestamp;
 use trainingkeys_proto::v1 as pb;
 use trainingkeys_proto::v1::redeem_key_request::Redeemer;
 use trainingkeys_redemption::{FaultAction, FaultPoint};
+use trainingkeys_shared::cli::Service;
 use trainingkeys_tests::assert_status;
 use trainingkeys_tests::system::{
     System, active_rows, as_user, class, class_keys, enrollment, event_key, get_key, idem, org,
@@ -164,7 +165,7 @@ async fn recovery_after_must_exceed_the_redemption_timeout() {
     let mut config = sys.replica_config();
     config.redemption_timeout_seconds = 5;
     config.recovery_after_seconds = 5;
-    match trainingkeys_redemption::Application::build(config).await {
+    match <trainingkeys_redemption::Application as Service>::build(config).await {
         Ok(_) => panic!("started with RECOVERY_AFTER_SECONDS = REDEMPTION_TIMEOUT_SECONDS"),
         Err(e) => assert!(e.to_string().contains("RECOVERY_AFTER_SECONDS"), "{e:#}"),
     }

@@ -10,3 +10,4 @@ mod key_issuance;
 mod metrics;
 mod redemption;
 mod traces;
+mod wiring;

@@ -34,57 +34,61 @@ pub struct Config {
     pub common: CommonConfig,
 }
 
-/// A bound, migrated enrollment service, ready to [`run`](Self::run).
+impl Config {
+    /// Defaults (as the binary has them) on the given database, on a free port.
+    pub fn for_tests(database_url: &str) -> anyhow::Result<Self> {
+        trainingkeys_shared::config::from_flags(&[
+            "--database-url",
+            database_url,
+            "--listen-addr",
+            "127.0.0.1:0",
+        ])
+    }
+}
+
+/// A migrated enrollment service bound to its port, ready to run.
 pub struct Application {
     listener: TcpListener,
     pool: PgPool,
+    store: store::Store,
     config: Config,
-}
-
-impl Application {
-    /// Connects to PostgreSQL, applies migrations and binds the listener
-    /// (port 0 picks a free port; see [`local_addr`](Self::local_addr)).
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let (pool, listener) =
-            server::prepare(&config.common, SCHEMA, &MIGRATOR, config.listen_addr).await?;
-        Ok(Self {
-            listener,
-            pool,
-            config,
-        })
-    }
-
-    /// The address the service listens on.
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
-
-    /// Serves until `shutdown` is cancelled, then drains in-flight calls.
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let service = grpc::EnrollmentGrpc::new(store::Store::new(self.pool.clone()));
-        let routes = tonic::service::Routes::new(EnrollmentServiceServer::new(service));
-        let options = ServeOptions::new(SERVICE_NAME, self.pool, &self.config.common);
-        server::serve(self.listener, routes, options, shutdown).await
-    }
 }
 
 impl trainingkeys_shared::cli::Service for Application {
     type Config = Config;
     const NAME: &'static str = "enrollment";
     const SCHEMA: &'static str = SCHEMA;
+
     fn migrator() -> &'static sqlx::migrate::Migrator {
         &MIGRATOR
     }
+
     fn common(config: &Config) -> &CommonConfig {
         &config.common
     }
+
+    /// Connects to PostgreSQL, applies migrations and binds the listener
+    /// (port 0 picks a free port; see `local_addr`).
     async fn build(config: Config) -> anyhow::Result<Self> {
-        Application::build(config).await
+        let (pool, listener) =
+            server::prepare(&config.common, SCHEMA, &MIGRATOR, config.listen_addr).await?;
+        Ok(Self {
+            listener,
+            store: store::Store::new(pool.clone()),
+            pool,
+            config,
+        })
     }
+
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Application::local_addr(self)
+        self.listener.local_addr()
     }
+
+    /// Serves until `shutdown` is cancelled, then drains in-flight calls.
     async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        Application::run(self, shutdown).await
+        let service = grpc::EnrollmentGrpc::new(self.store);
+        let routes = tonic::service::Routes::new(EnrollmentServiceServer::new(service));
+        let options = ServeOptions::new(SERVICE_NAME, self.pool, &self.config.common);
+        server::serve(self.listener, routes, options, shutdown).await
     }
 }

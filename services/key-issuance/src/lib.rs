@@ -111,7 +111,31 @@ impl Config {
     }
 }
 
-/// A bound, migrated key issuance service, ready to [`run`](Self::run).
+impl Config {
+    /// Defaults (as the binary has them) on the given database and
+    /// enrollment service, with these secrets, on a free port.
+    pub fn for_tests(
+        database_url: &str,
+        enrollment_url: &str,
+        hmac_secret: &str,
+        encryption_key: &str,
+    ) -> anyhow::Result<Self> {
+        trainingkeys_shared::config::from_flags(&[
+            "--database-url",
+            database_url,
+            "--listen-addr",
+            "127.0.0.1:0",
+            "--enrollment-url",
+            enrollment_url,
+            "--key-hmac-secret",
+            hmac_secret,
+            "--key-encryption-key",
+            encryption_key,
+        ])
+    }
+}
+
+/// A migrated key issuance service bound to its port, ready to run.
 pub struct Application {
     listener: TcpListener,
     pool: PgPool,
@@ -119,23 +143,33 @@ pub struct Application {
     config: Config,
 }
 
-impl Application {
-    /// Checks the secrets, connects to PostgreSQL, applies migrations and
-    /// binds the listener (port 0 picks a free port; see
-    /// [`local_addr`](Self::local_addr)). The enrollment client connects lazily.
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
+impl trainingkeys_shared::cli::Service for Application {
+    type Config = Config;
+    const NAME: &'static str = "key-issuance";
+    const SCHEMA: &'static str = SCHEMA;
+
+    fn migrator() -> &'static sqlx::migrate::Migrator {
+        &MIGRATOR
+    }
+
+    fn common(config: &Config) -> &CommonConfig {
+        &config.common
+    }
+
+    /// Checks the secrets and the enrollment URL, then connects to
+    /// PostgreSQL, applies migrations and binds the listener (port 0 picks a
+    /// free port): a bad setting fails before the port is bound. The
+    /// enrollment client connects lazily.
+    async fn build(config: Config) -> anyhow::Result<Self> {
         let keyring = Arc::new(config.keyring()?);
-        let (pool, listener) =
-            server::prepare(&config.common, SCHEMA, &MIGRATOR, config.listen_addr).await?;
         let enrollment = enrollment::Enrollment::connect(
             &config.enrollment_url,
             Duration::from_secs(config.enrollment_timeout_seconds),
         )?;
-        let service = service::KeyService {
-            store: store::Store::new(pool.clone()),
-            enrollment,
-            keyring,
-        };
+        let (pool, listener) =
+            server::prepare(&config.common, SCHEMA, &MIGRATOR, config.listen_addr).await?;
+        let service =
+            service::KeyService::new(store::Store::new(pool.clone()), enrollment, keyring);
         Ok(Self {
             listener,
             pool,
@@ -144,60 +178,17 @@ impl Application {
         })
     }
 
-    /// The address the service listens on.
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
     }
 
     /// Serves until `shutdown` is cancelled, then drains in-flight calls.
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let service = KeyIssuanceServiceServer::new(grpc::KeyIssuanceGrpc::new(self.service))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let routes = tonic::service::Routes::new(service);
         let options = ServeOptions::new(SERVICE_NAME, self.pool, &self.config.common);
         server::serve(self.listener, routes, options, shutdown).await
-    }
-}
-
-impl trainingkeys_shared::cli::Service for Application {
-    type Config = Config;
-    const NAME: &'static str = "key-issuance";
-    const SCHEMA: &'static str = SCHEMA;
-    fn migrator() -> &'static sqlx::migrate::Migrator {
-        &MIGRATOR
-    }
-    fn common(config: &Config) -> &CommonConfig {
-        &config.common
-    }
-    async fn build(config: Config) -> anyhow::Result<Self> {
-        Application::build(config).await
-    }
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Application::local_addr(self)
-    }
-    async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        Application::run(self, shutdown).await
-    }
-}
-
-/// A configuration for tests and tools: the given database and enrollment
-/// service, secrets as given, defaults elsewhere.
-pub fn config_for(
-    database_url: &str,
-    enrollment_url: &str,
-    hmac_secret: &str,
-    encryption_key: &str,
-) -> Config {
-    Config {
-        listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        enrollment_url: enrollment_url.to_owned(),
-        enrollment_timeout_seconds: 5,
-        key_hmac_secret: SecretString::new(hmac_secret),
-        key_hmac_old_secrets: SecretString::default(),
-        key_encryption_key: SecretString::new(encryption_key),
-        key_encryption_key_id: 1,
-        key_encryption_old_keys: SecretString::default(),
-        common: CommonConfig::for_database(database_url),
     }
 }

@@ -37,6 +37,15 @@ pub struct KeyService {
 }
 
 impl KeyService {
+    /// The service over its store, the enrollment client and the secrets.
+    pub fn new(store: Store, enrollment: Enrollment, keyring: Arc<Keyring>) -> Self {
+        Self {
+            store,
+            enrollment,
+            keyring,
+        }
+    }
+
     /// The decrypted display code of a stored key.
     fn code_of(&self, row: &KeyRow) -> Result<String, Error> {
         Ok(self

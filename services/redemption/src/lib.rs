@@ -153,35 +153,26 @@ pub struct Config {
 }
 
 impl Config {
-    /// Defaults for tests and tools: the given database, services and Redis.
-    pub fn new(
-        common: CommonConfig,
-        enrollment_url: String,
-        key_issuance_url: String,
-        redis_url: String,
-    ) -> Self {
-        Self {
-            listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+    /// Defaults (as the binary has them) on the given database, services
+    /// and Redis, on a free port.
+    pub fn for_tests(
+        database_url: &str,
+        enrollment_url: &str,
+        key_issuance_url: &str,
+        redis_url: &str,
+    ) -> anyhow::Result<Self> {
+        trainingkeys_shared::config::from_flags(&[
+            "--database-url",
+            database_url,
+            "--listen-addr",
+            "127.0.0.1:0",
+            "--enrollment-url",
             enrollment_url,
+            "--key-issuance-url",
             key_issuance_url,
+            "--redis-url",
             redis_url,
-            redis_timeout_ms: 2000,
-            gate_enabled: true,
-            gate_hold_seconds: 30,
-            gate_state_ttl_seconds: 60,
-            guess_limit: 10,
-            guess_window_seconds: 60,
-            guess_max_lockout_seconds: 3600,
-            redemption_timeout_seconds: 10,
-            recovery_after_seconds: 30,
-            recovery_interval_seconds: 5,
-            peer_timeout_ms: 5000,
-            fault: None,
-            fault_action: FaultAction::Hang,
-            fault_stall_ms: 0,
-            gate_rebuild_disabled: false,
-            common,
-        }
+        ])
     }
 }
 
@@ -194,11 +185,23 @@ pub struct Application {
     config: Config,
 }
 
-impl Application {
+impl trainingkeys_shared::cli::Service for Application {
+    type Config = Config;
+    const NAME: &'static str = "redemption";
+    const SCHEMA: &'static str = SCHEMA;
+
+    fn migrator() -> &'static sqlx::migrate::Migrator {
+        &MIGRATOR
+    }
+
+    fn common(config: &Config) -> &CommonConfig {
+        &config.common
+    }
+
     /// Checks the settings, connects, migrates, builds the clients, Redis,
     /// gate, limiter and flow, and binds (port 0 picks a free port): a bad
     /// setting fails here, before the port is bound.
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
+    async fn build(config: Config) -> anyhow::Result<Self> {
         anyhow::ensure!(
             config.recovery_after_seconds > config.redemption_timeout_seconds,
             "RECOVERY_AFTER_SECONDS ({}) must be greater than REDEMPTION_TIMEOUT_SECONDS ({}): \
@@ -253,13 +256,12 @@ impl Application {
         })
     }
 
-    /// The address the service listens on.
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
     }
 
     /// Serves (and runs recovery) until `shutdown` is cancelled.
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let redeemer = self.redeemer;
         redeemer.observe_redis().await;
         let recovery = tokio::spawn(recovery::run(
@@ -274,26 +276,5 @@ impl Application {
         let served = server::serve(self.listener, routes, options, shutdown).await;
         recovery.abort();
         served
-    }
-}
-
-impl trainingkeys_shared::cli::Service for Application {
-    type Config = Config;
-    const NAME: &'static str = "redemption";
-    const SCHEMA: &'static str = SCHEMA;
-    fn migrator() -> &'static sqlx::migrate::Migrator {
-        &MIGRATOR
-    }
-    fn common(config: &Config) -> &CommonConfig {
-        &config.common
-    }
-    async fn build(config: Config) -> anyhow::Result<Self> {
-        Application::build(config).await
-    }
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Application::local_addr(self)
-    }
-    async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        Application::run(self, shutdown).await
     }
 }
