@@ -56,5 +56,6 @@ down: ## Stop the throwaway PostgreSQL and Redis
 	@scripts/env.sh down
 
 .PHONY: clean
-clean: down ## Stop everything and delete local state (.run/)
+clean: ## Stop the throwaway servers and delete local state (.run/, and root's PostgreSQL data kept outside the clone)
+	@scripts/env.sh clean
 	rm -rf .run
