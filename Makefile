@@ -27,8 +27,8 @@ demo: ## With `make run` going in another terminal: seed a class, an event key a
 
 .PHONY: interop
 interop: ## With `make run` going: a Python client built from server reflection alone enrolls 5 students into 3 seats
-	@python3 -c 'import grpc_reflection, grpc_status' 2>/dev/null || pip install -q grpcio grpcio-reflection grpcio-status
-	@python3 tests/interop/reflection_client.py 127.0.0.1:$${ENROLLMENT_PORT:-50051}
+	@source scripts/lib.sh && venv_install 'grpc_reflection, grpc_status' grpcio grpcio-reflection grpcio-status
+	@.run/venv/bin/python tests/interop/reflection_client.py 127.0.0.1:$${ENROLLMENT_PORT:-50051}
 
 .PHONY: test
 test: env ## Set up, then run the whole test suite against real PostgreSQL and Redis
