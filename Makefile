@@ -30,6 +30,10 @@ interop: ## With `make run` going: a Python client built from server reflection 
 	@source scripts/lib.sh && venv_install 'grpc_reflection, grpc_status' grpcio grpcio-reflection grpcio-status
 	@.run/venv/bin/python tests/interop/reflection_client.py 127.0.0.1:$${ENROLLMENT_PORT:-50051}
 
+.PHONY: smoke
+smoke: ## With `make run` going: run every grpcurl call of the README's "Calling it", in order; fails on any error
+	@scripts/smoke.sh
+
 .PHONY: test
 test: env ## Set up, then run the whole test suite against real PostgreSQL and Redis
 	@scripts/env.sh drop-test-dbs
