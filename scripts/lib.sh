@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Helpers the other scripts source (run from the repository root).
 
 # pick_ports N: prints N distinct ports, one a line, that nothing on
