@@ -26,8 +26,10 @@ mkdir -p "$RUN_DIR"
 
 is_root() { [ "$(id -u)" = 0 ]; }
 
+# Runs a PostgreSQL program as the user PostgreSQL runs as (from /, which
+# that user can enter; every path it is given is absolute).
 as_pg() {
-  if is_root; then runuser -u postgres -- "$@"; else "$@"; fi
+  if is_root; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
 }
 
 # The folder of this clone's cluster (data/, log, port); nothing is made.
@@ -35,7 +37,7 @@ pg_home() {
   if ! is_root; then echo "$PG_LINK"; return; fi
   local home base
   home="$(getent passwd postgres | cut -d: -f6 || true)"
-  if [ -n "$home" ] && runuser -u postgres -- test -w "$home" 2>/dev/null; then
+  if [ -n "$home" ] && (cd / && runuser -u postgres -- test -w "$home") 2>/dev/null; then
     base="$home/trainingkeys"
   else
     base=/var/tmp/trainingkeys-pg
