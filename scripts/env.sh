@@ -13,8 +13,9 @@
 # in /root, mode 0700). Root's cluster therefore lives in the postgres
 # user's home, in a folder named after the clone's path (two clones never
 # share one): /var/lib/postgresql/trainingkeys/<clone>-<hash of its path>,
-# linked from .run/pg. Any other user runs PostgreSQL as themselves, in
-# .run/pg. Either way the server listens on 127.0.0.1 only (no Unix socket,
+# linked from .run/pg (a cluster an earlier version made in .run/pg, in an
+# open folder, is used where it is). Any other user runs PostgreSQL as
+# themselves, in .run/pg. Either way the server listens on 127.0.0.1 only (no Unix socket,
 # so a long clone path cannot overflow a socket name) and .run/pg/log is its log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +36,11 @@ as_pg() {
 # The folder of this clone's cluster (data/, log, port); nothing is made.
 pg_home() {
   if ! is_root; then echo "$PG_LINK"; return; fi
+  # A cluster made inside the clone by an earlier version of this script (it
+  # worked where the clone is in an open folder): kept, and used, as it is.
+  if [ -d "$PG_LINK" ] && [ ! -L "$PG_LINK" ] && [ -f "$PG_LINK/data/PG_VERSION" ]; then
+    echo "$PG_LINK"; return
+  fi
   local home base
   home="$(getent passwd postgres | cut -d: -f6 || true)"
   if [ -n "$home" ] && (cd / && runuser -u postgres -- test -w "$home") 2>/dev/null; then
@@ -48,7 +54,7 @@ pg_home() {
 # Makes the cluster's folder, reachable by the user PostgreSQL runs as.
 make_pg_home() { # dir
   mkdir -p "$1"
-  if is_root; then
+  if is_root && [ "$1" != "$PG_LINK" ]; then
     chown postgres: "$(dirname "$1")" "$1"
     chmod 700 "$(dirname "$1")" "$1"
     printf '%s\n' "$PWD" > "$1/clone"  # whose it is, for a person looking
@@ -83,11 +89,9 @@ install_missing() {
 
 start_postgres() {
   if [ -n "${DATABASE_URL:-}" ]; then echo "DATABASE_URL=$DATABASE_URL"; return; fi
-  if is_root && [ -d "$PG_LINK" ] && [ ! -L "$PG_LINK" ]; then
-    # A cluster of the old layout, inside the clone: set aside for the new one.
-    pg_stop "$PG_LINK"
-    mv "$PG_LINK" "$RUN_DIR/pg-old.$(date +%s)"
-    echo "moved the old .run/pg aside (root's PostgreSQL data now lives outside the clone)"
+  if is_root && [ -d "$PG_LINK" ] && [ ! -L "$PG_LINK" ] && [ ! -f "$PG_LINK/data/PG_VERSION" ]; then
+    # What a failed initdb of an earlier version left in a private home.
+    rm -rf "$PG_LINK"
   fi
   local dir
   dir="$(pg_home)"
