@@ -29,7 +29,7 @@ GATE_ENABLED=false REDEMPTION_LISTEN_ADDR=127.0.0.1:$NO_GATE_PORT ENROLLMENT_URL
 nogate_pid=$!
 trap 'kill -TERM $run_pid $nogate_pid 2>/dev/null || true; wait 2>/dev/null || true' EXIT
 for port in "${ports[@]}"; do
-  for _ in $(seq 150); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
+  for _ in $(seq 150); do listening "$port" && break; sleep 0.1; done
 done
 "$BIN/loadgen" bench \
   --target "http://127.0.0.1:$REDEMPTION_PORT" --enrollment "http://127.0.0.1:$ENROLLMENT_PORT" \

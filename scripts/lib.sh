@@ -60,6 +60,18 @@ sys.exit(1)
 PY
 }
 
+# listening PORT: true when a server listens on PORT. It asks the kernel
+# (ss) rather than connecting: a probe connection leaves its own end in
+# TIME_WAIT for a minute on some port of the ephemeral range, perhaps on
+# one a server of ours is about to bind (50051-50053 lie in that range).
+listening() {
+  if command -v ss >/dev/null; then
+    [ -n "$(ss -Htln "sport = :$1" 2>/dev/null)" ]
+  else
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+  fi
+}
+
 # as_root CMD...: runs CMD as root (directly, or through sudo).
 as_root() {
   if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi

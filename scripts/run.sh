@@ -36,16 +36,27 @@ if [[ -z "${KEY_HMAC_SECRET:-}" || -z "${KEY_ENCRYPTION_KEY:-}" ]]; then
   export KEY_ENCRYPTION_KEY="${KEY_ENCRYPTION_KEY:-$RUN_KEY_ENCRYPTION_KEY}"
 fi
 
-# The fixed ports must be free before anything starts. (The defaults
-# 50051-50053 lie inside Linux's ephemeral range, so an outgoing connection
-# can hold one now and then: say which, rather than fail half-way.)
+# The fixed ports must be free before anything starts. The defaults
+# 50051-50053 lie inside Linux's ephemeral range (32768-60999), so an
+# outgoing connection can hold one, or leave it in TIME_WAIT for a minute
+# after it closes (a test run just before does that now and then): wait for
+# such a port to be released; a server on it is an error at once.
+held_by() { ss -tanp "( sport = :$1 )" 2>/dev/null || true; }
 for port in "${ENROLLMENT_LISTEN_ADDR##*:}" "${KEY_ISSUANCE_LISTEN_ADDR##*:}" "$REDEMPTION_PORT"; do
-  if port_in_use "$port"; then
-    echo "port $port is in use:" >&2
-    ss -tanp "( sport = :$port )" >&2 2>/dev/null || true
-    echo "stop what holds it, or choose other ports: ENROLLMENT_PORT, KEY_ISSUANCE_PORT, REDEMPTION_PORT" >&2
-    exit 1
-  fi
+  for waited in $(seq 0 75); do
+    port_in_use "$port" || continue 2
+    if listening "$port"; then
+      echo "port $port is taken by a server:" >&2; held_by "$port" >&2
+      break
+    fi
+    if [ "$waited" = 0 ]; then
+      echo "port $port is held by a connection; waiting up to 75 s for it to be released:" >&2
+      held_by "$port" >&2
+    fi
+    sleep 1
+  done
+  echo "stop what holds port $port, or choose other ports: ENROLLMENT_PORT, KEY_ISSUANCE_PORT, REDEMPTION_PORT" >&2
+  exit 1
 done
 
 pids=()
@@ -60,7 +71,7 @@ trap stop INT TERM EXIT
 
 wait_listening() { # host:port
   for _ in $(seq 150); do
-    (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null && return 0
+    listening "${1##*:}" && return 0
     sleep 0.1
   done
   echo "nothing listens on $1" >&2; return 1

@@ -25,7 +25,7 @@ fi
 
 # Is `make run` going? (The same ports it uses.)
 for port in "${ENROLLMENT_PORT:-50051}" "${KEY_ISSUANCE_PORT:-50052}" "${REDEMPTION_PORT:-50053}"; do
-  if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+  if ! listening "$port"; then
     echo "nothing listens on 127.0.0.1:$port: start \`make run\` first (in another terminal)" >&2
     exit 1
   fi
