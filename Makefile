@@ -27,8 +27,12 @@ demo: ## With `make run` going in another terminal: seed a class, an event key a
 
 .PHONY: interop
 interop: ## With `make run` going: a Python client built from server reflection alone enrolls 5 students into 3 seats
-	@python3 -c 'import grpc_reflection, grpc_status' 2>/dev/null || pip install -q grpcio grpcio-reflection grpcio-status
-	@python3 tests/interop/reflection_client.py 127.0.0.1:$${ENROLLMENT_PORT:-50051}
+	@source scripts/lib.sh && venv_install 'grpc_reflection, grpc_status' grpcio grpcio-reflection grpcio-status
+	@.run/venv/bin/python tests/interop/reflection_client.py 127.0.0.1:$${ENROLLMENT_PORT:-50051}
+
+.PHONY: smoke
+smoke: ## With `make run` going: run every grpcurl call of the README's "Calling it", in order; fails on any error
+	@scripts/smoke.sh
 
 .PHONY: test
 test: env ## Set up, then run the whole test suite against real PostgreSQL and Redis
@@ -56,5 +60,6 @@ down: ## Stop the throwaway PostgreSQL and Redis
 	@scripts/env.sh down
 
 .PHONY: clean
-clean: down ## Stop everything and delete local state (.run/)
+clean: ## Stop the throwaway servers and delete local state (.run/, and root's PostgreSQL data kept outside the clone)
+	@scripts/env.sh clean
 	rm -rf .run

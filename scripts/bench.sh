@@ -5,9 +5,11 @@
 #   2. loadgen bench: every redemption scenario beside its reference (no-op
 #      RPC, redis-benchmark of the gate script, pgbench of the enrollment
 #      transaction, the herd with the gate off), written to bench/results.md.
-# The services run on their own ports (51051-51054) so a `make run` can go on.
+# The services run on ports of their own (free ones below the kernel's
+# ephemeral range, scripts/lib.sh pick_ports) so a `make run` can go on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 source .run/env
 BIN="${CARGO_TARGET_DIR:-target}/release"
 command -v pgbench >/dev/null || export PATH="$PATH:/usr/lib/postgresql/15/bin"
@@ -16,18 +18,20 @@ echo "== keys: generation and export =="
 "$BIN/keys-bench"
 
 echo "== redemption scenarios =="
-export ENROLLMENT_PORT=51051 KEY_ISSUANCE_PORT=51052 REDEMPTION_PORT=51053 PROFILE=release
+mapfile -t ports < <(pick_ports 4)
+export ENROLLMENT_PORT=${ports[0]} KEY_ISSUANCE_PORT=${ports[1]} REDEMPTION_PORT=${ports[2]} PROFILE=release
+NO_GATE_PORT=${ports[3]}
 export RUST_LOG="${RUST_LOG:-warn}" DATABASE_MAX_CONNECTIONS="${DATABASE_MAX_CONNECTIONS:-40}"
 scripts/run.sh > .run/bench-services.log 2>&1 &
 run_pid=$!
-GATE_ENABLED=false REDEMPTION_LISTEN_ADDR=127.0.0.1:51054 ENROLLMENT_URL=http://127.0.0.1:51051 \
-  KEY_ISSUANCE_URL=http://127.0.0.1:51052 "$BIN/redemption" >> .run/bench-services.log 2>&1 &
+GATE_ENABLED=false REDEMPTION_LISTEN_ADDR=127.0.0.1:$NO_GATE_PORT ENROLLMENT_URL=http://127.0.0.1:$ENROLLMENT_PORT \
+  KEY_ISSUANCE_URL=http://127.0.0.1:$KEY_ISSUANCE_PORT "$BIN/redemption" >> .run/bench-services.log 2>&1 &
 nogate_pid=$!
 trap 'kill -TERM $run_pid $nogate_pid 2>/dev/null || true; wait 2>/dev/null || true' EXIT
-for port in 51051 51052 51053 51054; do
-  for _ in $(seq 150); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
+for port in "${ports[@]}"; do
+  for _ in $(seq 150); do listening "$port" && break; sleep 0.1; done
 done
 "$BIN/loadgen" bench \
-  --target http://127.0.0.1:51053 --enrollment http://127.0.0.1:51051 --keys http://127.0.0.1:51052 \
-  --no-gate http://127.0.0.1:51054 --database-url "$DATABASE_URL" --redis-url "$REDIS_URL" \
+  --target "http://127.0.0.1:$REDEMPTION_PORT" --enrollment "http://127.0.0.1:$ENROLLMENT_PORT" \
+  --keys "http://127.0.0.1:$KEY_ISSUANCE_PORT" --no-gate "http://127.0.0.1:$NO_GATE_PORT" --database-url "$DATABASE_URL" --redis-url "$REDIS_URL" \
   --out bench/results.md "$@"

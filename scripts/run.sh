@@ -4,10 +4,12 @@
 # stops them all on Ctrl-C.
 #   ENROLLMENT_PORT (50051), KEY_ISSUANCE_PORT (50052), REDEMPTION_PORT (50053)
 #   REPLICAS=N      run N redemption replicas behind haproxy (HTTP/2, balanced
-#                   per request) on REDEMPTION_PORT; replicas on the ports after it
+#                   per request) on REDEMPTION_PORT; the replicas on free ports
+#                   below the kernel's ephemeral range (scripts/lib.sh pick_ports)
 #   PROFILE=release use release binaries (make bench does)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 source .run/env
 BIN="${CARGO_TARGET_DIR:-target}/${PROFILE:-debug}"
 REPLICAS="${REPLICAS:-1}"
@@ -34,6 +36,29 @@ if [[ -z "${KEY_HMAC_SECRET:-}" || -z "${KEY_ENCRYPTION_KEY:-}" ]]; then
   export KEY_ENCRYPTION_KEY="${KEY_ENCRYPTION_KEY:-$RUN_KEY_ENCRYPTION_KEY}"
 fi
 
+# The fixed ports must be free before anything starts. The defaults
+# 50051-50053 lie inside Linux's ephemeral range (32768-60999), so an
+# outgoing connection can hold one, or leave it in TIME_WAIT for a minute
+# after it closes (a test run just before does that now and then): wait for
+# such a port to be released; a server on it is an error at once.
+held_by() { ss -tanp "( sport = :$1 )" 2>/dev/null || true; }
+for port in "${ENROLLMENT_LISTEN_ADDR##*:}" "${KEY_ISSUANCE_LISTEN_ADDR##*:}" "$REDEMPTION_PORT"; do
+  for waited in $(seq 0 75); do
+    port_in_use "$port" || continue 2
+    if listening "$port"; then
+      echo "port $port is taken by a server:" >&2; held_by "$port" >&2
+      break
+    fi
+    if [ "$waited" = 0 ]; then
+      echo "port $port is held by a connection; waiting up to 75 s for it to be released:" >&2
+      held_by "$port" >&2
+    fi
+    sleep 1
+  done
+  echo "stop what holds port $port, or choose other ports: ENROLLMENT_PORT, KEY_ISSUANCE_PORT, REDEMPTION_PORT" >&2
+  exit 1
+done
+
 pids=()
 stop() {
   trap - INT TERM EXIT
@@ -46,7 +71,7 @@ trap stop INT TERM EXIT
 
 wait_listening() { # host:port
   for _ in $(seq 150); do
-    (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null && return 0
+    listening "${1##*:}" && return 0
     sleep 0.1
   done
   echo "nothing listens on $1" >&2; return 1
@@ -61,12 +86,11 @@ if [[ "$REPLICAS" -le 1 ]]; then
   wait_listening "127.0.0.1:$REDEMPTION_PORT"
   topology="redemption     127.0.0.1:$REDEMPTION_PORT   (trainingkeys.v1.RedemptionService)"
 else
-  command -v haproxy >/dev/null || {
-    echo "installing haproxy"; apt-get install -y -q haproxy >/dev/null 2>&1 || sudo apt-get install -y -q haproxy >/dev/null
-  }
+  command -v haproxy >/dev/null || apt_install haproxy
+  mapfile -t replica_ports < <(pick_ports "$REPLICAS")
   servers=""
   for i in $(seq 1 "$REPLICAS"); do
-    port=$((REDEMPTION_PORT + 10 + i))
+    port="${replica_ports[$((i - 1))]}"
     REDEMPTION_LISTEN_ADDR="127.0.0.1:$port" "$BIN/redemption" & pids+=($!)
     servers+="  server r$i 127.0.0.1:$port proto h2 check"$'\n'
   done
@@ -86,10 +110,10 @@ backend redemption
   balance roundrobin
 $servers
 CFG
-  for i in $(seq 1 "$REPLICAS"); do wait_listening "127.0.0.1:$((REDEMPTION_PORT + 10 + i))"; done
+  for port in "${replica_ports[@]}"; do wait_listening "127.0.0.1:$port"; done
   haproxy -f .run/haproxy.cfg -db & pids+=($!)
   wait_listening "127.0.0.1:$REDEMPTION_PORT"
-  topology="redemption     127.0.0.1:$REDEMPTION_PORT   haproxy (HTTP/2, per request) over $REPLICAS replicas on ports $((REDEMPTION_PORT + 11))-$((REDEMPTION_PORT + 10 + REPLICAS))"
+  topology="redemption     127.0.0.1:$REDEMPTION_PORT   haproxy (HTTP/2, per request) over $REPLICAS replicas on ports ${replica_ports[*]}"
 fi
 wait_listening "$KEY_ISSUANCE_LISTEN_ADDR"
 
@@ -103,16 +127,10 @@ Training Keys is running:
   PostgreSQL     $DATABASE_URL
   Redis          $REDIS_URL
 
-Try (grpcurl uses server reflection; \`make demo\` seeds data and prints redeem calls):
-  grpcurl -plaintext $R list
-  grpcurl -plaintext $R grpc.health.v1.Health/Check
-  grpcurl -plaintext -d '{"organization_id":"acme","title":"Rust 101","course_id":"RUST-101","start_time":"2030-01-10T09:00:00Z","end_time":"2030-01-12T17:00:00Z","max_students":3,"lab_access_days":7}' \\
-    $E trainingkeys.v1.EnrollmentService/CreateClass
-  # then, with the class_id it returns:
-  grpcurl -plaintext -d '{"class_id":"<class_id>","custom_code":"RUST-101-SPRING"}' \\
-    $K trainingkeys.v1.KeyIssuanceService/SetEventKey
-  grpcurl -plaintext -d '{"code":"RUST-101-SPRING","new_user":{"organization_id":"acme","email":"ada@example.com","display_name":"Ada"},"idempotency_key":"ada-1"}' \\
-    $R trainingkeys.v1.RedemptionService/RedeemKey
+Try, in another terminal (grpcurl uses server reflection, no proto files):
+  make smoke     # runs every call of the README's "Calling it", in order
+  make demo      # seeds a class, an event key and a subscription pool, prints redeem calls
+  grpcurl -plaintext $R list   # (make smoke puts grpcurl in .run/bin)
 
 Press Ctrl-C to stop.
 MSG

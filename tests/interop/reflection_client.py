@@ -4,7 +4,12 @@ files): creates a class of 3, registers 5 users, enrolls them concurrently and
 checks that exactly 3 succeed and 2 get RESOURCE_EXHAUSTED with reason
 CLASS_FULL, then that grpc.health.v1 answers SERVING.
 
-    pip install grpcio grpcio-reflection grpcio-status
+    make interop    # with `make run` going: installs grpcio, grpcio-reflection
+                    # and grpcio-status into .run/venv, then runs this against
+                    # 127.0.0.1:${ENROLLMENT_PORT:-50051}
+
+or, with those packages in any Python environment:
+
     python3 tests/interop/reflection_client.py 127.0.0.1:50051
 """
 import sys
