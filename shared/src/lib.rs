@@ -8,6 +8,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod page;
+pub mod peer;
 pub mod redis;
 pub mod server;
 pub mod telemetry;

@@ -9,8 +9,8 @@ use trainingkeys_shared::{InvalidField, validate};
 use uuid::Uuid;
 
 use crate::code::{self, Typed};
-use crate::enrollment::ClassInfo;
 use crate::error::Error;
+use crate::secrets::HMAC_LEN;
 
 /// Most subscription keys one call generates.
 pub const MAX_SUBSCRIPTION_KEYS: i32 = 1_000_000;
@@ -505,6 +505,35 @@ impl From<KeyUse> for pb::KeyRedemption {
             redeemed_at: Some(to_timestamp(u.used_at)),
         }
     }
+}
+
+/// A class as key issuance needs it.
+#[derive(Debug, Clone)]
+pub struct ClassInfo {
+    /// The class.
+    pub class_id: Uuid,
+    /// Title, for notifications.
+    pub title: String,
+    /// Start, for notifications.
+    pub start_time: DateTime<Utc>,
+    /// End: class keys and default event keys are valid until then.
+    pub end_time: DateTime<Utc>,
+    /// End of post-class lab access: event keys redeemable after the class
+    /// end are valid until then.
+    pub lab_access_end_time: DateTime<Utc>,
+    /// Cap on unrevoked class enrollment keys.
+    pub max_students: i32,
+}
+
+/// A key ready to be inserted: id, lookup HMAC and sealed code.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    /// Its id.
+    pub key_id: Uuid,
+    /// HMAC of the normalised code under the current secret.
+    pub code_hmac: [u8; HMAC_LEN],
+    /// Sealed display code.
+    pub code_cipher: Vec<u8>,
 }
 
 /// ConsumeKey / ReleaseKey, validated.

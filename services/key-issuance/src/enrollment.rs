@@ -5,37 +5,20 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use trainingkeys_proto::v1 as pb;
 use trainingkeys_proto::v1::enrollment_service_client::EnrollmentServiceClient;
+use trainingkeys_shared::peer;
 use trainingkeys_shared::telemetry::{TraceInterceptor, inject_trace_context};
 use uuid::Uuid;
 
+use crate::domain::ClassInfo;
 use crate::error::Error;
 
 /// The generated client, with trace propagation.
 type Client = EnrollmentServiceClient<InterceptedService<Channel, TraceInterceptor>>;
-
-/// A class as key issuance needs it.
-#[derive(Debug, Clone)]
-pub struct ClassInfo {
-    /// The class.
-    pub class_id: Uuid,
-    /// Title, for notifications.
-    pub title: String,
-    /// Start, for notifications.
-    pub start_time: DateTime<Utc>,
-    /// End: class keys and default event keys are valid until then.
-    pub end_time: DateTime<Utc>,
-    /// End of post-class lab access: event keys redeemable after the class
-    /// end are valid until then.
-    pub lab_access_end_time: DateTime<Utc>,
-    /// Cap on unrevoked class enrollment keys.
-    pub max_students: i32,
-}
 
 /// A cheap-to-clone handle on the enrollment service.
 #[derive(Clone)]
@@ -58,17 +41,15 @@ impl Enrollment {
         let request = pb::GetClassRequest {
             class_id: class_id.to_string(),
         };
-        let class = self
-            .client
-            .clone()
-            .get_class(request)
-            .await
-            .map_err(|s| convert(s, "CLASS_NOT_FOUND", Error::ClassNotFound(class_id)))?
-            .into_inner()
-            .class
-            .ok_or_else(|| {
-                Error::Enrollment(tonic::Status::internal("GetClass returned no class"))
-            })?;
+        let client = &self.client;
+        let class = peer::call(|| {
+            let (mut client, request) = (client.clone(), request.clone());
+            async move { client.get_class(request).await }
+        })
+        .await
+        .map_err(|s| convert(s, "CLASS_NOT_FOUND", Error::ClassNotFound(class_id)))?
+        .class
+        .ok_or_else(|| Error::Enrollment(tonic::Status::internal("GetClass returned no class")))?;
         let time = |t: Option<&prost_types::Timestamp>| {
             t.and_then(trainingkeys_proto::time::from_timestamp)
                 .ok_or_else(|| {
@@ -92,29 +73,32 @@ impl Enrollment {
         let request = pb::GetSubscriptionProfileRequest {
             profile_id: profile_id.to_string(),
         };
-        self.client
-            .clone()
-            .get_subscription_profile(request)
-            .await
-            .map_err(|s| convert(s, "PROFILE_NOT_FOUND", Error::ProfileNotFound(profile_id)))?;
+        let client = &self.client;
+        peer::call(|| {
+            let (mut client, request) = (client.clone(), request.clone());
+            async move { client.get_subscription_profile(request).await }
+        })
+        .await
+        .map_err(|s| convert(s, "PROFILE_NOT_FOUND", Error::ProfileNotFound(profile_id)))?;
         Ok(())
     }
 }
 
 use trainingkeys_proto::prost_types;
 
-/// Maps an enrollment status: the expected NOT_FOUND becomes `not_found`,
-/// outages become [`Error::EnrollmentUnavailable`], anything else is an
-/// unexpected answer (INTERNAL here, with the details in the log).
+/// Maps an enrollment status: outages (by the error types behind them)
+/// become [`Error::EnrollmentUnavailable`], the expected NOT_FOUND becomes
+/// `not_found`, anything else is an unexpected answer (INTERNAL here, with
+/// the details in the log).
 fn convert(status: tonic::Status, not_found_reason: &str, not_found: Error) -> Error {
+    if peer::classify(&status) != peer::Failure::Answer {
+        return Error::EnrollmentUnavailable(status);
+    }
     match status.code() {
         Code::NotFound
             if trainingkeys_shared::error::reason(&status).as_deref() == Some(not_found_reason) =>
         {
             not_found
-        }
-        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::ResourceExhausted => {
-            Error::EnrollmentUnavailable(status)
         }
         _ => Error::Enrollment(status),
     }

@@ -3,39 +3,101 @@
 //! through a small bounded channel: a slow client slows the database read
 //! instead of growing memory, whatever the pool's size.
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use chrono::Utc;
+use chrono::{SecondsFormat, Utc};
 use futures::TryStreamExt as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use trainingkeys_proto::v1 as pb;
+use uuid::Uuid;
 
-use crate::domain::{Scope, Status};
+use crate::domain::{Kind, Pool, Scope, Status};
 use crate::error::Error;
-use crate::service::{CSV_HEADER, KeyService, csv_kind, csv_time};
-use crate::store::{ExportRow, ScopeWindow};
+use crate::secrets::Keyring;
+use crate::store::{ExportRow, ScopeWindow, Store};
 
 /// Bytes of CSV per streamed message.
 const CHUNK_BYTES: usize = 64 * 1024;
 /// Messages buffered between the database reader and gRPC.
 const CHANNEL_CHUNKS: usize = 4;
 
+/// The CSV header of an export.
+pub const CSV_HEADER: [&str; 9] = [
+    "code",
+    "kind",
+    "target",
+    "pool",
+    "status",
+    "valid_until",
+    "uses",
+    "redeemed_by",
+    "redeemed_at",
+];
+
+/// A time in exports.
+pub fn csv_time(t: chrono::DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+/// The kind name of a stored kind number, for exports.
+fn csv_kind(kind: i16) -> &'static str {
+    Kind::from_code(kind).csv_name()
+}
+
 /// The stream ExportKeys returns.
 pub type ExportStream = ReceiverStream<Result<pb::ExportKeysResponse, tonic::Status>>;
 
-/// Starts an export of `scope`. The scope is checked first, so a missing
-/// class or pool is the call's status rather than a broken stream.
-pub async fn start(
-    service: KeyService,
-    scope: Scope,
-    status: Option<Status>,
-) -> Result<ExportStream, Error> {
-    let window = service.scope_window(scope).await?;
+/// Fixed columns of every row of one export.
+pub struct Columns {
+    target: String,
+    pool: String,
+    valid_until: String,
+    lab_until: String,
+}
+
+impl Columns {
+    /// A class's keys.
+    pub fn class(class_id: Uuid, window: ScopeWindow) -> Self {
+        Self {
+            target: class_id.to_string(),
+            pool: String::new(),
+            valid_until: window.until.map(csv_time).unwrap_or_default(),
+            lab_until: window.lab_until.map(csv_time).unwrap_or_default(),
+        }
+    }
+
+    /// A pool's keys.
+    pub fn pool(pool: &Pool) -> Self {
+        let until = pool.valid_until.map(csv_time).unwrap_or_default();
+        Self {
+            target: pool.profile_id.to_string(),
+            pool: pool.pool_id.to_string(),
+            valid_until: until.clone(),
+            lab_until: until,
+        }
+    }
+}
+
+/// What one export reads: the scope (checked to exist), its window and
+/// fixed columns, where the rows come from and how codes are opened.
+pub struct Source {
+    pub store: Store,
+    pub keyring: Arc<Keyring>,
+    pub scope: Scope,
+    pub window: ScopeWindow,
+    pub columns: Columns,
+    pub status: Option<Status>,
+}
+
+/// Starts streaming an export.
+pub fn start(source: Source) -> ExportStream {
     let (sender, receiver) = mpsc::channel(CHANNEL_CHUNKS);
     tokio::spawn(async move {
         let started = Instant::now();
-        match write(&service, scope, window, status, &sender).await {
+        let scope = source.scope;
+        match write(&source, &sender).await {
             Ok(Some(rows)) => {
                 tracing::info!(?scope, rows, elapsed = ?started.elapsed(), "keys exported")
             }
@@ -45,51 +107,21 @@ pub async fn start(
             }
         }
     });
-    Ok(ReceiverStream::new(receiver))
-}
-
-/// Fixed columns of every row of one export.
-struct Columns {
-    target: String,
-    pool: String,
-    valid_until: String,
-    lab_until: String,
+    ReceiverStream::new(receiver)
 }
 
 type Sender = mpsc::Sender<Result<pb::ExportKeysResponse, tonic::Status>>;
 
 /// Writes the CSV; `Ok(None)` when the client went away.
-async fn write(
-    service: &KeyService,
-    scope: Scope,
-    window: ScopeWindow,
-    status: Option<Status>,
-    sender: &Sender,
-) -> Result<Option<u64>, Error> {
-    let columns = match scope {
-        Scope::Class(class_id) => Columns {
-            target: class_id.to_string(),
-            pool: String::new(),
-            valid_until: window.until.map(csv_time).unwrap_or_default(),
-            lab_until: window.lab_until.map(csv_time).unwrap_or_default(),
-        },
-        Scope::Pool(pool_id) => {
-            let pool = service.store.pool(pool_id).await?;
-            let until = pool.valid_until.map(csv_time).unwrap_or_default();
-            Columns {
-                target: pool.profile_id.to_string(),
-                pool: pool_id.to_string(),
-                valid_until: until.clone(),
-                lab_until: until,
-            }
-        }
-    };
+async fn write(source: &Source, sender: &Sender) -> Result<Option<u64>, Error> {
     let mut csv = writer();
     csv.write_record(CSV_HEADER)?;
-    let mut rows = service.store.export_rows(scope, window, status, Utc::now());
+    let mut rows = source
+        .store
+        .export_rows(source.scope, source.window, source.status, Utc::now());
     let mut count = 0u64;
     while let Some(row) = rows.try_next().await? {
-        record(service, &columns, &row, &mut csv)?;
+        record(source, &row, &mut csv)?;
         count += 1;
         if csv.get_ref().len() >= CHUNK_BYTES && !flush(&mut csv, sender).await? {
             return Ok(None);
@@ -123,13 +155,9 @@ async fn flush(csv: &mut csv::Writer<Vec<u8>>, sender: &Sender) -> Result<bool, 
         .is_ok())
 }
 
-fn record(
-    service: &KeyService,
-    columns: &Columns,
-    row: &ExportRow,
-    csv: &mut csv::Writer<Vec<u8>>,
-) -> Result<(), Error> {
-    let code = service
+fn record(source: &Source, row: &ExportRow, csv: &mut csv::Writer<Vec<u8>>) -> Result<(), Error> {
+    let columns = &source.columns;
+    let code = source
         .keyring
         .open(row.key_id, row.cipher_key_id, &row.code_cipher)?;
     let valid_until = if row.redeemable_after_class_end {

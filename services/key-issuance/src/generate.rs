@@ -8,10 +8,11 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::code::{self, Entropy};
+use crate::copy;
 use crate::domain::CustomCode;
+use crate::domain::NewKey;
 use crate::error::Error;
 use crate::secrets::{Keyring, NONCE_LEN};
-use crate::store::{self, NewKey};
 
 /// Keys per `COPY` chunk (about 1.5 MB of COPY data).
 const CHUNK_KEYS: usize = 10_000;
@@ -84,7 +85,7 @@ pub fn subscription_chunks(
         let n = left.min(CHUNK_KEYS);
         let mut chunk = Vec::with_capacity(n * 170 + 32);
         if first {
-            store::copy_header(&mut chunk);
+            copy::copy_header(&mut chunk);
             first = false;
         }
         for _ in 0..n {
@@ -108,7 +109,7 @@ pub fn subscription_chunks(
                 nonce,
                 &mut key.code_cipher,
             );
-            store::copy_row(
+            copy::copy_row(
                 &mut chunk,
                 &key,
                 batch.pool_id,
@@ -119,7 +120,7 @@ pub fn subscription_chunks(
         }
         left -= n;
         if left == 0 {
-            store::copy_trailer(&mut chunk);
+            copy::copy_trailer(&mut chunk);
         }
         if out.blocking_send(Ok(chunk)).is_err() {
             return;

@@ -10,7 +10,7 @@ use trainingkeys_shared::{InvalidField, page, validate};
 
 use crate::domain::{self, GenerateClassKeys, GenerateSubscription, Scope, SetEventKey, UseOfKey};
 use crate::error::Error;
-use crate::export::{self, ExportStream};
+use crate::export::ExportStream;
 use crate::service::KeyService;
 
 /// `KeyIssuanceService` over a [`KeyService`].
@@ -125,7 +125,7 @@ impl KeyIssuanceService for KeyIssuanceGrpc {
         let r = request.get_ref();
         let scope = export_scope(r.scope.as_ref()).map_err(invalid)?;
         let status = domain::status_filter(r.status).map_err(invalid)?;
-        reply(export::start(self.service.clone(), scope, status).await?)
+        reply(self.service.export(scope, status).await?)
     }
 
     async fn revoke_key(

@@ -6,6 +6,7 @@
 //! and a ciphertext, never plain.
 
 pub mod code;
+pub mod copy;
 pub mod domain;
 pub mod enrollment;
 pub mod error;

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use chrono::{SecondsFormat, Utc};
+use chrono::Utc;
 use tokio::sync::mpsc;
 use trainingkeys_proto::v1 as pb;
 use trainingkeys_shared::page::{self, Cursor};
@@ -12,11 +12,12 @@ use uuid::Uuid;
 
 use crate::code::Entropy;
 use crate::domain::{
-    Consumed, GenerateClassKeys, GenerateSubscription, KeyRow, KeyUse, Kind, PoolChoice, Scope,
-    SetEventKey, Status, UseOfKey,
+    ClassInfo, Consumed, GenerateClassKeys, GenerateSubscription, KeyRow, KeyUse, PoolChoice,
+    Scope, SetEventKey, Status, UseOfKey,
 };
-use crate::enrollment::{ClassInfo, Enrollment};
+use crate::enrollment::Enrollment;
 use crate::error::Error;
+use crate::export;
 use crate::generate::{self, Batch};
 use crate::render::{self, Placeholder};
 use crate::secrets::Keyring;
@@ -29,11 +30,11 @@ const GENERATION_QUEUE: usize = 4;
 #[derive(Clone)]
 pub struct KeyService {
     /// This service's tables.
-    pub store: Store,
+    store: Store,
     /// The enrollment service.
-    pub enrollment: Enrollment,
+    enrollment: Enrollment,
     /// The code secrets.
-    pub keyring: Arc<Keyring>,
+    keyring: Arc<Keyring>,
 }
 
 impl KeyService {
@@ -216,24 +217,40 @@ impl KeyService {
 
     /// The window of every key of a scope; checks the scope exists.
     pub async fn scope_window(&self, scope: Scope) -> Result<ScopeWindow, Error> {
-        match scope {
+        Ok(match scope {
             Scope::Class(class_id) => {
-                let class = self.enrollment.class(class_id).await?;
-                Ok(ScopeWindow {
-                    from: None,
-                    until: Some(class.end_time),
-                    lab_until: Some(class.lab_access_end_time),
-                })
+                ScopeWindow::of_class(&self.enrollment.class(class_id).await?)
+            }
+            Scope::Pool(pool_id) => ScopeWindow::of_pool(&self.store.pool(pool_id).await?),
+        })
+    }
+
+    /// ExportKeys: checks the scope first (a missing class or pool is the
+    /// call's status, not a broken stream), reading it once, then streams.
+    pub async fn export(
+        &self,
+        scope: Scope,
+        status: Option<Status>,
+    ) -> Result<export::ExportStream, Error> {
+        let (window, columns) = match scope {
+            Scope::Class(class_id) => {
+                let window = ScopeWindow::of_class(&self.enrollment.class(class_id).await?);
+                (window, export::Columns::class(class_id, window))
             }
             Scope::Pool(pool_id) => {
                 let pool = self.store.pool(pool_id).await?;
-                Ok(ScopeWindow {
-                    from: pool.valid_from,
-                    until: pool.valid_until,
-                    lab_until: None,
-                })
+                (ScopeWindow::of_pool(&pool), export::Columns::pool(&pool))
             }
-        }
+        };
+        let source = export::Source {
+            store: self.store.clone(),
+            keyring: self.keyring.clone(),
+            scope,
+            window,
+            columns,
+            status,
+        };
+        Ok(export::start(source))
     }
 
     /// ListKeys: one page.
@@ -357,27 +374,4 @@ impl KeyService {
     pub async fn release_key(&self, u: UseOfKey) -> Result<bool, Error> {
         self.store.release(u).await
     }
-}
-
-/// The CSV header of an export.
-pub const CSV_HEADER: [&str; 9] = [
-    "code",
-    "kind",
-    "target",
-    "pool",
-    "status",
-    "valid_until",
-    "uses",
-    "redeemed_by",
-    "redeemed_at",
-];
-
-/// A time in exports.
-pub fn csv_time(t: chrono::DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
-}
-
-/// The kind name of a stored kind number, for exports.
-pub fn csv_kind(kind: i16) -> &'static str {
-    Kind::from_code(kind).csv_name()
 }

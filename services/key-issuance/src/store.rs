@@ -9,23 +9,12 @@ use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use trainingkeys_shared::page::Cursor;
 use uuid::Uuid;
 
+use crate::copy::COPY_SUBSCRIPTION_KEYS;
 use crate::domain::{
-    Consumed, KeyRow, KeyUse, Kind, MAX_REDEMPTIONS_SHOWN, Pool, PoolChoice, Scope, Status,
-    UseOfKey,
+    ClassInfo, Consumed, KeyRow, KeyUse, Kind, MAX_REDEMPTIONS_SHOWN, NewKey, Pool, PoolChoice,
+    Scope, Status, UseOfKey,
 };
 use crate::error::Error;
-use crate::secrets::HMAC_LEN;
-
-/// A key ready to be inserted: id, lookup HMAC and sealed code.
-#[derive(Debug, Clone)]
-pub struct NewKey {
-    /// Its id.
-    pub key_id: Uuid,
-    /// HMAC of the normalised code under the current secret.
-    pub code_hmac: [u8; HMAC_LEN],
-    /// Sealed display code.
-    pub code_cipher: Vec<u8>,
-}
 
 /// The columns of a [`KeyRow`]: the key with its pool's profile and window.
 const KEY_COLUMNS: &str = "k.key_id, k.kind, k.pool_id, k.class_id, k.code_cipher, k.cipher_key_id, \
@@ -56,6 +45,27 @@ pub struct ScopeWindow {
     pub until: Option<DateTime<Utc>>,
     /// Window end of event keys redeemable after the class ends.
     pub lab_until: Option<DateTime<Utc>>,
+}
+
+impl ScopeWindow {
+    /// A class's keys: from their creation to the class end (lab access end
+    /// for event keys that allow it).
+    pub fn of_class(class: &ClassInfo) -> Self {
+        Self {
+            from: None,
+            until: Some(class.end_time),
+            lab_until: Some(class.lab_access_end_time),
+        }
+    }
+
+    /// A pool's keys: the pool's window.
+    pub fn of_pool(pool: &Pool) -> Self {
+        Self {
+            from: pool.valid_from,
+            until: pool.valid_until,
+            lab_until: None,
+        }
+    }
 }
 
 /// One row of a CSV export.
@@ -99,55 +109,6 @@ fn violated(e: &sqlx::Error) -> Option<&str> {
 fn class_lock(class_id: Uuid) -> i64 {
     let (hi, lo) = class_id.as_u64_pair();
     (hi ^ lo) as i64
-}
-
-/// Microseconds between the Unix and PostgreSQL (2000-01-01) epochs.
-const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
-
-/// The columns [`copy_row`] writes, in order.
-const COPY_SUBSCRIPTION_KEYS: &str = "COPY keys (key_id, kind, pool_id, code_hmac, code_cipher, cipher_key_id, max_uses, created_at) \
-     FROM STDIN (FORMAT binary)";
-
-/// Starts a binary `COPY` stream.
-pub fn copy_header(out: &mut Vec<u8>) {
-    out.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
-    out.extend_from_slice(&0i32.to_be_bytes()); // flags
-    out.extend_from_slice(&0i32.to_be_bytes()); // header extension length
-}
-
-/// Ends a binary `COPY` stream.
-pub fn copy_trailer(out: &mut Vec<u8>) {
-    out.extend_from_slice(&(-1i16).to_be_bytes());
-}
-
-fn field(out: &mut Vec<u8>, bytes: &[u8]) {
-    // Fields are a few dozen bytes: the length always fits.
-    out.extend_from_slice(&(bytes.len() as i32).to_be_bytes());
-    out.extend_from_slice(bytes);
-}
-
-/// Appends one subscription key to a binary `COPY` stream (the columns of
-/// `COPY_SUBSCRIPTION_KEYS`).
-pub fn copy_row(
-    out: &mut Vec<u8>,
-    key: &NewKey,
-    pool_id: Uuid,
-    cipher_key_id: i16,
-    max_uses: i32,
-    created_at: DateTime<Utc>,
-) {
-    out.extend_from_slice(&8i16.to_be_bytes());
-    field(out, key.key_id.as_bytes());
-    field(out, &Kind::Subscription.code().to_be_bytes());
-    field(out, pool_id.as_bytes());
-    field(out, &key.code_hmac);
-    field(out, &key.code_cipher);
-    field(out, &cipher_key_id.to_be_bytes());
-    field(out, &max_uses.to_be_bytes());
-    field(
-        out,
-        &(created_at.timestamp_micros() - PG_EPOCH_MICROS).to_be_bytes(),
-    );
 }
 
 impl Store {

@@ -1,7 +1,8 @@
 //! Calls to key-issuance and enrollment. Each carries the trace context, each
 //! failure status is turned into a local [`Error`] by its reason (never passed
 //! through blindly), and an outage (a refused stream when a connection ages
-//! out, a timeout) is retried: every call redemption makes is idempotent.
+//! out, a timeout) is retried by `trainingkeys_shared::peer::call`: every
+//! call redemption makes is idempotent.
 
 use std::time::Duration;
 
@@ -11,8 +12,8 @@ use tonic::transport::Channel;
 use trainingkeys_proto::v1 as pb;
 use trainingkeys_proto::v1::enrollment_service_client::EnrollmentServiceClient;
 use trainingkeys_proto::v1::key_issuance_service_client::KeyIssuanceServiceClient;
-use trainingkeys_shared::InvalidField;
 use trainingkeys_shared::telemetry::{TraceInterceptor, inject_trace_context};
+use trainingkeys_shared::{InvalidField, peer};
 use uuid::Uuid;
 
 use crate::error::Error;
@@ -26,8 +27,12 @@ pub struct Clients {
     keys: KeyIssuanceServiceClient<Traced>,
 }
 
-/// Turns a peer's status into a local error, by its ErrorInfo reason.
+/// Turns a peer's status into a local error: an outage (by the error types
+/// behind it), or an answer by its ErrorInfo reason.
 fn from_status(service: &'static str, status: tonic::Status) -> Error {
+    if peer::classify(&status) != peer::Failure::Answer {
+        return Error::Unavailable(service);
+    }
     let reason = trainingkeys_shared::error::reason(&status).unwrap_or_default();
     match (status.code(), reason.as_str()) {
         (_, "KEY_MISTYPED") => Error::KeyMistyped,
@@ -60,15 +65,6 @@ fn from_status(service: &'static str, status: tonic::Status) -> Error {
             };
             Error::InvalidField(InvalidField::new(ours, status.message().to_owned()))
         }
-        (
-            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::ResourceExhausted,
-            _,
-        ) => Error::Unavailable(service),
-        // Transport trouble surfaces without a reason: a stream refused by a
-        // connection that is going away, a reset, a broken connection.
-        (Code::Internal | Code::Unknown, "") if is_transport_error(status.message()) => {
-            Error::Unavailable(service)
-        }
         _ => Error::Upstream {
             service,
             message: format!("{:?}: {}", status.code(), status.message()),
@@ -76,21 +72,11 @@ fn from_status(service: &'static str, status: tonic::Status) -> Error {
     }
 }
 
-/// Messages tonic gives statuses made from transport errors (no ErrorInfo).
-fn is_transport_error(message: &str) -> bool {
-    ["h2 protocol error", "transport error", "connection"]
-        .iter()
-        .any(|m| message.contains(m))
-}
-
 const KEYS: &str = "key-issuance";
 const ENROLLMENT: &str = "enrollment";
 
-/// Attempts per call when the peer is unavailable.
-const ATTEMPTS: u32 = 3;
-
-/// Runs an idempotent call on a clone of `client`, retrying outages with a
-/// short back-off.
+/// Runs an idempotent call on a clone of `client`, retrying outages
+/// (`peer::call`), and turns a failure into a local error.
 async fn call<C, R, T, F, Fut>(
     service: &'static str,
     client: &C,
@@ -103,19 +89,9 @@ where
     F: Fn(C, R) -> Fut,
     Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
-    let mut attempt = 1;
-    loop {
-        match send(client.clone(), request.clone()).await {
-            Ok(response) => return Ok(response.into_inner()),
-            Err(status) => match from_status(service, status) {
-                Error::Unavailable(_) if attempt < ATTEMPTS => {
-                    tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
-                    attempt += 1;
-                }
-                error => return Err(error),
-            },
-        }
-    }
+    peer::call(|| send(client.clone(), request.clone()))
+        .await
+        .map_err(|status| from_status(service, status))
 }
 
 impl Clients {
@@ -462,7 +438,8 @@ mod tests {
 
     #[test]
     fn transport_errors_are_outages_and_reasons_are_kept() {
-        let refused = tonic::Status::internal("h2 protocol error: http2 error");
+        let mut refused = tonic::Status::internal("h2 protocol error: http2 error");
+        refused.set_source(std::sync::Arc::new(std::io::Error::other("reset")));
         assert!(matches!(
             from_status(ENROLLMENT, refused),
             Error::Unavailable(ENROLLMENT)
