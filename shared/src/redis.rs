@@ -2,6 +2,11 @@
 //! opened lazily so a service starts (and keeps working in a degraded mode)
 //! while Redis is down, plus a short circuit breaker so a dead or paused
 //! Redis costs one timeout per second, not one per call.
+//!
+//! The breaker is hand-written on purpose: `tower` has none, and the crates
+//! that do are `tower` layers over a service, while this wraps one
+//! multiplexed connection with a rule of its own (a timeout under a herd is
+//! overload and must not open it; a lost connection must). It is two atomics.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -2,6 +2,12 @@
 //! the same key wait on one call, and a result may be kept for a short time
 //! (zero keeps nothing: only calls already in flight are shared, so nothing
 //! read is older than the call that read it).
+//!
+//! Hand-written rather than `moka`: what is kept is decided per answer (an
+//! event key's for a second, a class's never: only the call in flight is
+//! shared), errors are shared by the callers waiting but never kept, and the
+//! whole of it is one small map; `moka` would add a large dependency to the
+//! build for a cache that mostly holds nothing.
 
 use std::collections::HashMap;
 use std::hash::Hash;
