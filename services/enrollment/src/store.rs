@@ -327,15 +327,7 @@ impl Store {
         .bind(VOIDED)
         .execute(&mut *tx)
         .await?;
-        // The class row first, in the order Enroll takes its locks.
-        sqlx::query(
-            "SELECT 1 FROM classes
-             WHERE class_id = (SELECT class_id FROM enrollments WHERE redemption_id = $1)
-             FOR UPDATE",
-        )
-        .bind(rid)
-        .execute(&mut *tx)
-        .await?;
+        lock_class_of(&mut tx, EnrollmentBy::Redemption, rid).await?;
         let seat = sqlx::query(
             "WITH gone AS (
                  UPDATE enrollments SET cancelled_at = now()
@@ -452,16 +444,7 @@ impl Store {
         enrollment_id: Uuid,
     ) -> Result<(Enrollment, bool), Error> {
         let mut tx = self.pool.begin().await?;
-        // The class row first, in the same order as Enroll takes its locks:
-        // a cancel and an enroll of the same student cannot deadlock.
-        sqlx::query(
-            "SELECT 1 FROM classes
-             WHERE class_id = (SELECT class_id FROM enrollments WHERE enrollment_id = $1)
-             FOR UPDATE",
-        )
-        .bind(enrollment_id)
-        .execute(&mut *tx)
-        .await?;
+        lock_class_of(&mut tx, EnrollmentBy::Id, enrollment_id).await?;
         let sql = format!(
             "UPDATE enrollments SET cancelled_at = now()
              WHERE enrollment_id = $1 AND cancelled_at IS NULL RETURNING {ENROLLMENT_COLUMNS}"
@@ -652,6 +635,35 @@ impl Store {
             .fetch_all(&self.pool)
             .await?)
     }
+}
+
+/// Which column names the enrollment whose class [`lock_class_of`] locks.
+#[derive(Clone, Copy)]
+enum EnrollmentBy {
+    Id,
+    Redemption,
+}
+
+/// Locks the class row of an enrollment first, in the order Enroll takes
+/// its locks, so a cancel or a void and an enroll cannot deadlock.
+async fn lock_class_of(
+    tx: &mut sqlx::PgConnection,
+    by: EnrollmentBy,
+    id: Uuid,
+) -> Result<(), Error> {
+    let column = match by {
+        EnrollmentBy::Id => "enrollment_id",
+        EnrollmentBy::Redemption => "redemption_id",
+    };
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT 1 FROM classes
+         WHERE class_id = (SELECT class_id FROM enrollments WHERE {column} = $1)
+         FOR UPDATE"
+    )))
+    .bind(id)
+    .execute(tx)
+    .await?;
+    Ok(())
 }
 
 /// How enrollment answered a redemption (a row of `redemptions`): granted
