@@ -866,9 +866,10 @@ async fn redemptions_from_before_the_upgrade_are_finished_and_audited() {
     let legacy = |rid: &str, user: &str, key: &pb::Key, state: &str| {
         format!(
             "INSERT INTO redemption.redemptions (redemption_id, scope, idempotency_key, request, state,
-                 key_id, key_kind, target_id, user_id, updated_at, error_code, error_reason, error_message)
+                 key_id, key_kind, target_id, user_id, updated_at, error_code, error_reason, error_message,
+                 legacy, created_at)
              VALUES ('{rid}', 'user:{user}', '{rid}', '', '{state}', '{}', 2, '{}', '{user}',
-                     now() - interval '1 hour', 9, 'CLASS_FULL', 'full')",
+                     now() - interval '1 hour', 9, 'CLASS_FULL', 'full', true, now() - interval '1 hour')",
             key.key_id, class.class_id
         )
     };
@@ -937,4 +938,247 @@ async fn redemptions_from_before_the_upgrade_are_finished_and_audited() {
         "the failed use was kept"
     );
     assert_eq!(active_rows(&sys, &class.class_id).await, 1);
+}
+
+/// A failed redemption from before the upgrade whose twin completed with a
+/// seat (the old two-driver bug: the seat names the key but no redemption)
+/// keeps that seat's use when audited, so the key is not freed for another.
+#[tokio::test]
+async fn the_audit_keeps_the_use_of_a_seat_an_old_twin_took() {
+    let sys = System::start(1).await;
+    let org = org();
+    let class = class(&sys, &org, 5, 1, 2, 0).await;
+    let key = class_keys(&sys, &class.class_id, 1).await.remove(0);
+    let ids = users(&sys, &org, 2).await;
+    let rid = idem();
+    sys.keys_client
+        .clone()
+        .consume_key(pb::ConsumeKeyRequest {
+            key_id: key.key_id.clone(),
+            user_id: ids[0].clone(),
+            redemption_id: rid.clone(),
+            generation: 0,
+        })
+        .await
+        .unwrap();
+    sys.enrollment_client
+        .clone()
+        .enroll(pb::EnrollRequest {
+            class_id: class.class_id.clone(),
+            user_id: ids[0].clone(),
+            source_key_id: key.key_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut db = sys.db().await;
+    sqlx::query(
+        "INSERT INTO redemption.redemptions (redemption_id, scope, idempotency_key, request, state,
+             key_id, key_kind, target_id, user_id, error_code, error_reason, error_message, legacy)
+         VALUES ($1::uuid, 'user:x', $1, '', 'failed', $2::uuid, 2, $3::uuid, $4::uuid, 9, 'CLASS_FULL', 'full', true)",
+    )
+    .bind(&rid)
+    .bind(&key.key_id)
+    .bind(&class.class_id)
+    .bind(&ids[0])
+    .execute(&mut db)
+    .await
+    .unwrap();
+    let audited = trainingkeys_tests::eventually(Duration::from_secs(10), || async {
+        let mut db = sys.db().await;
+        let open: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM redemption.redemptions WHERE audited_at IS NULL",
+        )
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+        open == 0
+    })
+    .await;
+    assert!(audited);
+    assert_eq!(get_key(&sys, &key.key_id).await.uses, 1);
+    assert_status(
+        redeem(&mut sys.redeem(0), as_user(&key.code, &ids[1], &idem())).await,
+        Code::FailedPrecondition,
+        "KEY_ALREADY_REDEEMED",
+    );
+}
+
+/// VoidRedemption removes only the account RegisterUser created for that
+/// very redemption, and only while it holds nothing else.
+#[tokio::test]
+async fn a_void_removes_only_the_account_its_redemption_created() {
+    let sys = System::start(0).await;
+    let org = org();
+    let mut e = sys.enrollment_client.clone();
+    let register = |email: &str, rid: &str| pb::RegisterUserRequest {
+        organization_id: org.clone(),
+        email: email.into(),
+        display_name: "S".into(),
+        redemption_id: rid.into(),
+        ..Default::default()
+    };
+    let void = |rid: &str, user: &str| pb::VoidRedemptionRequest {
+        redemption_id: rid.into(),
+        created_user_id: user.into(),
+    };
+    // Registered directly: a void naming it changes nothing.
+    let direct = e
+        .register_user(register("direct@example.com", ""))
+        .await
+        .unwrap();
+    let direct = direct.into_inner().user.unwrap();
+    e.void_redemption(void(&idem(), &direct.user_id))
+        .await
+        .unwrap();
+    assert!(account(&sys, &org, "direct@example.com").await.is_some());
+    // Registered by a redemption, but holding a seat of its own since.
+    let rid = idem();
+    let busy = e
+        .register_user(register("busy@example.com", &rid))
+        .await
+        .unwrap();
+    let busy = busy.into_inner().user.unwrap();
+    let class = class(&sys, &org, 5, 1, 2, 0).await;
+    e.enroll(pb::EnrollRequest {
+        class_id: class.class_id.clone(),
+        user_id: busy.user_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    e.void_redemption(void(&rid, &busy.user_id)).await.unwrap();
+    assert!(account(&sys, &org, "busy@example.com").await.is_some());
+    assert_eq!(active_rows(&sys, &class.class_id).await, 1);
+    // Registered by the redemption and holding nothing: removed.
+    let rid = idem();
+    let idle = e
+        .register_user(register("idle@example.com", &rid))
+        .await
+        .unwrap();
+    let idle = idle.into_inner().user.unwrap();
+    e.void_redemption(void(&rid, &idle.user_id)).await.unwrap();
+    assert!(account(&sys, &org, "idle@example.com").await.is_none());
+}
+
+/// A redemption taken over after its student's account went away cannot
+/// complete: it is failed and its key use given back, not left admitted.
+#[tokio::test]
+async fn a_take_over_whose_student_is_gone_fails_and_gives_the_use_back() {
+    let sys = System::start_with(1, |c| {
+        c.fault = Some(FaultPoint::AfterConsume);
+        c.fault_action = FaultAction::Hang;
+    })
+    .await;
+    let org = org();
+    let class = class(&sys, &org, 5, 1, 2, 0).await;
+    let key = class_keys(&sys, &class.class_id, 1).await.remove(0);
+    let created_by = idem();
+    let user = sys
+        .enrollment_client
+        .clone()
+        .register_user(pb::RegisterUserRequest {
+            organization_id: org.clone(),
+            email: "gone@example.com".into(),
+            display_name: "Gone".into(),
+            redemption_id: created_by.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    let attempt = idem();
+    let mut call = tonic::Request::new(as_user(&key.code, &user.user_id, &attempt));
+    call.set_timeout(Duration::from_secs(5));
+    assert!(
+        sys.redeem(0).redeem_key(call).await.is_err(),
+        "hangs after consuming"
+    );
+    sys.enrollment_client
+        .clone()
+        .void_redemption(pb::VoidRedemptionRequest {
+            redemption_id: created_by,
+            created_user_id: user.user_id.clone(),
+        })
+        .await
+        .unwrap();
+    let failed = trainingkeys_tests::eventually(Duration::from_secs(15), || async {
+        let mut db = sys.db().await;
+        let state: String = sqlx::query_scalar(
+            "SELECT state FROM redemption.redemptions WHERE idempotency_key = $1",
+        )
+        .bind(&attempt)
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+        state == "failed"
+    })
+    .await;
+    assert!(failed, "the redemption was left unfinished");
+    assert_eq!(get_key(&sys, &key.key_id).await.uses, 0);
+}
+
+/// A subscription assigned directly with a key's id, before any redemption,
+/// is one the student already held: redeeming that key takes no use.
+#[tokio::test]
+async fn a_direct_grant_naming_the_key_is_held_before_not_taken() {
+    let sys = System::start(1).await;
+    let org = org();
+    let profile = sys
+        .enrollment_client
+        .clone()
+        .create_subscription_profile(pb::CreateSubscriptionProfileRequest {
+            organization_id: org.clone(),
+            name: "All".into(),
+            course_ids: vec!["A".into()],
+            duration_days: 30,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .profile
+        .unwrap();
+    let mut k = sys.keys_client.clone();
+    let pool = k
+        .generate_subscription_keys(pb::GenerateSubscriptionKeysRequest {
+            profile_id: profile.profile_id.clone(),
+            count: 1,
+            uses_per_key: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pool
+        .unwrap();
+    let key = k
+        .list_keys(pb::ListKeysRequest {
+            scope: Some(pb::list_keys_request::Scope::PoolId(pool.pool_id)),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .keys
+        .remove(0);
+    let user = users(&sys, &org, 1).await.remove(0);
+    sys.enrollment_client
+        .clone()
+        .assign_subscription(pb::AssignSubscriptionRequest {
+            profile_id: profile.profile_id,
+            user_id: user.clone(),
+            source_key_id: key.key_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let answer = redeem(&mut sys.redeem(0), as_user(&key.code, &user, &idem()))
+            .await
+            .unwrap();
+        assert!(answer.already_held);
+    }
+    assert_eq!(get_key(&sys, &key.key_id).await.uses, 0);
 }

@@ -32,3 +32,8 @@ CREATE TABLE redemptions (
 
 CREATE UNIQUE INDEX enrollments_by_redemption ON enrollments (redemption_id) WHERE redemption_id IS NOT NULL;
 CREATE UNIQUE INDEX subscriptions_by_redemption ON subscriptions (redemption_id) WHERE redemption_id IS NOT NULL;
+
+-- The redemption that registered the user (self-registration), if any: only
+-- such an account, and only by VoidRedemption of that same redemption, is
+-- ever removed (a student turned away keeps no account).
+ALTER TABLE users ADD COLUMN created_by_redemption uuid;

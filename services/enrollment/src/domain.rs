@@ -27,6 +27,8 @@ const MAX_COURSES: usize = 1000;
 pub struct NewUser {
     /// The id to give the user if created (the server picks when `None`).
     pub user_id: Option<Uuid>,
+    /// The redemption registering the user, if any.
+    pub redemption_id: Option<Uuid>,
     pub organization_id: String,
     pub email: String,
     pub display_name: String,
@@ -37,6 +39,7 @@ impl TryFrom<pb::RegisterUserRequest> for NewUser {
     fn try_from(r: pb::RegisterUserRequest) -> Result<Self, InvalidField> {
         Ok(Self {
             user_id: validate::optional_id("user_id", &r.user_id)?,
+            redemption_id: validate::optional_id("redemption_id", &r.redemption_id)?,
             organization_id: validate::organization_id("organization_id", &r.organization_id)?,
             email: validate::email("email", &r.email)?,
             display_name: validate::text("display_name", &r.display_name, MAX_TEXT, false)?,

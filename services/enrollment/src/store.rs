@@ -45,7 +45,8 @@ impl Store {
     pub async fn register_user(&self, new: NewUser) -> Result<(User, bool), Error> {
         let proposed = new.user_id.unwrap_or_else(Uuid::now_v7);
         let inserted: Option<User> = sqlx::query_as(
-            "INSERT INTO users (user_id, organization_id, email, display_name) VALUES ($1, $2, $3, $4)
+            "INSERT INTO users (user_id, organization_id, email, display_name, created_by_redemption)
+             VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT DO NOTHING
              RETURNING user_id, organization_id, email, display_name, created_at",
         )
@@ -53,6 +54,7 @@ impl Store {
         .bind(&new.organization_id)
         .bind(&new.email)
         .bind(&new.display_name)
+        .bind(new.redemption_id)
         .fetch_optional(&self.pool)
         .await?;
         if let Some(user) = inserted {
@@ -261,12 +263,14 @@ impl Store {
                 });
             }
             if let Some(id) = check.enrollment_id {
-                if let Some(rid) = redemption_id
-                    && !self.record_held_before(&self.pool, rid, id).await?
-                {
-                    continue;
+                let Some(rid) = redemption_id else {
+                    return Ok((self.enrollment(id).await?, true));
+                };
+                match self.seat_held_before(class_id, user_id, rid).await? {
+                    Some(held) => return Ok((held, true)),
+                    // The seat went meanwhile, or the redemption was answered.
+                    None => continue,
                 }
-                return Ok((self.enrollment(id).await?, true));
             }
             if check.full == Some(true) {
                 return match redemption_id {
@@ -299,7 +303,7 @@ impl Store {
             Outcome {
                 refused_reason: Some(reason),
                 ..
-            } => Err(refusal(&reason, class_id)),
+            } => Err(refusal(&reason, rid, class_id)),
             Outcome {
                 held_before: Some(held),
                 ..
@@ -319,6 +323,23 @@ impl Store {
         created_user: Option<Uuid>,
     ) -> Result<bool, Error> {
         let mut tx = self.pool.begin().await?;
+        // The account this redemption created, locked first: a concurrent
+        // grant for it (its foreign key check) waits until this is decided,
+        // so "it holds nothing else" cannot change between the check and the
+        // removal. An account not created by this redemption is left alone.
+        let ours: Option<Uuid> = match created_user {
+            Some(user) => {
+                sqlx::query_scalar(
+                    "SELECT user_id FROM users
+                     WHERE user_id = $1 AND created_by_redemption = $2 FOR UPDATE",
+                )
+                .bind(user)
+                .bind(rid)
+                .fetch_optional(&mut *tx)
+                .await?
+            }
+            None => None,
+        };
         sqlx::query(
             "INSERT INTO redemptions (redemption_id, refused_reason) VALUES ($1, $2)
              ON CONFLICT (redemption_id) DO UPDATE SET refused_reason = EXCLUDED.refused_reason",
@@ -345,10 +366,7 @@ impl Store {
         .bind(rid)
         .execute(&mut *tx)
         .await?;
-        if let Some(user) = created_user {
-            // A student turned away keeps no account: the one this
-            // redemption created goes, with the grants it took back, unless
-            // it holds anything else (then it is a student's account now).
+        if let Some(user) = ours {
             let others: bool = sqlx::query_scalar(
                 "SELECT EXISTS (SELECT 1 FROM enrollments
                                 WHERE user_id = $1 AND redemption_id IS DISTINCT FROM $2)
@@ -385,6 +403,45 @@ impl Store {
         .bind(rid)
         .fetch_optional(conn)
         .await?)
+    }
+
+    /// Records that a redemption found the student already seated, under
+    /// the class row's lock (which CancelEnrollment takes first), so the
+    /// seat recorded is still active when recorded. `None` when the seat is
+    /// gone or the redemption already has an answer.
+    async fn seat_held_before(
+        &self,
+        class_id: Uuid,
+        user_id: Uuid,
+        rid: Uuid,
+    ) -> Result<Option<Enrollment>, Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT 1 FROM classes WHERE class_id = $1 FOR UPDATE")
+            .bind(class_id)
+            .execute(&mut *tx)
+            .await?;
+        let sql = format!(
+            "SELECT {ENROLLMENT_COLUMNS} FROM enrollments
+             WHERE class_id = $1 AND user_id = $2 AND cancelled_at IS NULL"
+        );
+        let seat: Option<Enrollment> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(class_id)
+            .bind(user_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(seat) = seat else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        if !self
+            .record_held_before(&mut *tx, rid, seat.enrollment_id)
+            .await?
+        {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        tx.commit().await?;
+        Ok(Some(seat))
     }
 
     /// Records that a redemption found the grant `held` already there;
@@ -678,9 +735,9 @@ struct Outcome {
 const VOIDED: &str = "VOIDED";
 
 /// The error a recorded refusal answers with.
-fn refusal(reason: &str, class_id: Uuid) -> Error {
+fn refusal(reason: &str, rid: Uuid, class_id: Uuid) -> Error {
     if reason == VOIDED {
-        Error::RedemptionVoided(class_id)
+        Error::RedemptionVoided(rid)
     } else {
         Error::ClassFull(class_id)
     }

@@ -34,3 +34,9 @@ CREATE INDEX redemptions_unfinished ON redemptions (updated_at) WHERE state IN (
 -- migration (by code that could leave a use behind) are audited once.
 ALTER TABLE redemptions ADD COLUMN audited_at timestamptz;
 CREATE INDEX redemptions_unaudited ON redemptions (created_at) WHERE state = 'failed' AND audited_at IS NULL;
+
+-- legacy: recorded before grants named their redemption. Such a redemption
+-- still in flight may find its own seat or subscription without its id on
+-- it (made with its key, after it was recorded): that grant keeps its use.
+ALTER TABLE redemptions ADD COLUMN legacy boolean NOT NULL DEFAULT false;
+UPDATE redemptions SET legacy = true;

@@ -201,18 +201,20 @@ impl Clients {
         r.user.ok_or_else(|| missing("GetUser.user"))
     }
 
-    /// RegisterUser under the id `user_id` if created: the user and whether
-    /// it was created.
+    /// RegisterUser for a redemption, under the id `user_id` if created:
+    /// the user and whether it was created.
     pub async fn register_user(
         &self,
         new: &pb::NewUser,
         user_id: Uuid,
+        redemption_id: Uuid,
     ) -> Result<(pb::User, bool), Error> {
         let request = pb::RegisterUserRequest {
             organization_id: new.organization_id.clone(),
             email: new.email.clone(),
             display_name: new.display_name.clone(),
             user_id: user_id.to_string(),
+            redemption_id: redemption_id.to_string(),
         };
         let r = call(
             ENROLLMENT,

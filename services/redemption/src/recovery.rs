@@ -70,20 +70,21 @@ pub async fn sweep(redeemer: &Redeemer) -> Result<usize, crate::error::Error> {
     Ok(finished)
 }
 
-/// Failed redemptions never audited: they failed before redemptions were
+/// Failed redemptions never audited (failed before redemptions were
 /// decided, compensated and failed under a lease, when a failure could leave
-/// a key use or a grant behind. Their compensation runs again (every step
-/// is idempotent, and a failed redemption can never complete, so nothing a
-/// successor did is undone) and they are marked audited. Returns how many.
+/// a key use or a grant behind) are audited once (`Redeemer::audit`).
+/// Returns how many; one that cannot be audited yet is logged and tried
+/// again next sweep.
 pub async fn audit(redeemer: &Redeemer) -> Result<usize, crate::error::Error> {
     let failed = redeemer.store().unaudited(BATCH).await?;
+    let mut audited = 0;
     for record in &failed {
-        let lease = crate::store::Lease {
-            redemption_id: record.redemption_id,
-            generation: record.generation,
-        };
-        redeemer.compensate(lease, record).await?;
-        redeemer.store().audited(record.redemption_id).await?;
+        match redeemer.audit(record).await {
+            Ok(()) => audited += 1,
+            Err(e) => {
+                tracing::warn!(redemption_id = %record.redemption_id, error = %e, "could not audit a failed redemption yet")
+            }
+        }
     }
-    Ok(failed.len())
+    Ok(audited)
 }

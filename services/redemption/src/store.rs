@@ -98,11 +98,15 @@ pub struct Record {
     pub error_message: Option<String>,
     /// Seconds since the lease was last renewed, by PostgreSQL's clock.
     pub idle_seconds: f64,
+    /// When the redemption was recorded (PostgreSQL's clock).
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// Recorded before grants named their redemption (by the migration).
+    pub legacy: bool,
 }
 
 const COLUMNS: &str = "redemption_id, scope, idempotency_key, request, state, generation, key_id, key_kind, \
      target_id, user_id, user_created, response, error_code, error_reason, error_message, \
-     EXTRACT(EPOCH FROM clock_timestamp() - updated_at)::float8 AS idle_seconds";
+     EXTRACT(EPOCH FROM clock_timestamp() - updated_at)::float8 AS idle_seconds, created_at, legacy";
 
 /// The redemption log.
 #[derive(Clone)]

@@ -68,8 +68,18 @@ impl Redeemer {
         if admission == Admission::Full {
             return Err(Error::ClassFull);
         }
+        // The redemption's id is chosen now: an account created for it
+        // records it, so that voiding a failed redemption removes only the
+        // account it created.
+        let redemption_id = Uuid::now_v7();
         let (user, user_created) = match self
-            .account(&cmd.who, &target, &mut identity, &mut admission)
+            .account(
+                &cmd.who,
+                &target,
+                &mut identity,
+                &mut admission,
+                redemption_id,
+            )
             .await
         {
             Ok(account) => account,
@@ -83,7 +93,7 @@ impl Redeemer {
         self.fault(FaultPoint::BeforeRecord, None, &AtomicBool::new(false))
             .await;
         let record = Record {
-            redemption_id: Uuid::now_v7(),
+            redemption_id,
             scope: cmd.who.scope(),
             idempotency_key: cmd.idempotency_key.clone(),
             request: cmd.request.clone(),
@@ -99,6 +109,8 @@ impl Redeemer {
             error_reason: None,
             error_message: None,
             idle_seconds: 0.0,
+            created_at: chrono::Utc::now(),
+            legacy: false,
         };
         let inserted = match self.store.insert(&record).await {
             Ok(inserted) => inserted,
@@ -190,6 +202,7 @@ impl Redeemer {
         target: &Target,
         identity: &mut Identity,
         admission: &mut Admission,
+        redemption_id: Uuid,
     ) -> Result<(pb::User, bool), Error> {
         if let Some(user) = identity.user.take() {
             return Ok((user, false));
@@ -203,7 +216,10 @@ impl Redeemer {
                 Ok((user, false))
             }
             Who::New(new) => {
-                let (user, created) = self.clients.register_user(new, identity.user_id).await?;
+                let (user, created) = self
+                    .clients
+                    .register_user(new, identity.user_id, redemption_id)
+                    .await?;
                 let registered = peer_id("user_id", &user.user_id)?;
                 if registered != identity.user_id {
                     self.release_hold(target, identity.user_id, *admission)

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use prost::Message as _;
+use trainingkeys_proto::prost_types;
 use trainingkeys_proto::v1 as pb;
 use trainingkeys_proto::v1::redeem_key_response::Grant;
 
@@ -61,12 +62,50 @@ pub struct Fault {
 
 /// Whether the grant existed before this redemption (another redemption's
 /// or a direct one), as opposed to made now or by this redemption earlier.
-/// A grant from before grants named their redemption, made with this very
-/// key, may be this redemption's own (one in flight across the upgrade): it
-/// is taken as such, so its key use is kept.
-fn had_before(existed: bool, granted_by: &str, source_key: &str, record: &Record) -> bool {
-    let legacy_from_this_key = granted_by.is_empty() && source_key == record.key_id.to_string();
-    existed && granted_by != record.redemption_id.to_string() && !legacy_from_this_key
+/// A redemption recorded before grants named their redemption (`legacy`,
+/// in flight across the upgrade) may find its own grant without its id:
+/// one made with its key after it was recorded is taken as its own, so its
+/// key use is kept.
+fn had_before(existed: bool, grant: Granted<'_>, record: &Record) -> bool {
+    if !existed || grant.redemption_id == record.redemption_id.to_string() {
+        return false;
+    }
+    let legacy_own = record.legacy
+        && grant.redemption_id.is_empty()
+        && grant.source_key_id == record.key_id.to_string()
+        && grant
+            .granted_at
+            .and_then(trainingkeys_proto::time::from_timestamp)
+            .is_some_and(|at| at >= record.created_at);
+    !legacy_own
+}
+
+/// What [`had_before`] reads of a seat or subscription.
+#[derive(Clone, Copy)]
+struct Granted<'a> {
+    redemption_id: &'a str,
+    source_key_id: &'a str,
+    granted_at: Option<&'a prost_types::Timestamp>,
+}
+
+impl<'a> From<&'a pb::Enrollment> for Granted<'a> {
+    fn from(e: &'a pb::Enrollment) -> Self {
+        Self {
+            redemption_id: &e.redemption_id,
+            source_key_id: &e.source_key_id,
+            granted_at: e.enrolled_at.as_ref(),
+        }
+    }
+}
+
+impl<'a> From<&'a pb::Subscription> for Granted<'a> {
+    fn from(s: &'a pb::Subscription) -> Self {
+        Self {
+            redemption_id: &s.redemption_id,
+            source_key_id: &s.source_key_id,
+            granted_at: s.starts_at.as_ref(),
+        }
+    }
 }
 
 /// The final error recorded for a redemption, answered again.
@@ -209,12 +248,7 @@ impl Redeemer {
                 let (enrollment, existed) = self.clients.enroll(target, user_id, key, rid).await?;
                 self.fault(FaultPoint::AfterCommit, Some(lease), paused)
                     .await;
-                let before = had_before(
-                    existed,
-                    &enrollment.redemption_id,
-                    &enrollment.source_key_id,
-                    record,
-                );
+                let before = had_before(existed, (&enrollment).into(), record);
                 if before && kind == pb::KeyKind::ClassEnrollment {
                     // The student had the seat already: no use for it.
                     self.clients.release_key(key, rid, lease.generation).await?;
@@ -235,12 +269,7 @@ impl Redeemer {
                     .await?;
                 self.fault(FaultPoint::AfterCommit, Some(lease), paused)
                     .await;
-                let before = had_before(
-                    existed,
-                    &subscription.redemption_id,
-                    &subscription.source_key_id,
-                    record,
-                );
+                let before = had_before(existed, (&subscription).into(), record);
                 if before {
                     self.clients.release_key(key, rid, lease.generation).await?;
                 }
@@ -294,12 +323,24 @@ impl Redeemer {
     /// hold. Only ever for a redemption whose failure is decided, so it never
     /// undoes what a successor completed. Every step is idempotent.
     pub(crate) async fn compensate(&self, lease: Lease, record: &Record) -> Result<(), Error> {
+        self.compensate_with(lease, record, record.user_created)
+            .await
+    }
+
+    /// [`compensate`](Self::compensate), removing the account the redemption
+    /// created only when `remove_account`.
+    async fn compensate_with(
+        &self,
+        lease: Lease,
+        record: &Record,
+        remove_account: bool,
+    ) -> Result<(), Error> {
         if record.key_kind != pb::KeyKind::Event as i32 {
             self.clients
                 .release_key(record.key_id, record.redemption_id, lease.generation)
                 .await?;
         }
-        let created = record.user_created.then_some(record.user_id);
+        let created = remove_account.then_some(record.user_id);
         self.clients
             .void_redemption(record.redemption_id, created)
             .await?;
@@ -337,7 +378,11 @@ impl Redeemer {
                 State::Admitted => {}
             }
             if record.idle_seconds > self.settings.take_over_after.as_secs_f64() {
-                return self.take_over(record).await;
+                match self.take_over(record.clone()).await {
+                    // Someone else moved it on meanwhile: look again.
+                    Err(Error::InProgress) => {}
+                    other => return other,
+                }
             }
             if tokio::time::Instant::now() > deadline {
                 return Err(Error::InProgress);
@@ -348,7 +393,8 @@ impl Redeemer {
     }
 
     /// Takes over a redemption whose driver went silent and drives it to its
-    /// end (a client's retry, or recovery).
+    /// end (a client's retry, or recovery). `InProgress` when it is not
+    /// idle after all (its driver is alive, or another take-over won).
     pub async fn take_over(&self, record: Record) -> Result<pb::RedeemKeyResponse, Error> {
         let Some(lease) = self
             .store
@@ -359,10 +405,56 @@ impl Redeemer {
         };
         tracing::info!(redemption_id = %record.redemption_id, generation = lease.generation, "took an abandoned redemption over");
         let user = match record.state {
-            State::Admitted => Some(self.clients.get_user(record.user_id).await?),
+            State::Admitted => match self.clients.get_user(record.user_id).await {
+                Ok(user) => Some(user),
+                // The student is gone: the redemption cannot complete, and
+                // what it holds is given back under the new lease.
+                Err(error) if error.is_final() => {
+                    if self.store.decide_failure(lease, &error).await? {
+                        let record = Record {
+                            state: State::Failing,
+                            ..record
+                        };
+                        self.compensate_and_fail(lease, &record).await?;
+                    }
+                    return Err(error);
+                }
+                Err(outage) => return Err(outage),
+            },
             State::Failing | State::Completed | State::Failed => None,
         };
         self.drive(lease, &record, user).await
+    }
+
+    /// Audits a failed redemption recorded before redemptions were decided,
+    /// compensated and failed under a lease: gives back a key use or grant
+    /// it still holds (every step idempotent; a failed redemption never
+    /// completes, so nothing a successor did is undone). A grant without a
+    /// redemption id, made with its key for its student, may be the one its
+    /// twin completed with, so its use stays; accounts are never removed
+    /// here (old code created them before any check).
+    pub async fn audit(&self, record: &Record) -> Result<(), Error> {
+        let target = record.target_id.to_string();
+        let key = record.key_id.to_string();
+        let legacy_grant = if record.key_kind == pb::KeyKind::Subscription as i32 {
+            self.clients
+                .subscription(&target, record.user_id)
+                .await?
+                .is_some_and(|s| s.redemption_id.is_empty() && s.source_key_id == key)
+        } else {
+            self.clients
+                .seat(&target, record.user_id)
+                .await?
+                .is_some_and(|e| e.redemption_id.is_empty() && e.source_key_id == key)
+        };
+        if !legacy_grant {
+            let lease = Lease {
+                redemption_id: record.redemption_id,
+                generation: record.generation,
+            };
+            self.compensate_with(lease, record, false).await?;
+        }
+        self.store.audited(record.redemption_id).await
     }
 
     /// A test-only fault, for the first driver only (a take-over is the
