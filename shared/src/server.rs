@@ -13,8 +13,12 @@ use tonic::service::Routes;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic_health::ServingStatus;
 
-/// Connects a service's pool (its own schema), applies its migrations and
-/// binds its listener: the start of every service's `build`.
+/// Makes a service's pool (its own schema; the URL is checked, nothing is
+/// connected yet), binds its listener, then applies its migrations: the
+/// start of every service's `build`. The port is bound before the first
+/// outgoing connection, so none of this process's own connections to
+/// PostgreSQL can be holding it (the default ports lie in Linux's ephemeral
+/// range).
 pub async fn prepare(
     common: &crate::config::CommonConfig,
     schema: &str,
@@ -26,8 +30,8 @@ pub async fn prepare(
         schema,
         common.database_max_connections,
     )?;
-    crate::db::migrate(&pool, schema, migrator).await?;
     let listener = TcpListener::bind(listen_addr).await?;
+    crate::db::migrate(&pool, schema, migrator).await?;
     Ok((pool, listener))
 }
 
