@@ -1182,3 +1182,20 @@ async fn a_direct_grant_naming_the_key_is_held_before_not_taken() {
     }
     assert_eq!(get_key(&sys, &key.key_id).await.uses, 0);
 }
+
+/// The redemption log holds no column that nothing writes or reads (the
+/// old `seat_held` described logic that did not exist).
+#[tokio::test]
+async fn the_redemption_log_has_no_dead_seat_held_column() {
+    let sys = System::start(1).await;
+    let mut db = sys.db().await;
+    let columns: Vec<String> = sqlx::query_scalar(
+        "SELECT column_name::text FROM information_schema.columns
+         WHERE table_schema = 'redemption' AND table_name = 'redemptions'",
+    )
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    assert!(columns.iter().any(|c| c == "generation"), "{columns:?}");
+    assert!(!columns.iter().any(|c| c == "seat_held"), "{columns:?}");
+}
