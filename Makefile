@@ -55,6 +55,10 @@ lint: ## rustfmt, clippy -D warnings, buf lint
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	@scripts/buf.sh lint
 
+.PHONY: breaking
+breaking: ## buf breaking: the contract changed only compatibly since BASE (default: the parent commit)
+	@scripts/buf.sh breaking --against '.git#ref=$(or $(BASE),HEAD~1)'
+
 .PHONY: down
 down: ## Stop the throwaway PostgreSQL and Redis
 	@scripts/env.sh down
