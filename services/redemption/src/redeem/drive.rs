@@ -308,7 +308,15 @@ impl Redeemer {
         match consumed {
             Ok(()) | Err(Error::KeyUseReleased) => Ok(None),
             Err(e @ Error::KeyAlreadyRedeemed) => match held().await? {
-                Some(grant) => Ok(Some(grant)),
+                Some(grant) => {
+                    // No use is ever this redemption's: a released marker
+                    // makes a stale driver's later consume of it refused
+                    // (it would otherwise find no row to be fenced by).
+                    self.clients
+                        .release_key(record.key_id, lease.redemption_id, lease.generation)
+                        .await?;
+                    Ok(Some(grant))
+                }
                 None => Err(e),
             },
             Err(e) => Err(e),
