@@ -215,11 +215,18 @@ pub fn error_metadata(status: &tonic::Status, key: &str) -> String {
 
 /// The field an INVALID_FIELD status names.
 pub fn invalid_field(status: &tonic::Status) -> String {
-    use tonic_types::StatusExt;
+    error_metadata(status, "field")
+}
+
+/// Asserts a call was refused as INVALID_ARGUMENT / INVALID_FIELD naming `field`.
+#[track_caller]
+pub fn assert_invalid_field<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    field: &str,
+) -> tonic::Status {
+    let status = assert_status(result, tonic::Code::InvalidArgument, "INVALID_FIELD");
+    assert_eq!(invalid_field(&status), field, "wrong field: {status:?}");
     status
-        .get_details_error_info()
-        .and_then(|i| i.metadata.get("field").cloned())
-        .unwrap_or_default()
 }
 
 /// Polls `check` until it holds or `timeout` passes.
