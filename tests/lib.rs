@@ -1,11 +1,17 @@
 //! The test harness: fresh databases on the PostgreSQL server named by
 //! `DATABASE_URL` (started by `make test`), and the real services spawned on
 //! ephemeral ports, called over real gRPC. `TEST_LOG=1` prints service logs.
+//! Tests start a [`TestApp`] and assert with [`assert_status`].
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod app;
 pub mod chaos;
-pub mod system;
+pub mod servers;
+
+pub use app::{
+    TestApp, as_new, as_user, class_request, class_scope, enrollment, idem, org, pool_scope, uuid,
+};
 
 use std::net::SocketAddr;
 use std::time::Duration;
