@@ -21,7 +21,6 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use trainingkeys_proto::v1::enrollment_service_client::EnrollmentServiceClient;
-use trainingkeys_proto::v1::key_issuance_service_client::KeyIssuanceServiceClient;
 use trainingkeys_shared::cli::Service;
 use trainingkeys_shared::config::CommonConfig;
 
@@ -157,39 +156,6 @@ pub async fn spawn_key_issuance(database_url: &str, enrollment_url: &str) -> Spa
     .unwrap();
     for_tests(&mut config.common);
     spawn::<trainingkeys_key_issuance::Application>(config).await
-}
-
-/// A fresh database with the real enrollment and key issuance services on
-/// it (each in its own schema), and a client of each.
-pub struct KeyApp {
-    pub database_url: String,
-    pub enrollment_service: Spawned,
-    pub service: Spawned,
-    pub client: KeyIssuanceServiceClient<Channel>,
-    pub enrollment: EnrollmentServiceClient<Channel>,
-}
-
-impl KeyApp {
-    /// Starts one.
-    pub async fn start() -> Self {
-        let database_url = fresh_database().await;
-        let enrollment_service = spawn_enrollment(&database_url).await;
-        let service = spawn_key_issuance(&database_url, &enrollment_service.url()).await;
-        let client = KeyIssuanceServiceClient::new(service.channel().await);
-        let enrollment = EnrollmentServiceClient::new(enrollment_service.channel().await);
-        Self {
-            database_url,
-            enrollment_service,
-            service,
-            client,
-            enrollment,
-        }
-    }
-
-    /// A direct connection to the database, for checks behind the API's back.
-    pub async fn db(&self) -> PgConnection {
-        PgConnection::connect(&self.database_url).await.unwrap()
-    }
 }
 
 /// The ErrorInfo reason of a status.
