@@ -20,7 +20,6 @@ use sqlx::{Connection, PgConnection};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
-use trainingkeys_proto::v1::enrollment_service_client::EnrollmentServiceClient;
 use trainingkeys_shared::cli::Service;
 use trainingkeys_shared::config::CommonConfig;
 
@@ -107,32 +106,6 @@ where
         addr,
         shutdown,
         handle,
-    }
-}
-
-/// A fresh database with the enrollment service on it, and a client.
-pub struct EnrollmentApp {
-    pub database_url: String,
-    pub service: Spawned,
-    pub client: EnrollmentServiceClient<Channel>,
-}
-
-impl EnrollmentApp {
-    /// Starts one.
-    pub async fn start() -> Self {
-        let database_url = fresh_database().await;
-        let service = spawn_enrollment(&database_url).await;
-        let client = EnrollmentServiceClient::new(service.channel().await);
-        Self {
-            database_url,
-            service,
-            client,
-        }
-    }
-
-    /// A direct connection to the database, for checks behind the API's back.
-    pub async fn db(&self) -> PgConnection {
-        PgConnection::connect(&self.database_url).await.unwrap()
     }
 }
 
