@@ -74,61 +74,44 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = ()>,
 {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let handles: Vec<_> = students
-        .iter()
-        .enumerate()
-        .map(|(i, (user, code))| {
-            let clients: Vec<_> = (0..app.redemption_clients())
-                .map(|r| app.redemption_client(i + r))
-                .collect();
-            let key = idem();
-            let request = as_user(code, user, &key);
-            let (user, code) = (user.clone(), code.clone());
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut last = String::new();
-                let mut outcome = None;
-                for attempt in 0..40 {
-                    let mut client = clients[attempt % clients.len()].clone();
-                    let mut call = tonic::Request::new(request.clone());
-                    call.set_timeout(deadline);
-                    match client.redeem_key(call).await {
-                        Ok(r) => {
-                            outcome = Some(Outcome::Ok(Box::new(r.into_inner())));
-                            break;
-                        }
-                        Err(s) if retryable(&s) => {
-                            last = format!("{:?} {}", s.code(), s.message());
-                            tokio::time::sleep(Duration::from_millis(100 + 50 * attempt as u64))
-                                .await;
-                        }
-                        Err(s) => {
-                            outcome = Some(Outcome::Failed(s.code(), crate::reason(&s)));
-                            break;
-                        }
+    let attempts = students.iter().enumerate().map(|(i, (user, code))| {
+        let clients: Vec<_> = (0..app.redemption_clients())
+            .map(|r| app.redemption_client(i + r))
+            .collect();
+        let key = idem();
+        let request = as_user(code, user, &key);
+        let (user, code) = (user.clone(), code.clone());
+        async move {
+            let mut last = String::new();
+            let mut outcome = None;
+            for attempt in 0..40 {
+                let mut client = clients[attempt % clients.len()].clone();
+                let mut call = tonic::Request::new(request.clone());
+                call.set_timeout(deadline);
+                match client.redeem_key(call).await {
+                    Ok(r) => {
+                        outcome = Some(Outcome::Ok(Box::new(r.into_inner())));
+                        break;
+                    }
+                    Err(s) if retryable(&s) => {
+                        last = format!("{:?} {}", s.code(), s.message());
+                        tokio::time::sleep(Duration::from_millis(100 + 50 * attempt as u64)).await;
+                    }
+                    Err(s) => {
+                        outcome = Some(Outcome::Failed(s.code(), crate::reason(&s)));
+                        break;
                     }
                 }
-                let _ = tx.send(());
-                Attempt {
-                    user_id: user,
-                    code,
-                    idempotency_key: key,
-                    outcome: outcome.unwrap_or(Outcome::Unknown(last)),
-                }
-            })
-        })
-        .collect();
-    drop(tx);
-    for _ in 0..students.len() / 3 {
-        rx.recv().await;
-    }
-    fault().await;
-    let mut attempts = Vec::with_capacity(handles.len());
-    for h in handles {
-        attempts.push(h.await.expect("attempt task"));
-    }
-    attempts
+            }
+            Attempt {
+                user_id: user,
+                code,
+                idempotency_key: key,
+                outcome: outcome.unwrap_or(Outcome::Unknown(last)),
+            }
+        }
+    });
+    crate::spawn_with_fault(attempts, students.len() / 3, fault).await
 }
 
 /// Checks the invariants after the herd, once recovery has had time to

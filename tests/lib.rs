@@ -174,6 +174,43 @@ pub fn assert_invalid_field<T: std::fmt::Debug>(
     status
 }
 
+/// Spawns every call at once and runs `fault` once `after` of them have
+/// finished; their results, in order. (A herd with a fault striking mid-way.)
+pub async fn spawn_with_fault<T, C, F, Fut>(
+    calls: impl IntoIterator<Item = C>,
+    after: usize,
+    fault: F,
+) -> Vec<T>
+where
+    T: Send + 'static,
+    C: std::future::Future<Output = T> + Send + 'static,
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let handles: Vec<_> = calls
+        .into_iter()
+        .map(|call| {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let result = call.await;
+                let _ = tx.send(());
+                result
+            })
+        })
+        .collect();
+    drop(tx);
+    for _ in 0..after {
+        rx.recv().await;
+    }
+    fault().await;
+    let mut results = Vec::with_capacity(handles.len());
+    for h in handles {
+        results.push(h.await.expect("a call's task"));
+    }
+    results
+}
+
 /// Polls `check` until it holds or `timeout` passes.
 pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
 where

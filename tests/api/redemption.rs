@@ -17,7 +17,7 @@ use trainingkeys_redemption::FaultPoint;
 use trainingkeys_tests::chaos::gate_agrees;
 use trainingkeys_tests::{
     TestApp, as_new, as_user, assert_invalid_field, assert_status, enrollment, eventually, idem,
-    org, reason, uuid,
+    org, reason, spawn_with_fault, uuid,
 };
 
 #[tokio::test]
@@ -365,37 +365,30 @@ struct HerdOutcome {
     other: Vec<tonic::Status>,
 }
 
-/// `users` redeem `code` at once, spread over all replicas; `midway` runs
-/// once half of the answers are in.
-async fn herd<F, Fut>(app: &TestApp, code: &str, users: &[String], midway: F) -> HerdOutcome
+/// `users` redeem `code` at once, spread over all replicas, each retrying
+/// outages as a client is told to; `midway` runs once half of the answers
+/// are in.
+async fn herd_one_code<F, Fut>(
+    app: &TestApp,
+    code: &str,
+    users: &[String],
+    midway: F,
+) -> HerdOutcome
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let half = users.len() / 2;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let calls = users.iter().enumerate().map(|(i, user)| {
-        let call = app.redeem_retrying(i, as_user(code, user, &idem()));
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let result = call.await;
-            let _ = tx.send(());
-            result
-        })
-    });
-    let handles: Vec<_> = calls.collect();
-    drop(tx);
-    for _ in 0..half {
-        rx.recv().await;
-    }
-    midway().await;
+    let calls = users
+        .iter()
+        .enumerate()
+        .map(|(i, user)| app.redeem_retrying(i, as_user(code, user, &idem())));
     let mut outcome = HerdOutcome {
         ok: 0,
         full: 0,
         other: Vec::new(),
     };
-    for h in handles {
-        match h.await.unwrap() {
+    for result in spawn_with_fault(calls, users.len() / 2, midway).await {
+        match result {
             Ok(_) => outcome.ok += 1,
             Err(s) if s.code() == Code::ResourceExhausted && reason(&s) == "CLASS_FULL" => {
                 outcome.full += 1
@@ -444,7 +437,7 @@ async fn herd_of_2000_on_a_class_of_100_through_3_replicas() {
     let class = app.class(&org, 100).await;
     let key = app.event_key(&class.class_id, false).await;
     let students = app.users(&org, 2000).await;
-    let outcome = herd(&app, &key.code, &students, || async {}).await;
+    let outcome = herd_one_code(&app, &key.code, &students, || async {}).await;
     assert_sold_exactly(&app, &class.class_id, 100, &outcome, 2000).await;
 }
 
@@ -455,7 +448,7 @@ async fn herd_with_redis_flushed_half_way() {
     let class = app.class(&org, 100).await;
     let key = app.event_key(&class.class_id, false).await;
     let students = app.users(&org, 1000).await;
-    let outcome = herd(&app, &key.code, &students, || async {
+    let outcome = herd_one_code(&app, &key.code, &students, || async {
         let _: String = app.redis.cmd(&["FLUSHALL"]).await.unwrap();
     })
     .await;
@@ -513,7 +506,7 @@ async fn herd_with_redis_stopped_half_way() {
     let key = app.event_key(&class.class_id, false).await;
     let students = app.users(&org, 1000).await;
     let redis_port = app.redis.port;
-    let outcome = herd(&app, &key.code, &students, || async move {
+    let outcome = herd_one_code(&app, &key.code, &students, || async move {
         // Stop the server: every gate call now fails (fast, once the circuit opens).
         let _ = std::process::Command::new("redis-cli")
             .args(["-p", &redis_port.to_string(), "shutdown", "nosave"])
