@@ -5,11 +5,32 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+/// A child process, killed (and reaped) when stopped or replaced.
+#[derive(Default)]
+struct Process(std::sync::Mutex<Option<Child>>);
+
+impl Process {
+    fn kill(&self) {
+        if let Some(mut child) = self.0.lock().unwrap().take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn set(&self, child: Child) {
+        *self.0.lock().unwrap() = Some(child);
+    }
+
+    fn id(&self) -> Option<u32> {
+        self.0.lock().unwrap().as_ref().map(Child::id)
+    }
+}
+
 /// A throwaway `redis-server` on a free port, killed on drop.
 pub struct RedisServer {
     /// Its port.
     pub port: u16,
-    child: std::sync::Mutex<Option<Child>>,
+    process: Process,
 }
 
 fn free_port() -> u16 {
@@ -25,7 +46,7 @@ impl RedisServer {
     pub async fn start() -> Self {
         let server = Self {
             port: free_port(),
-            child: std::sync::Mutex::new(None),
+            process: Process::default(),
         };
         server.restart().await;
         server
@@ -38,17 +59,14 @@ impl RedisServer {
 
     /// Kills it with SIGKILL (all state is lost: it never persists).
     pub fn kill(&self) {
-        if let Some(mut child) = self.child.lock().unwrap().take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.kill();
     }
 
     /// Sends a signal (`STOP`, `CONT`, ...) to the server process.
     pub fn signal(&self, signal: &str) {
-        if let Some(child) = self.child.lock().unwrap().as_ref() {
+        if let Some(pid) = self.process.id() {
             let _ = Command::new("kill")
-                .args([&format!("-{signal}"), &child.id().to_string()])
+                .args([&format!("-{signal}"), &pid.to_string()])
                 .status();
         }
     }
@@ -99,7 +117,7 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (make test installs it)");
-        *self.child.lock().unwrap() = Some(child);
+        self.process.set(child);
         let url = self.url();
         let up = crate::eventually(Duration::from_secs(10), || {
             let url = url.clone();
@@ -138,7 +156,7 @@ pub struct LoadBalancer {
     /// Its port.
     pub port: u16,
     config: std::path::PathBuf,
-    child: std::sync::Mutex<Option<Child>>,
+    process: Process,
 }
 
 impl LoadBalancer {
@@ -162,7 +180,7 @@ impl LoadBalancer {
         let lb = Self {
             port,
             config,
-            child: std::sync::Mutex::new(None),
+            process: Process::default(),
         };
         lb.restart().await;
         lb
@@ -175,10 +193,7 @@ impl LoadBalancer {
 
     /// Kills it (connections through it break).
     pub fn kill(&self) {
-        if let Some(mut child) = self.child.lock().unwrap().take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.kill();
     }
 
     /// Starts it again on the same port.
@@ -192,7 +207,7 @@ impl LoadBalancer {
             .stderr(Stdio::null())
             .spawn()
             .expect("haproxy must be installed (make test installs it)");
-        *self.child.lock().unwrap() = Some(child);
+        self.process.set(child);
         let port = self.port;
         let up = crate::eventually(Duration::from_secs(10), || async move {
             tokio::net::TcpStream::connect(("127.0.0.1", port))
