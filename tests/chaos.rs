@@ -13,7 +13,7 @@ use std::time::Duration;
 use tonic::Code;
 use trainingkeys_proto::v1 as pb;
 
-use crate::system::{System, as_user, idem};
+use crate::{TestApp, as_user, idem};
 
 /// How one redemption attempt ended, as its client saw it.
 #[derive(Debug, Clone)]
@@ -65,7 +65,7 @@ fn retryable(s: &tonic::Status) -> bool {
 /// retrying outages on the next replica; `fault` runs when a third of the
 /// answers are in. `deadline` bounds each call, like a real client's.
 pub async fn herd<F, Fut>(
-    sys: &System,
+    app: &TestApp,
     students: &[(String, String)],
     deadline: Duration,
     fault: F,
@@ -74,78 +74,61 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = ()>,
 {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let handles: Vec<_> = students
-        .iter()
-        .enumerate()
-        .map(|(i, (user, code))| {
-            let clients: Vec<_> = (0..sys.redeem_clients.len())
-                .map(|r| sys.redeem(i + r))
-                .collect();
-            let key = idem();
-            let request = as_user(code, user, &key);
-            let (user, code) = (user.clone(), code.clone());
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut last = String::new();
-                let mut outcome = None;
-                for attempt in 0..40 {
-                    let mut client = clients[attempt % clients.len()].clone();
-                    let mut call = tonic::Request::new(request.clone());
-                    call.set_timeout(deadline);
-                    match client.redeem_key(call).await {
-                        Ok(r) => {
-                            outcome = Some(Outcome::Ok(Box::new(r.into_inner())));
-                            break;
-                        }
-                        Err(s) if retryable(&s) => {
-                            last = format!("{:?} {}", s.code(), s.message());
-                            tokio::time::sleep(Duration::from_millis(100 + 50 * attempt as u64))
-                                .await;
-                        }
-                        Err(s) => {
-                            outcome = Some(Outcome::Failed(s.code(), crate::reason(&s)));
-                            break;
-                        }
+    let attempts = students.iter().enumerate().map(|(i, (user, code))| {
+        let clients: Vec<_> = (0..app.redemption_clients())
+            .map(|r| app.redemption_client(i + r))
+            .collect();
+        let key = idem();
+        let request = as_user(code, user, &key);
+        let (user, code) = (user.clone(), code.clone());
+        async move {
+            let mut last = String::new();
+            let mut outcome = None;
+            for attempt in 0..40 {
+                let mut client = clients[attempt % clients.len()].clone();
+                let mut call = tonic::Request::new(request.clone());
+                call.set_timeout(deadline);
+                match client.redeem_key(call).await {
+                    Ok(r) => {
+                        outcome = Some(Outcome::Ok(Box::new(r.into_inner())));
+                        break;
+                    }
+                    Err(s) if retryable(&s) => {
+                        last = format!("{:?} {}", s.code(), s.message());
+                        tokio::time::sleep(Duration::from_millis(100 + 50 * attempt as u64)).await;
+                    }
+                    Err(s) => {
+                        outcome = Some(Outcome::Failed(s.code(), crate::reason(&s)));
+                        break;
                     }
                 }
-                let _ = tx.send(());
-                Attempt {
-                    user_id: user,
-                    code,
-                    idempotency_key: key,
-                    outcome: outcome.unwrap_or(Outcome::Unknown(last)),
-                }
-            })
-        })
-        .collect();
-    drop(tx);
-    for _ in 0..students.len() / 3 {
-        rx.recv().await;
-    }
-    fault().await;
-    let mut attempts = Vec::with_capacity(handles.len());
-    for h in handles {
-        attempts.push(h.await.expect("attempt task"));
-    }
-    attempts
+            }
+            Attempt {
+                user_id: user,
+                code,
+                idempotency_key: key,
+                outcome: outcome.unwrap_or(Outcome::Unknown(last)),
+            }
+        }
+    });
+    crate::spawn_with_fault(attempts, students.len() / 3, fault).await
 }
 
 /// Checks the invariants after the herd, once recovery has had time to
 /// settle: returns every violation found (empty = all hold).
 pub async fn check(
-    sys: &System,
+    app: &TestApp,
     scenario: &Scenario,
     attempts: &[Attempt],
     settle: Duration,
 ) -> Vec<String> {
     let (class_id, max) = (scenario.class_id.as_str(), scenario.max);
     let mut violations = Vec::new();
-    let mut db = sys.db().await;
+    let mut db = app.db().await;
 
     // Unfinished redemptions are finished or compensated by recovery.
     let settled = crate::eventually(settle, || async {
-        let mut db = sys.db().await;
+        let mut db = app.db().await;
         let open: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM redemption.redemptions WHERE state = 'admitted'",
         )
@@ -240,7 +223,7 @@ pub async fn check(
     }
 
     // 5. After settling, Redis agrees with PostgreSQL.
-    if let Err(e) = gate_agrees(sys, class_id, &enrolled, settle).await {
+    if let Err(e) = gate_agrees(app, class_id, &enrolled, settle).await {
         violations.push(e);
     }
     violations
@@ -313,7 +296,7 @@ pub async fn keys_accounted_for(db: &mut sqlx::PgConnection) -> Vec<String> {
 /// lost it), its confirmed seats are exactly `enrolled`, and no unexpired
 /// hold is left. Says how they differ if they never agree.
 pub async fn gate_agrees(
-    sys: &System,
+    app: &TestApp,
     class_id: &str,
     enrolled: &HashSet<&str>,
     within: Duration,
@@ -321,15 +304,15 @@ pub async fn gate_agrees(
     let key = |k: &str| format!("{{class:{class_id}}}:{k}");
     let (confirmed_key, holds_key, ready_key) = (key("confirmed"), key("holds"), key("ready"));
     let look = || async {
-        let ready: i64 = sys.redis.cmd(&["EXISTS", &ready_key]).await.unwrap_or(0);
-        let confirmed: HashSet<String> = sys
+        let ready: i64 = app.redis.cmd(&["EXISTS", &ready_key]).await.unwrap_or(0);
+        let confirmed: HashSet<String> = app
             .redis
             .cmd(&["SMEMBERS", &confirmed_key])
             .await
             .unwrap_or_default();
-        let now: Vec<String> = sys.redis.cmd(&["TIME"]).await.unwrap_or_default();
+        let now: Vec<String> = app.redis.cmd(&["TIME"]).await.unwrap_or_default();
         let now_ms = now.first().and_then(|s| s.parse::<u64>().ok()).unwrap_or(0) * 1000;
-        let live_holds: i64 = sys
+        let live_holds: i64 = app
             .redis
             .cmd(&["ZCOUNT", &holds_key, &format!("({now_ms}"), "+inf"])
             .await

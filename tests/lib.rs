@@ -1,11 +1,17 @@
 //! The test harness: fresh databases on the PostgreSQL server named by
 //! `DATABASE_URL` (started by `make test`), and the real services spawned on
 //! ephemeral ports, called over real gRPC. `TEST_LOG=1` prints service logs.
+//! Tests start a [`TestApp`] and assert with [`assert_status`].
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod app;
 pub mod chaos;
-pub mod system;
+pub mod servers;
+
+pub use app::{
+    TestApp, as_new, as_user, class_request, class_scope, enrollment, idem, org, pool_scope, uuid,
+};
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -14,8 +20,6 @@ use sqlx::{Connection, PgConnection};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
-use trainingkeys_proto::v1::enrollment_service_client::EnrollmentServiceClient;
-use trainingkeys_proto::v1::key_issuance_service_client::KeyIssuanceServiceClient;
 use trainingkeys_shared::cli::Service;
 use trainingkeys_shared::config::CommonConfig;
 
@@ -105,32 +109,6 @@ where
     }
 }
 
-/// A fresh database with the enrollment service on it, and a client.
-pub struct EnrollmentApp {
-    pub database_url: String,
-    pub service: Spawned,
-    pub client: EnrollmentServiceClient<Channel>,
-}
-
-impl EnrollmentApp {
-    /// Starts one.
-    pub async fn start() -> Self {
-        let database_url = fresh_database().await;
-        let service = spawn_enrollment(&database_url).await;
-        let client = EnrollmentServiceClient::new(service.channel().await);
-        Self {
-            database_url,
-            service,
-            client,
-        }
-    }
-
-    /// A direct connection to the database, for checks behind the API's back.
-    pub async fn db(&self) -> PgConnection {
-        PgConnection::connect(&self.database_url).await.unwrap()
-    }
-}
-
 /// The HMAC secret key issuance uses in tests (hex, 32 bytes).
 pub const TEST_HMAC_SECRET: &str =
     "6b65792d69737375616e63652d746573742d686d61632d7365637265742d3332";
@@ -151,39 +129,6 @@ pub async fn spawn_key_issuance(database_url: &str, enrollment_url: &str) -> Spa
     .unwrap();
     for_tests(&mut config.common);
     spawn::<trainingkeys_key_issuance::Application>(config).await
-}
-
-/// A fresh database with the real enrollment and key issuance services on
-/// it (each in its own schema), and a client of each.
-pub struct KeyApp {
-    pub database_url: String,
-    pub enrollment_service: Spawned,
-    pub service: Spawned,
-    pub client: KeyIssuanceServiceClient<Channel>,
-    pub enrollment: EnrollmentServiceClient<Channel>,
-}
-
-impl KeyApp {
-    /// Starts one.
-    pub async fn start() -> Self {
-        let database_url = fresh_database().await;
-        let enrollment_service = spawn_enrollment(&database_url).await;
-        let service = spawn_key_issuance(&database_url, &enrollment_service.url()).await;
-        let client = KeyIssuanceServiceClient::new(service.channel().await);
-        let enrollment = EnrollmentServiceClient::new(enrollment_service.channel().await);
-        Self {
-            database_url,
-            enrollment_service,
-            service,
-            client,
-            enrollment,
-        }
-    }
-
-    /// A direct connection to the database, for checks behind the API's back.
-    pub async fn db(&self) -> PgConnection {
-        PgConnection::connect(&self.database_url).await.unwrap()
-    }
 }
 
 /// The ErrorInfo reason of a status.
@@ -215,11 +160,55 @@ pub fn error_metadata(status: &tonic::Status, key: &str) -> String {
 
 /// The field an INVALID_FIELD status names.
 pub fn invalid_field(status: &tonic::Status) -> String {
-    use tonic_types::StatusExt;
+    error_metadata(status, "field")
+}
+
+/// Asserts a call was refused as INVALID_ARGUMENT / INVALID_FIELD naming `field`.
+#[track_caller]
+pub fn assert_invalid_field<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    field: &str,
+) -> tonic::Status {
+    let status = assert_status(result, tonic::Code::InvalidArgument, "INVALID_FIELD");
+    assert_eq!(invalid_field(&status), field, "wrong field: {status:?}");
     status
-        .get_details_error_info()
-        .and_then(|i| i.metadata.get("field").cloned())
-        .unwrap_or_default()
+}
+
+/// Spawns every call at once and runs `fault` once `after` of them have
+/// finished; their results, in order. (A herd with a fault striking mid-way.)
+pub async fn spawn_with_fault<T, C, F, Fut>(
+    calls: impl IntoIterator<Item = C>,
+    after: usize,
+    fault: F,
+) -> Vec<T>
+where
+    T: Send + 'static,
+    C: std::future::Future<Output = T> + Send + 'static,
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let handles: Vec<_> = calls
+        .into_iter()
+        .map(|call| {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let result = call.await;
+                let _ = tx.send(());
+                result
+            })
+        })
+        .collect();
+    drop(tx);
+    for _ in 0..after {
+        rx.recv().await;
+    }
+    fault().await;
+    let mut results = Vec::with_capacity(handles.len());
+    for h in handles {
+        results.push(h.await.expect("a call's task"));
+    }
+    results
 }
 
 /// Polls `check` until it holds or `timeout` passes.

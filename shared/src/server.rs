@@ -221,3 +221,29 @@ pub fn channel(url: &str, call_timeout: Duration) -> anyhow::Result<Channel> {
         .http2_keep_alive_interval(Duration::from_secs(30))
         .connect_lazy())
 }
+
+/// A free TCP port on 127.0.0.1 for a process a tool or test starts and
+/// tells where to listen. Chosen below Linux's ephemeral range (32768 on),
+/// so no outgoing connection can be holding it or take it meanwhile;
+/// checked free by binding it. Another tool may still pick the same one
+/// first, so a caller whose server fails to start picks again.
+pub fn unused_port() -> std::io::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    let spread = std::process::id().wrapping_mul(7919);
+    for _ in 0..COUNT {
+        let offset = spread.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % COUNT;
+        let Ok(port) = u16::try_from(FIRST + offset) else {
+            continue;
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "no free port below the ephemeral range",
+    ))
+}

@@ -11,9 +11,7 @@ use std::time::Duration;
 use sqlx::Connection as _;
 use trainingkeys_redemption::{Config, FaultAction, FaultPoint};
 use trainingkeys_tests::chaos::{self, Attempt, Scenario};
-use trainingkeys_tests::system::{
-    System, active_rows, class, class_keys, event_key, org, subscription_pool, users,
-};
+use trainingkeys_tests::{TestApp, org};
 
 const MAX: i32 = 50;
 
@@ -47,13 +45,13 @@ const SUBSCRIPTION_KEYS: i32 = 20;
 /// A class of MAX with an event key and class enrollment keys, a pool of
 /// subscription keys, and students: every fourth redeems a class key, every
 /// fourth a subscription key, the rest the event key.
-async fn scenario(sys: &System) -> (Scenario, Vec<(String, String)>) {
+async fn scenario(app: &TestApp) -> (Scenario, Vec<(String, String)>) {
     let org = org();
-    let class = class(sys, &org, MAX, 1, 2, 0).await;
-    let event = event_key(sys, &class.class_id, false).await;
-    let class_keys = class_keys(sys, &class.class_id, CLASS_KEYS).await;
-    let (_, pool) = subscription_pool(sys, &org, SUBSCRIPTION_KEYS, None).await;
-    let students = users(sys, &org, students()).await;
+    let class = app.class(&org, MAX).await;
+    let event = app.event_key(&class.class_id, false).await;
+    let class_keys = app.class_keys(&class.class_id, CLASS_KEYS).await;
+    let (_, pool) = app.subscription_pool(&org, SUBSCRIPTION_KEYS, None).await;
+    let students = app.users(&org, students()).await;
     let codes = students
         .into_iter()
         .enumerate()
@@ -77,18 +75,18 @@ async fn scenario(sys: &System) -> (Scenario, Vec<(String, String)>) {
 }
 
 /// The scenario's herd under `fault`.
-async fn run<F, Fut>(sys: &System, deadline: Duration, fault: F) -> (Scenario, Vec<Attempt>)
+async fn run<F, Fut>(app: &TestApp, deadline: Duration, fault: F) -> (Scenario, Vec<Attempt>)
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let (scenario, students) = scenario(sys).await;
-    let attempts = chaos::herd(sys, &students, deadline, fault).await;
+    let (scenario, students) = scenario(app).await;
+    let attempts = chaos::herd(app, &students, deadline, fault).await;
     (scenario, attempts)
 }
 
-async fn assert_invariants(sys: &System, scenario: &Scenario, attempts: &[Attempt]) {
-    let violations = chaos::check(sys, scenario, attempts, Duration::from_secs(20)).await;
+async fn assert_invariants(app: &TestApp, scenario: &Scenario, attempts: &[Attempt]) {
+    let violations = chaos::check(app, scenario, attempts, Duration::from_secs(20)).await;
     assert!(
         violations.is_empty(),
         "violations: {violations:#?}\noutcomes: {}",
@@ -99,67 +97,67 @@ async fn assert_invariants(sys: &System, scenario: &Scenario, attempts: &[Attemp
 const DEADLINE: Duration = Duration::from_secs(5);
 
 /// Three replicas of `tweak`ed settings behind haproxy.
-async fn behind_lb(tweak: impl Fn(&mut Config)) -> System {
-    let mut sys = System::start_with(3, tweak).await;
-    sys.behind_load_balancer().await;
-    sys
+async fn behind_lb(tweak: impl Fn(&mut Config)) -> TestApp {
+    let mut app = TestApp::start_with(3, tweak).await;
+    app.behind_load_balancer().await;
+    app
 }
 
 #[tokio::test]
 async fn chaos_redis_killed_and_restarted_empty() {
-    let sys = behind_lb(quick).await;
+    let app = behind_lb(quick).await;
     for _ in 0..rounds() {
-        let (scenario, attempts) = run(&sys, DEADLINE, || async {
-            sys.redis.kill();
+        let (scenario, attempts) = run(&app, DEADLINE, || async {
+            app.redis.kill();
             tokio::time::sleep(Duration::from_millis(300)).await;
-            sys.redis.restart().await;
+            app.redis.restart().await;
         })
         .await;
-        assert_invariants(&sys, &scenario, &attempts).await;
+        assert_invariants(&app, &scenario, &attempts).await;
     }
 }
 
 #[tokio::test]
 async fn chaos_redis_paused_past_the_client_timeout() {
-    let sys = behind_lb(quick).await;
+    let app = behind_lb(quick).await;
     for _ in 0..rounds() {
-        let (scenario, attempts) = run(&sys, DEADLINE, || async {
-            sys.redis.signal("STOP");
+        let (scenario, attempts) = run(&app, DEADLINE, || async {
+            app.redis.signal("STOP");
             tokio::time::sleep(Duration::from_millis(1500)).await;
-            sys.redis.signal("CONT");
+            app.redis.signal("CONT");
         })
         .await;
-        assert_invariants(&sys, &scenario, &attempts).await;
+        assert_invariants(&app, &scenario, &attempts).await;
     }
 }
 
 #[tokio::test]
 async fn chaos_redis_replaced_by_a_replica_that_missed_the_last_writes() {
-    let sys = behind_lb(quick).await;
+    let app = behind_lb(quick).await;
     for _ in 0..rounds() {
-        let (scenario, attempts) = run(&sys, DEADLINE, || async {
-            sys.redis.snapshot().await;
+        let (scenario, attempts) = run(&app, DEADLINE, || async {
+            app.redis.snapshot().await;
             tokio::time::sleep(Duration::from_millis(200)).await;
-            sys.redis.fail_over_to_stale_replica().await;
+            app.redis.fail_over_to_stale_replica().await;
         })
         .await;
-        assert_invariants(&sys, &scenario, &attempts).await;
+        assert_invariants(&app, &scenario, &attempts).await;
     }
 }
 
 /// Two healthy replicas and one that stops every redemption at `point`, as
 /// if it died there each time, behind the load balancer.
 async fn replica_dies_at(point: FaultPoint) {
-    let mut sys = System::start_with(2, quick).await;
-    sys.add_replica(|c| {
+    let mut app = TestApp::start_with(2, quick).await;
+    app.add_replica(|c| {
         quick(c);
         c.fault = Some(point);
     })
     .await;
-    sys.behind_load_balancer().await;
+    app.behind_load_balancer().await;
     for _ in 0..rounds() {
-        let (scenario, attempts) = run(&sys, Duration::from_secs(1), || async {}).await;
-        assert_invariants(&sys, &scenario, &attempts).await;
+        let (scenario, attempts) = run(&app, Duration::from_secs(1), || async {}).await;
+        assert_invariants(&app, &scenario, &attempts).await;
     }
 }
 
@@ -185,9 +183,9 @@ async fn chaos_replica_dies_between_admission_and_record() {
 /// live, and every write they make on waking is fenced off.
 #[tokio::test]
 async fn chaos_stalled_drivers_are_taken_over_while_alive() {
-    let mut sys = System::start_with(1, quick).await;
+    let mut app = TestApp::start_with(1, quick).await;
     for point in [FaultPoint::AfterConsume, FaultPoint::AfterCommit] {
-        sys.add_replica(|c| {
+        app.add_replica(|c| {
             quick(c);
             c.fault = Some(point);
             c.fault_action = FaultAction::Stall;
@@ -195,12 +193,12 @@ async fn chaos_stalled_drivers_are_taken_over_while_alive() {
         })
         .await;
     }
-    sys.behind_load_balancer().await;
+    app.behind_load_balancer().await;
     for _ in 0..rounds() {
-        let (scenario, attempts) = run(&sys, Duration::from_secs(1), || async {}).await;
+        let (scenario, attempts) = run(&app, Duration::from_secs(1), || async {}).await;
         // Let the stalled drivers wake and try their stale writes.
         tokio::time::sleep(Duration::from_secs(6)).await;
-        assert_invariants(&sys, &scenario, &attempts).await;
+        assert_invariants(&app, &scenario, &attempts).await;
     }
 }
 
@@ -209,16 +207,16 @@ async fn chaos_stalled_drivers_are_taken_over_while_alive() {
 /// up, callers give up on them, and they commit later.
 #[tokio::test]
 async fn chaos_class_rows_locked_past_the_timeouts() {
-    let sys = behind_lb(|c| {
+    let app = behind_lb(|c| {
         quick(c);
         c.peer_timeout_ms = 1000;
     })
     .await;
     for _ in 0..rounds() {
-        let (scenario, students) = scenario(&sys).await;
+        let (scenario, students) = scenario(&app).await;
         let class_id = scenario.class_id.clone();
-        let attempts = chaos::herd(&sys, &students, DEADLINE, || async {
-            let mut db = sys.db().await;
+        let attempts = chaos::herd(&app, &students, DEADLINE, || async {
+            let mut db = app.db().await;
             let mut tx = db.begin().await.unwrap();
             sqlx::query("SELECT 1 FROM enrollment.classes WHERE class_id = $1::uuid FOR UPDATE")
                 .bind(&class_id)
@@ -229,33 +227,33 @@ async fn chaos_class_rows_locked_past_the_timeouts() {
             tx.commit().await.unwrap();
         })
         .await;
-        assert_invariants(&sys, &scenario, &attempts).await;
+        assert_invariants(&app, &scenario, &attempts).await;
     }
 }
 
 #[tokio::test]
 async fn chaos_clients_retry_after_deadline_exceeded() {
-    let sys = behind_lb(quick).await;
+    let app = behind_lb(quick).await;
     for _ in 0..rounds() {
         // Deadlines so short that many calls give up mid-way and are retried
         // with the same idempotency key.
-        let (scenario, attempts) = run(&sys, Duration::from_millis(40), || async {}).await;
-        assert_invariants(&sys, &scenario, &attempts).await;
+        let (scenario, attempts) = run(&app, Duration::from_millis(40), || async {}).await;
+        assert_invariants(&app, &scenario, &attempts).await;
     }
 }
 
 #[tokio::test]
 async fn chaos_load_balancer_restarted() {
-    let sys = behind_lb(quick).await;
+    let app = behind_lb(quick).await;
     for _ in 0..rounds() {
-        let (scenario, attempts) = run(&sys, DEADLINE, || async {
-            let lb = sys.lb.as_ref().expect("behind the load balancer");
+        let (scenario, attempts) = run(&app, DEADLINE, || async {
+            let lb = app.lb.as_ref().expect("behind the load balancer");
             lb.kill();
             tokio::time::sleep(Duration::from_millis(300)).await;
             lb.restart().await;
         })
         .await;
-        assert_invariants(&sys, &scenario, &attempts).await;
+        assert_invariants(&app, &scenario, &attempts).await;
     }
 }
 
@@ -265,9 +263,9 @@ async fn chaos_postgres_restarted_mid_herd() {
     // server; nextest runs this test alone (.config/nextest.toml).
     let restart = std::env::var("TEST_PG_RESTART")
         .expect("TEST_PG_RESTART: run with `make test`, which owns the test PostgreSQL");
-    let sys = behind_lb(quick).await;
+    let app = behind_lb(quick).await;
     for _ in 0..rounds() {
-        let (scenario, attempts) = run(&sys, DEADLINE, || async {
+        let (scenario, attempts) = run(&app, DEADLINE, || async {
             let restart = restart.clone();
             let status = tokio::task::spawn_blocking(move || {
                 std::process::Command::new("bash")
@@ -283,19 +281,21 @@ async fn chaos_postgres_restarted_mid_herd() {
             );
         })
         .await;
-        assert_invariants(&sys, &scenario, &attempts).await;
+        assert_invariants(&app, &scenario, &attempts).await;
     }
 }
 
 #[tokio::test]
 async fn the_checker_catches_an_oversell() {
-    let sys = behind_lb(quick).await;
-    let (scenario, attempts) = run(&sys, DEADLINE, || async {}).await;
-    assert_invariants(&sys, &scenario, &attempts).await;
+    let app = behind_lb(quick).await;
+    let (scenario, attempts) = run(&app, DEADLINE, || async {}).await;
+    assert_invariants(&app, &scenario, &attempts).await;
     // Sneak students in behind the guard's back, one past the maximum.
-    let seated = active_rows(&sys, &scenario.class_id).await;
-    let outsiders = users(&sys, &org(), (i64::from(MAX) - seated + 1) as usize).await;
-    let mut db = sys.db().await;
+    let seated = app.active_rows(&scenario.class_id).await;
+    let outsiders = app
+        .users(&org(), (i64::from(MAX) - seated + 1) as usize)
+        .await;
+    let mut db = app.db().await;
     for outsider in outsiders {
         sqlx::query("INSERT INTO enrollment.enrollments (enrollment_id, class_id, user_id) VALUES (gen_random_uuid(), $1::uuid, $2::uuid)")
             .bind(&scenario.class_id)
@@ -304,7 +304,7 @@ async fn the_checker_catches_an_oversell() {
             .await
             .unwrap();
     }
-    let violations = chaos::check(&sys, &scenario, &attempts, Duration::from_secs(2)).await;
+    let violations = chaos::check(&app, &scenario, &attempts, Duration::from_secs(2)).await;
     assert!(
         violations.iter().any(|v| v.starts_with("oversold")),
         "{violations:?}"
@@ -313,19 +313,19 @@ async fn the_checker_catches_an_oversell() {
 
 #[tokio::test]
 async fn the_checker_catches_a_gate_whose_rebuild_is_disabled() {
-    let sys = behind_lb(|c| {
+    let app = behind_lb(|c| {
         quick(c);
         c.gate_rebuild_disabled = true;
     })
     .await;
-    let (scenario, students) = scenario(&sys).await;
-    let mut attempts = chaos::herd(&sys, &students, DEADLINE, || async {}).await;
+    let (scenario, students) = scenario(&app).await;
+    let mut attempts = chaos::herd(&app, &students, DEADLINE, || async {}).await;
     // Redis loses everything; without a rebuild the gate starts from empty.
-    let _: String = sys.redis.cmd(&["FLUSHALL"]).await.unwrap();
-    let late = users(&sys, &scenario.organization_id, 1).await.remove(0);
+    let _: String = app.redis.cmd(&["FLUSHALL"]).await.unwrap();
+    let late = app.users(&scenario.organization_id, 1).await.remove(0);
     let late = [(late, scenario.event_code.clone())];
-    attempts.extend(chaos::herd(&sys, &late, DEADLINE, || async {}).await);
-    let violations = chaos::check(&sys, &scenario, &attempts, Duration::from_secs(3)).await;
+    attempts.extend(chaos::herd(&app, &late, DEADLINE, || async {}).await);
+    let violations = chaos::check(&app, &scenario, &attempts, Duration::from_secs(3)).await;
     // PostgreSQL still refuses the oversell; the gate's drift is caught.
     assert!(
         !violations.iter().any(|v| v.starts_with("oversold")),
@@ -339,11 +339,11 @@ async fn the_checker_catches_a_gate_whose_rebuild_is_disabled() {
 
 #[tokio::test]
 async fn the_checker_catches_a_refunded_key_use() {
-    let sys = behind_lb(quick).await;
-    let (scenario, attempts) = run(&sys, DEADLINE, || async {}).await;
-    assert_invariants(&sys, &scenario, &attempts).await;
+    let app = behind_lb(quick).await;
+    let (scenario, attempts) = run(&app, DEADLINE, || async {}).await;
+    assert_invariants(&app, &scenario, &attempts).await;
     // Give one completed redemption's use back, as the old refund did.
-    let mut db = sys.db().await;
+    let mut db = app.db().await;
     let refunded: Option<uuid::Uuid> = sqlx::query_scalar(
         "WITH one AS (SELECT key_id, redemption_id FROM key_issuance.key_uses
                       WHERE released_at IS NULL LIMIT 1),
@@ -357,7 +357,7 @@ async fn the_checker_catches_a_refunded_key_use() {
     .await
     .unwrap();
     assert!(refunded.is_some(), "the herd used no key");
-    let violations = chaos::check(&sys, &scenario, &attempts, Duration::from_secs(2)).await;
+    let violations = chaos::check(&app, &scenario, &attempts, Duration::from_secs(2)).await;
     assert!(
         violations.iter().any(|v| v.starts_with("key ")),
         "{violations:?}"

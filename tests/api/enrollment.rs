@@ -7,101 +7,21 @@ use std::collections::HashSet;
 use chrono::{Duration, Utc};
 use futures::future::join_all;
 use tonic::Code;
-use tonic::transport::Channel;
 use trainingkeys_proto::time::to_timestamp;
-use trainingkeys_proto::v1::{self as pb, enrollment_service_client::EnrollmentServiceClient};
-use trainingkeys_tests::{EnrollmentApp, assert_status, invalid_field};
+use trainingkeys_proto::v1 as pb;
+use trainingkeys_tests::{
+    TestApp, assert_invalid_field, assert_status, class_request, org, reason, uuid,
+};
 
-type Client = EnrollmentServiceClient<Channel>;
 /// A change that makes a CreateClass request invalid.
 type Mutation = Box<dyn Fn(&mut pb::CreateClassRequest)>;
 
-fn org() -> String {
-    format!("org-{}", uuid::Uuid::new_v4().simple())
-}
-
-fn class_request(organization_id: &str, max_students: i32) -> pb::CreateClassRequest {
-    let start = Utc::now() + Duration::days(1);
-    pb::CreateClassRequest {
-        organization_id: organization_id.into(),
-        title: "Rust for services".into(),
-        course_id: "RUST-101".into(),
-        start_time: Some(to_timestamp(start)),
-        end_time: Some(to_timestamp(start + Duration::days(2))),
-        max_students,
-        lab_access_days: 7,
-    }
-}
-
-async fn create_class(client: &mut Client, organization_id: &str, max_students: i32) -> pb::Class {
-    client
-        .create_class(class_request(organization_id, max_students))
-        .await
-        .unwrap()
-        .into_inner()
-        .class
-        .unwrap()
-}
-
-async fn register(client: &mut Client, organization_id: &str, email: &str) -> pb::User {
-    client
-        .register_user(pb::RegisterUserRequest {
-            organization_id: organization_id.into(),
-            email: email.into(),
-            display_name: "Student".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap()
-}
-
-async fn enroll(
-    client: &mut Client,
-    class_id: &str,
-    user_id: &str,
-) -> Result<pb::EnrollResponse, tonic::Status> {
-    client
-        .enroll(pb::EnrollRequest {
-            class_id: class_id.into(),
-            user_id: user_id.into(),
-            source_key_id: String::new(),
-            ..Default::default()
-        })
-        .await
-        .map(tonic::Response::into_inner)
-}
-
-async fn roster(client: &mut Client, class_id: &str, page_size: i32) -> Vec<pb::Enrollment> {
-    let mut all = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = client
-            .list_enrollments(pb::ListEnrollmentsRequest {
-                class_id: class_id.into(),
-                page_size,
-                page_token,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        all.extend(page.enrollments);
-        if page.next_page_token.is_empty() {
-            return all;
-        }
-        page_token = page.next_page_token;
-    }
-}
-
 #[tokio::test]
 async fn users_are_get_or_create_by_case_insensitive_email() {
-    let mut app = EnrollmentApp::start().await;
+    let app = TestApp::start(0).await;
+    let mut e = app.enrollment_client();
     let org = org();
-    let first = app
-        .client
+    let first = e
         .register_user(pb::RegisterUserRequest {
             organization_id: org.clone(),
             email: "  Ada.Lovelace@Example.COM ".into(),
@@ -115,8 +35,7 @@ async fn users_are_get_or_create_by_case_insensitive_email() {
     let user = first.user.unwrap();
     assert_eq!(user.email, "ada.lovelace@example.com");
 
-    let again = app
-        .client
+    let again = e
         .register_user(pb::RegisterUserRequest {
             organization_id: org.clone(),
             email: "ADA.LOVELACE@example.com".into(),
@@ -131,11 +50,10 @@ async fn users_are_get_or_create_by_case_insensitive_email() {
     assert_eq!(again.user.unwrap().display_name, "Ada");
 
     // Same email in another organization is another user.
-    let other = register(&mut app.client, &self::org(), "ada.lovelace@example.com").await;
+    let other = app.user(&self::org(), "ada.lovelace@example.com").await;
     assert_ne!(other.user_id, user.user_id);
 
-    let fetched = app
-        .client
+    let fetched = e
         .get_user(pb::GetUserRequest {
             user_id: user.user_id.clone(),
             ..Default::default()
@@ -145,21 +63,16 @@ async fn users_are_get_or_create_by_case_insensitive_email() {
     assert_eq!(fetched.into_inner().user.unwrap(), user);
 
     // Concurrent registrations of one new email make one user.
-    let email = "herd@example.com";
-    let calls = (0..20).map(|_| {
-        let mut c = app.client.clone();
-        let org = org.clone();
-        async move { register(&mut c, &org, email).await.user_id }
-    });
+    let calls = (0..20).map(|_| async { app.user(&org, "herd@example.com").await.user_id });
     let ids: HashSet<String> = join_all(calls).await.into_iter().collect();
     assert_eq!(ids.len(), 1);
 }
 
 #[tokio::test]
 async fn classes_are_created_read_and_updated() {
-    let mut app = EnrollmentApp::start().await;
+    let app = TestApp::start(0).await;
     let org = org();
-    let class = create_class(&mut app.client, &org, 3).await;
+    let class = app.class(&org, 3).await;
     assert_eq!(
         (class.max_students, class.enrolled_count, class.seats_left),
         (3, 0, 3)
@@ -169,23 +82,12 @@ async fn classes_are_created_read_and_updated() {
         class.lab_access_end_time.unwrap().seconds,
         end.seconds + 7 * 86_400
     );
+    assert_eq!(app.get_class(&class.class_id).await, class);
 
-    let fetched = app
-        .client
-        .get_class(pb::GetClassRequest {
-            class_id: class.class_id.clone(),
-        })
-        .await
-        .unwrap();
-    assert_eq!(fetched.into_inner().class.unwrap(), class);
-
-    let user = register(&mut app.client, &org, "a@example.com").await;
-    enroll(&mut app.client, &class.class_id, &user.user_id)
-        .await
-        .unwrap();
+    let user = app.user(&org, "a@example.com").await;
+    app.enroll(&class.class_id, &user.user_id).await.unwrap();
     let new_start = Utc::now() + Duration::days(10);
     let updated = app
-        .client
         .update_class(pb::UpdateClassRequest {
             class_id: class.class_id.clone(),
             title: Some("Advanced Rust".into()),
@@ -195,9 +97,6 @@ async fn classes_are_created_read_and_updated() {
             ..Default::default()
         })
         .await
-        .unwrap()
-        .into_inner()
-        .class
         .unwrap();
     assert_eq!(updated.title, "Advanced Rust");
     assert_eq!(updated.course_id, class.course_id, "unset fields stay");
@@ -214,7 +113,7 @@ async fn classes_are_created_read_and_updated() {
 
 #[tokio::test]
 async fn class_input_is_checked() {
-    let mut app = EnrollmentApp::start().await;
+    let app = TestApp::start(0).await;
     let org = org();
     let cases: Vec<(&str, Mutation)> = vec![
         (
@@ -238,15 +137,10 @@ async fn class_input_is_checked() {
     for (field, mutate) in cases {
         let mut request = class_request(&org, 10);
         mutate(&mut request);
-        let status = assert_status(
-            app.client.create_class(request).await,
-            Code::InvalidArgument,
-            "INVALID_FIELD",
-        );
-        assert_eq!(invalid_field(&status), field);
+        assert_invalid_field(app.enrollment_client().create_class(request).await, field);
     }
 
-    let class = create_class(&mut app.client, &org, 2).await;
+    let class = app.class(&org, 2).await;
     for (r, field) in [
         (
             pb::UpdateClassRequest {
@@ -280,70 +174,46 @@ async fn class_input_is_checked() {
             "title",
         ),
     ] {
-        let status = assert_status(
-            app.client.update_class(r).await,
-            Code::InvalidArgument,
-            "INVALID_FIELD",
-        );
-        assert_eq!(invalid_field(&status), field);
+        assert_invalid_field(app.update_class(r).await, field);
     }
-    let missing = uuid::Uuid::new_v4().to_string();
+    let missing = uuid();
     assert_status(
-        app.client
-            .update_class(pb::UpdateClassRequest {
-                class_id: missing.clone(),
-                ..Default::default()
-            })
-            .await,
+        app.update_class(pb::UpdateClassRequest {
+            class_id: missing.clone(),
+            ..Default::default()
+        })
+        .await,
         Code::NotFound,
         "CLASS_NOT_FOUND",
     );
     assert_status(
-        app.client
-            .get_class(pb::GetClassRequest { class_id: missing })
-            .await,
+        app.try_get_class(&missing).await,
         Code::NotFound,
         "CLASS_NOT_FOUND",
     );
     assert_status(
-        app.client
-            .get_class(pb::GetClassRequest {
-                class_id: "123".into(),
-            })
-            .await,
+        app.try_get_class("123").await,
         Code::InvalidArgument,
         "INVALID_FIELD",
     );
 
     // Lowering the maximum below the enrolled count is refused and changes nothing.
     for i in 0..2 {
-        let u = register(&mut app.client, &org, &format!("s{i}@example.com")).await;
-        enroll(&mut app.client, &class.class_id, &u.user_id)
-            .await
-            .unwrap();
+        let u = app.user(&org, &format!("s{i}@example.com")).await;
+        app.enroll(&class.class_id, &u.user_id).await.unwrap();
     }
     assert_status(
-        app.client
-            .update_class(pb::UpdateClassRequest {
-                class_id: class.class_id.clone(),
-                title: Some("renamed".into()),
-                max_students: Some(1),
-                ..Default::default()
-            })
-            .await,
+        app.update_class(pb::UpdateClassRequest {
+            class_id: class.class_id.clone(),
+            title: Some("renamed".into()),
+            max_students: Some(1),
+            ..Default::default()
+        })
+        .await,
         Code::FailedPrecondition,
         "MAX_BELOW_ENROLLED",
     );
-    let after = app
-        .client
-        .get_class(pb::GetClassRequest {
-            class_id: class.class_id,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .class
-        .unwrap();
+    let after = app.get_class(&class.class_id).await;
     assert_eq!(
         (
             after.title.as_str(),
@@ -356,44 +226,37 @@ async fn class_input_is_checked() {
 
 #[tokio::test]
 async fn user_input_is_checked() {
-    let mut app = EnrollmentApp::start().await;
+    let app = TestApp::start(0).await;
+    let mut e = app.enrollment_client();
     for (email, org, field) in [
         ("not-an-email", "acme", "email"),
         ("", "acme", "email"),
         ("a@b", "acme", "email"),
         ("a@example.com", "", "organization_id"),
     ] {
-        let status = assert_status(
-            app.client
-                .register_user(pb::RegisterUserRequest {
-                    organization_id: org.into(),
-                    email: email.into(),
-                    display_name: String::new(),
-                    ..Default::default()
-                })
-                .await,
-            Code::InvalidArgument,
-            "INVALID_FIELD",
-        );
-        assert_eq!(invalid_field(&status), field);
+        let request = pb::RegisterUserRequest {
+            organization_id: org.into(),
+            email: email.into(),
+            display_name: String::new(),
+            ..Default::default()
+        };
+        assert_invalid_field(e.register_user(request).await, field);
     }
     assert_status(
-        app.client
-            .get_user(pb::GetUserRequest {
-                user_id: String::new(),
-                ..Default::default()
-            })
-            .await,
+        e.get_user(pb::GetUserRequest {
+            user_id: String::new(),
+            ..Default::default()
+        })
+        .await,
         Code::InvalidArgument,
         "INVALID_FIELD",
     );
     assert_status(
-        app.client
-            .get_user(pb::GetUserRequest {
-                user_id: uuid::Uuid::new_v4().to_string(),
-                ..Default::default()
-            })
-            .await,
+        e.get_user(pb::GetUserRequest {
+            user_id: uuid(),
+            ..Default::default()
+        })
+        .await,
         Code::NotFound,
         "USER_NOT_FOUND",
     );
@@ -401,15 +264,15 @@ async fn user_input_is_checked() {
 
 #[tokio::test]
 async fn enroll_cancel_and_roster() {
-    let mut app = EnrollmentApp::start().await;
+    let app = TestApp::start(0).await;
+    let mut e = app.enrollment_client();
     let org = org();
-    let class = create_class(&mut app.client, &org, 1).await;
-    let ada = register(&mut app.client, &org, "ada@example.com").await;
-    let bob = register(&mut app.client, &org, "bob@example.com").await;
-    let key_id = uuid::Uuid::new_v4().to_string();
+    let class = app.class(&org, 1).await;
+    let ada = app.user(&org, "ada@example.com").await;
+    let bob = app.user(&org, "bob@example.com").await;
+    let key_id = uuid();
 
-    let first = app
-        .client
+    let first = e
         .enroll(pb::EnrollRequest {
             class_id: class.class_id.clone(),
             user_id: ada.user_id.clone(),
@@ -424,9 +287,7 @@ async fn enroll_cancel_and_roster() {
     assert_eq!(enrollment.source_key_id, key_id);
     assert_eq!(enrollment.status, pb::EnrollmentStatus::Active as i32);
 
-    let again = enroll(&mut app.client, &class.class_id, &ada.user_id)
-        .await
-        .unwrap();
+    let again = app.enroll(&class.class_id, &ada.user_id).await.unwrap();
     assert!(again.already_enrolled);
     assert_eq!(
         again.enrollment.unwrap().enrollment_id,
@@ -434,46 +295,30 @@ async fn enroll_cancel_and_roster() {
     );
 
     assert_status(
-        enroll(&mut app.client, &class.class_id, &bob.user_id).await,
+        app.enroll(&class.class_id, &bob.user_id).await,
         Code::ResourceExhausted,
         "CLASS_FULL",
     );
 
-    let cancelled = app
-        .client
-        .cancel_enrollment(pb::CancelEnrollmentRequest {
-            enrollment_id: enrollment.enrollment_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let cancelled = app.cancel(&enrollment.enrollment_id).await.unwrap();
     assert!(!cancelled.already_cancelled);
     assert_eq!(
         cancelled.enrollment.unwrap().status,
         pb::EnrollmentStatus::Cancelled as i32
     );
-    let twice = app
-        .client
-        .cancel_enrollment(pb::CancelEnrollmentRequest {
-            enrollment_id: enrollment.enrollment_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let twice = app.cancel(&enrollment.enrollment_id).await.unwrap();
     assert!(twice.already_cancelled, "cancelling again changes nothing");
 
     // The freed seat goes to the next student, and only one seat was freed.
-    let bobs = enroll(&mut app.client, &class.class_id, &bob.user_id)
-        .await
-        .unwrap();
+    let bobs = app.enroll(&class.class_id, &bob.user_id).await.unwrap();
     assert!(!bobs.already_enrolled);
     assert_status(
-        enroll(&mut app.client, &class.class_id, &ada.user_id).await,
+        app.enroll(&class.class_id, &ada.user_id).await,
         Code::ResourceExhausted,
         "CLASS_FULL",
     );
 
-    let active = roster(&mut app.client, &class.class_id, 10).await;
+    let active = app.roster(&class.class_id, 10).await;
     assert_eq!(
         active
             .iter()
@@ -481,8 +326,7 @@ async fn enroll_cancel_and_roster() {
             .collect::<Vec<_>>(),
         vec![bob.user_id.as_str()]
     );
-    let everything = app
-        .client
+    let everything = e
         .list_enrollments(pb::ListEnrollmentsRequest {
             class_id: class.class_id.clone(),
             include_cancelled: true,
@@ -494,8 +338,7 @@ async fn enroll_cancel_and_roster() {
         .enrollments;
     assert_eq!(everything.len(), 2);
     assert_eq!(everything[0].user_id, ada.user_id, "oldest first");
-    let only_bob = app
-        .client
+    let only_bob = e
         .list_enrollments(pb::ListEnrollmentsRequest {
             class_id: class.class_id.clone(),
             user_id: bob.user_id.clone(),
@@ -511,57 +354,48 @@ async fn enroll_cancel_and_roster() {
 
 #[tokio::test]
 async fn enroll_input_is_checked() {
-    let mut app = EnrollmentApp::start().await;
+    let app = TestApp::start(0).await;
+    let mut e = app.enrollment_client();
     let org = org();
-    let class = create_class(&mut app.client, &org, 5).await;
-    let user = register(&mut app.client, &org, "u@example.com").await;
-    let outsider = register(&mut app.client, &self::org(), "u@example.com").await;
-    let unknown = uuid::Uuid::new_v4().to_string();
+    let class = app.class(&org, 5).await;
+    let user = app.user(&org, "u@example.com").await;
+    let outsider = app.user(&self::org(), "u@example.com").await;
+    let unknown = uuid();
 
     assert_status(
-        enroll(&mut app.client, &unknown, &user.user_id).await,
+        app.enroll(&unknown, &user.user_id).await,
         Code::NotFound,
         "CLASS_NOT_FOUND",
     );
     assert_status(
-        enroll(&mut app.client, &class.class_id, &unknown).await,
+        app.enroll(&class.class_id, &unknown).await,
         Code::NotFound,
         "USER_NOT_FOUND",
     );
     assert_status(
-        enroll(&mut app.client, "", &user.user_id).await,
+        app.enroll("", &user.user_id).await,
         Code::InvalidArgument,
         "INVALID_FIELD",
     );
     assert_status(
-        enroll(&mut app.client, &class.class_id, "x").await,
+        app.enroll(&class.class_id, "x").await,
         Code::InvalidArgument,
         "INVALID_FIELD",
     );
-    let status = assert_status(
-        app.client
-            .enroll(pb::EnrollRequest {
-                class_id: class.class_id.clone(),
-                user_id: user.user_id.clone(),
-                source_key_id: "k".into(),
-                ..Default::default()
-            })
-            .await,
-        Code::InvalidArgument,
-        "INVALID_FIELD",
-    );
-    assert_eq!(invalid_field(&status), "source_key_id");
+    let bad_key = pb::EnrollRequest {
+        class_id: class.class_id.clone(),
+        user_id: user.user_id.clone(),
+        source_key_id: "k".into(),
+        ..Default::default()
+    };
+    assert_invalid_field(e.enroll(bad_key).await, "source_key_id");
     assert_status(
-        enroll(&mut app.client, &class.class_id, &outsider.user_id).await,
+        app.enroll(&class.class_id, &outsider.user_id).await,
         Code::FailedPrecondition,
         "ORGANIZATION_MISMATCH",
     );
     assert_status(
-        app.client
-            .cancel_enrollment(pb::CancelEnrollmentRequest {
-                enrollment_id: unknown.clone(),
-            })
-            .await,
+        app.cancel(&unknown).await,
         Code::NotFound,
         "ENROLLMENT_NOT_FOUND",
     );
@@ -570,88 +404,54 @@ async fn enroll_input_is_checked() {
         (1001, "", "page_size"),
         (10, "zz", "page_token"),
     ] {
-        let status = assert_status(
-            app.client
-                .list_enrollments(pb::ListEnrollmentsRequest {
-                    class_id: class.class_id.clone(),
-                    page_size,
-                    page_token: page_token.into(),
-                    ..Default::default()
-                })
-                .await,
-            Code::InvalidArgument,
-            "INVALID_FIELD",
-        );
-        assert_eq!(invalid_field(&status), field);
+        let request = pb::ListEnrollmentsRequest {
+            class_id: class.class_id.clone(),
+            page_size,
+            page_token: page_token.into(),
+            ..Default::default()
+        };
+        assert_invalid_field(e.list_enrollments(request).await, field);
     }
     assert_status(
-        app.client
-            .list_enrollments(pb::ListEnrollmentsRequest {
-                class_id: unknown,
-                ..Default::default()
-            })
-            .await,
+        e.list_enrollments(pb::ListEnrollmentsRequest {
+            class_id: unknown,
+            ..Default::default()
+        })
+        .await,
         Code::NotFound,
         "CLASS_NOT_FOUND",
     );
     // None of the failures wrote anything.
-    let class = app
-        .client
-        .get_class(pb::GetClassRequest {
-            class_id: class.class_id,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .class
-        .unwrap();
-    assert_eq!(class.enrolled_count, 0);
+    assert_eq!(app.get_class(&class.class_id).await.enrolled_count, 0);
 }
 
 #[tokio::test]
 async fn roster_pages_are_stable_and_complete() {
-    let mut app = EnrollmentApp::start().await;
+    let app = TestApp::start(0).await;
     let org = org();
-    let class = create_class(&mut app.client, &org, 10).await;
+    let class = app.class(&org, 10).await;
     for i in 0..7 {
-        let u = register(&mut app.client, &org, &format!("p{i}@example.com")).await;
-        enroll(&mut app.client, &class.class_id, &u.user_id)
-            .await
-            .unwrap();
+        let u = app.user(&org, &format!("p{i}@example.com")).await;
+        app.enroll(&class.class_id, &u.user_id).await.unwrap();
     }
-    let paged = roster(&mut app.client, &class.class_id, 3).await;
-    let whole = roster(&mut app.client, &class.class_id, 100).await;
+    let paged = app.roster(&class.class_id, 3).await;
+    let whole = app.roster(&class.class_id, 100).await;
     assert_eq!(paged.len(), 7);
     assert_eq!(paged, whole);
 }
 
 #[tokio::test]
 async fn capacity_guard_holds_under_200_concurrent_enrollments() {
-    let mut app = EnrollmentApp::start().await;
+    let app = TestApp::start(0).await;
     let org = org();
-    let class = create_class(&mut app.client, &org, 50).await;
-    let users = join_all((0..200).map(|i| {
-        let mut c = app.client.clone();
-        let org = org.clone();
-        async move {
-            register(&mut c, &org, &format!("student{i}@example.com"))
-                .await
-                .user_id
-        }
-    }))
-    .await;
+    let class = app.class(&org, 50).await;
+    let users = app.users(&org, 200).await;
 
-    let results = join_all(users.iter().map(|user_id| {
-        let mut c = app.client.clone();
-        let class_id = class.class_id.clone();
-        let user_id = user_id.clone();
-        async move { enroll(&mut c, &class_id, &user_id).await }
-    }))
-    .await;
+    let results = join_all(users.iter().map(|u| app.enroll(&class.class_id, u))).await;
     let ok = results.iter().filter(|r| r.is_ok()).count();
     let full = results
         .iter()
-        .filter(|r| matches!(r, Err(s) if s.code() == Code::ResourceExhausted && trainingkeys_tests::reason(s) == "CLASS_FULL"))
+        .filter(|r| matches!(r, Err(s) if s.code() == Code::ResourceExhausted && reason(s) == "CLASS_FULL"))
         .count();
     assert_eq!(
         (ok, full),
@@ -662,38 +462,25 @@ async fn capacity_guard_holds_under_200_concurrent_enrollments() {
             .is_err_and(|s| s.code() != Code::ResourceExhausted))
     );
 
-    let class = app
-        .client
-        .get_class(pb::GetClassRequest {
-            class_id: class.class_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .class
-        .unwrap();
+    let class = app.get_class(&class.class_id).await;
     assert_eq!((class.enrolled_count, class.seats_left), (50, 0));
-    let mut db = app.db().await;
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM enrollment.enrollments WHERE class_id = $1::uuid AND cancelled_at IS NULL")
-        .bind(&class.class_id)
-        .fetch_one(&mut db)
-        .await
-        .unwrap();
-    assert_eq!(rows, 50, "seat count equals the roster");
-    assert_eq!(roster(&mut app.client, &class.class_id, 7).await.len(), 50);
+    assert_eq!(
+        app.active_rows(&class.class_id).await,
+        50,
+        "seat count equals the roster"
+    );
+    assert_eq!(app.roster(&class.class_id, 7).await.len(), 50);
 }
 
 #[tokio::test]
 async fn one_user_enrolling_20_times_concurrently_takes_one_seat() {
-    let mut app = EnrollmentApp::start().await;
+    let app = TestApp::start(0).await;
     let org = org();
-    let class = create_class(&mut app.client, &org, 5).await;
-    let user = register(&mut app.client, &org, "eager@example.com").await;
-    let results = join_all((0..20).map(|_| {
-        let mut c = app.client.clone();
-        let (class_id, user_id) = (class.class_id.clone(), user.user_id.clone());
-        async move { enroll(&mut c, &class_id, &user_id).await.unwrap() }
-    }))
+    let class = app.class(&org, 5).await;
+    let user = app.user(&org, "eager@example.com").await;
+    let results = join_all(
+        (0..20).map(|_| async { app.enroll(&class.class_id, &user.user_id).await.unwrap() }),
+    )
     .await;
     assert_eq!(results.iter().filter(|r| !r.already_enrolled).count(), 1);
     let ids: HashSet<_> = results
@@ -701,16 +488,7 @@ async fn one_user_enrolling_20_times_concurrently_takes_one_seat() {
         .map(|r| r.enrollment.as_ref().unwrap().enrollment_id.clone())
         .collect();
     assert_eq!(ids.len(), 1);
-    let class = app
-        .client
-        .get_class(pb::GetClassRequest {
-            class_id: class.class_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .class
-        .unwrap();
+    let class = app.get_class(&class.class_id).await;
     assert_eq!(class.enrolled_count, 1);
     let mut db = app.db().await;
     let rows: i64 =
@@ -724,10 +502,10 @@ async fn one_user_enrolling_20_times_concurrently_takes_one_seat() {
 
 #[tokio::test]
 async fn profiles_and_subscriptions() {
-    let mut app = EnrollmentApp::start().await;
+    let app = TestApp::start(0).await;
+    let mut e = app.enrollment_client();
     let org = org();
-    let profile = app
-        .client
+    let profile = e
         .create_subscription_profile(pb::CreateSubscriptionProfileRequest {
             organization_id: org.clone(),
             name: "All access".into(),
@@ -740,8 +518,7 @@ async fn profiles_and_subscriptions() {
         .profile
         .unwrap();
     assert_eq!(profile.course_ids, vec!["A", "B"]);
-    let fetched = app
-        .client
+    let fetched = e
         .get_subscription_profile(pb::GetSubscriptionProfileRequest {
             profile_id: profile.profile_id.clone(),
         })
@@ -749,16 +526,15 @@ async fn profiles_and_subscriptions() {
         .unwrap();
     assert_eq!(fetched.into_inner().profile.unwrap(), profile);
 
-    let user = register(&mut app.client, &org, "sub@example.com").await;
+    let user = app.user(&org, "sub@example.com").await;
     let assign = |key: &str| pb::AssignSubscriptionRequest {
         profile_id: profile.profile_id.clone(),
         user_id: user.user_id.clone(),
         source_key_id: key.into(),
         ..Default::default()
     };
-    let key = uuid::Uuid::new_v4().to_string();
-    let first = app
-        .client
+    let key = uuid();
+    let first = e
         .assign_subscription(assign(&key))
         .await
         .unwrap()
@@ -775,7 +551,7 @@ async fn profiles_and_subscriptions() {
     // Assigning the same profile again while it runs returns it unchanged,
     // also under concurrency: no second subscription, no extension.
     let again = join_all((0..10).map(|_| {
-        let mut c = app.client.clone();
+        let mut c = app.enrollment_client();
         let r = assign("");
         async move { c.assign_subscription(r).await.unwrap().into_inner() }
     }))
@@ -785,8 +561,7 @@ async fn profiles_and_subscriptions() {
             .iter()
             .all(|r| r.already_assigned && r.subscription.as_ref() == Some(&sub))
     );
-    let listed = app
-        .client
+    let listed = e
         .list_subscriptions(pb::ListSubscriptionsRequest {
             user_id: user.user_id.clone(),
             ..Default::default()
@@ -836,67 +611,47 @@ async fn profiles_and_subscriptions() {
             "name",
         ),
     ] {
-        let status = assert_status(
-            app.client.create_subscription_profile(r).await,
-            Code::InvalidArgument,
-            "INVALID_FIELD",
-        );
-        assert_eq!(invalid_field(&status), field);
+        assert_invalid_field(e.create_subscription_profile(r).await, field);
     }
-    let unknown = uuid::Uuid::new_v4().to_string();
+    let unknown = uuid();
     assert_status(
-        app.client
-            .get_subscription_profile(pb::GetSubscriptionProfileRequest {
-                profile_id: unknown.clone(),
-            })
+        e.get_subscription_profile(pb::GetSubscriptionProfileRequest {
+            profile_id: unknown.clone(),
+        })
+        .await,
+        Code::NotFound,
+        "PROFILE_NOT_FOUND",
+    );
+    let assign_to = |profile_id: &str, user_id: &str| pb::AssignSubscriptionRequest {
+        profile_id: profile_id.into(),
+        user_id: user_id.into(),
+        ..Default::default()
+    };
+    assert_status(
+        e.assign_subscription(assign_to(&unknown, &user.user_id))
             .await,
         Code::NotFound,
         "PROFILE_NOT_FOUND",
     );
     assert_status(
-        app.client
-            .assign_subscription(pb::AssignSubscriptionRequest {
-                profile_id: unknown.clone(),
-                user_id: user.user_id.clone(),
-                source_key_id: String::new(),
-                ..Default::default()
-            })
-            .await,
-        Code::NotFound,
-        "PROFILE_NOT_FOUND",
-    );
-    assert_status(
-        app.client
-            .assign_subscription(pb::AssignSubscriptionRequest {
-                profile_id: profile.profile_id.clone(),
-                user_id: unknown.clone(),
-                source_key_id: String::new(),
-                ..Default::default()
-            })
+        e.assign_subscription(assign_to(&profile.profile_id, &unknown))
             .await,
         Code::NotFound,
         "USER_NOT_FOUND",
     );
-    let outsider = register(&mut app.client, &self::org(), "x@example.com").await;
+    let outsider = app.user(&self::org(), "x@example.com").await;
     assert_status(
-        app.client
-            .assign_subscription(pb::AssignSubscriptionRequest {
-                profile_id: profile.profile_id.clone(),
-                user_id: outsider.user_id,
-                source_key_id: String::new(),
-                ..Default::default()
-            })
+        e.assign_subscription(assign_to(&profile.profile_id, &outsider.user_id))
             .await,
         Code::FailedPrecondition,
         "ORGANIZATION_MISMATCH",
     );
     assert_status(
-        app.client
-            .list_subscriptions(pb::ListSubscriptionsRequest {
-                user_id: unknown,
-                ..Default::default()
-            })
-            .await,
+        e.list_subscriptions(pb::ListSubscriptionsRequest {
+            user_id: unknown,
+            ..Default::default()
+        })
+        .await,
         Code::NotFound,
         "USER_NOT_FOUND",
     );

@@ -6,12 +6,12 @@ use std::time::Duration;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use trainingkeys_tests::{EnrollmentApp, eventually};
+use trainingkeys_tests::{TestApp, eventually};
 
 #[tokio::test]
 async fn health_is_serving_then_flips_on_shutdown() {
-    let app = EnrollmentApp::start().await;
-    let mut health = HealthClient::new(app.service.channel().await);
+    let app = TestApp::start(0).await;
+    let mut health = HealthClient::new(app.enrollment_service.channel().await);
     for service in ["", "trainingkeys.v1.EnrollmentService"] {
         let serving = eventually(Duration::from_secs(5), || {
             let mut health = health.clone();
@@ -47,7 +47,7 @@ async fn health_is_serving_then_flips_on_shutdown() {
     let first = watch.message().await.unwrap().unwrap();
     assert_eq!(first.status, ServingStatus::Serving as i32);
     let started = tokio::time::Instant::now();
-    app.service.shutdown.cancel();
+    app.enrollment_service.shutdown.cancel();
     let next = tokio::time::timeout(Duration::from_secs(5), watch.message())
         .await
         .expect("no update after shutdown");
@@ -55,8 +55,7 @@ async fn health_is_serving_then_flips_on_shutdown() {
         next.unwrap().unwrap().status,
         ServingStatus::NotServing as i32
     );
-    let EnrollmentApp { service, .. } = app;
-    let result = tokio::time::timeout(Duration::from_secs(10), service.handle)
+    let result = tokio::time::timeout(Duration::from_secs(10), app.enrollment_service.handle)
         .await
         .expect("drain not bounded");
     assert!(result.unwrap().is_ok());

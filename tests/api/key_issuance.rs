@@ -6,139 +6,25 @@
 use std::collections::HashSet;
 
 use chrono::{Duration, Utc};
-use futures::StreamExt as _;
 use futures::future::join_all;
 use sqlx::Row as _;
 use tonic::Code;
-use tonic::transport::Channel;
 use trainingkeys_key_issuance::code::{self, Entropy};
 use trainingkeys_proto::time::to_timestamp;
+use trainingkeys_proto::v1::export_keys_request::Scope;
 use trainingkeys_proto::v1::key_issuance_service_client::KeyIssuanceServiceClient;
-use trainingkeys_proto::v1::{self as pb, export_keys_request, get_key_request, list_keys_request};
+use trainingkeys_proto::v1::{self as pb, KeyStatus};
 use trainingkeys_tests::{
-    KeyApp, assert_status, error_metadata, fresh_database, invalid_field, spawn_key_issuance,
+    TestApp, assert_invalid_field, assert_status, class_scope, error_metadata, fresh_database,
+    invalid_field, org, pool_scope, spawn_key_issuance, uuid,
 };
 
-type Client = KeyIssuanceServiceClient<Channel>;
-
-fn org() -> String {
-    format!("org-{}", uuid::Uuid::new_v4().simple())
-}
-
-fn uuid() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
-async fn create_class(app: &mut KeyApp, max_students: i32) -> pb::Class {
-    let start = Utc::now() + Duration::days(1);
-    app.enrollment
-        .create_class(pb::CreateClassRequest {
-            organization_id: org(),
-            title: "Rust for services".into(),
-            course_id: "RUST-101".into(),
-            start_time: Some(to_timestamp(start)),
-            end_time: Some(to_timestamp(start + Duration::days(2))),
-            max_students,
-            lab_access_days: 7,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .class
-        .unwrap()
-}
-
-async fn create_profile(app: &mut KeyApp) -> pb::SubscriptionProfile {
-    app.enrollment
-        .create_subscription_profile(pb::CreateSubscriptionProfileRequest {
-            organization_id: org(),
-            name: "All of Rust".into(),
-            course_ids: vec!["RUST-101".into(), "RUST-201".into()],
-            duration_days: 365,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .profile
-        .unwrap()
-}
-
-async fn generate_pool(
-    client: &mut Client,
-    profile_id: &str,
-    count: i32,
-    uses_per_key: i32,
-) -> pb::KeyPool {
-    let response = client
-        .generate_subscription_keys(pb::GenerateSubscriptionKeysRequest {
-            profile_id: profile_id.into(),
-            count,
-            pool_name: "Spring campaign".into(),
-            uses_per_key,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(response.generated, count);
-    response.pool.unwrap()
-}
-
-fn class_scope(class_id: &str) -> Option<list_keys_request::Scope> {
-    Some(list_keys_request::Scope::ClassId(class_id.into()))
-}
-
-fn pool_scope(pool_id: &str) -> Option<list_keys_request::Scope> {
-    Some(list_keys_request::Scope::PoolId(pool_id.into()))
-}
-
-async fn list_all(
-    client: &mut Client,
-    scope: Option<list_keys_request::Scope>,
-    status: pb::KeyStatus,
-    page_size: i32,
-) -> Vec<pb::Key> {
-    let mut all = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = client
-            .list_keys(pb::ListKeysRequest {
-                scope: scope.clone(),
-                status: status.into(),
-                page_size,
-                page_token,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(page.keys.len() <= page_size as usize);
-        all.extend(page.keys);
-        if page.next_page_token.is_empty() {
-            return all;
-        }
-        page_token = page.next_page_token;
-    }
-}
-
-async fn export(
-    client: &mut Client,
-    scope: export_keys_request::Scope,
-) -> Result<Vec<csv::StringRecord>, tonic::Status> {
-    let mut stream = client
-        .export_keys(pb::ExportKeysRequest {
-            scope: Some(scope),
-            status: 0,
-        })
-        .await?
-        .into_inner();
-    let mut bytes = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        bytes.extend(chunk?.chunk);
-    }
-    let mut reader = csv::Reader::from_reader(bytes.as_slice());
-    let header = reader.headers().unwrap().clone();
+/// The rows of an export, its header checked. The CSV format is an API of
+/// its own, so its header is spelled out here.
+async fn export_rows(app: &TestApp, scope: Scope) -> Vec<csv::StringRecord> {
+    let export = app.export(scope).await.unwrap();
     assert_eq!(
-        header.iter().collect::<Vec<_>>(),
+        export.header.iter().collect::<Vec<_>>(),
         [
             "code",
             "kind",
@@ -151,72 +37,7 @@ async fn export(
             "redeemed_at"
         ]
     );
-    Ok(reader.records().map(Result::unwrap).collect())
-}
-
-async fn get_by_code(client: &mut Client, code: &str) -> Result<pb::Key, tonic::Status> {
-    client
-        .get_key(pb::GetKeyRequest {
-            selector: Some(get_key_request::Selector::Code(code.into())),
-        })
-        .await
-        .map(|r| r.into_inner().key.unwrap())
-}
-
-async fn get_by_id(client: &mut Client, key_id: &str) -> Result<pb::Key, tonic::Status> {
-    client
-        .get_key(pb::GetKeyRequest {
-            selector: Some(get_key_request::Selector::KeyId(key_id.into())),
-        })
-        .await
-        .map(|r| r.into_inner().key.unwrap())
-}
-
-async fn consume(
-    client: &mut Client,
-    key_id: &str,
-    user_id: &str,
-    redemption_id: &str,
-) -> Result<pb::ConsumeKeyResponse, tonic::Status> {
-    client
-        .consume_key(pb::ConsumeKeyRequest {
-            key_id: key_id.into(),
-            user_id: user_id.into(),
-            redemption_id: redemption_id.into(),
-            ..Default::default()
-        })
-        .await
-        .map(tonic::Response::into_inner)
-}
-
-async fn class_keys(
-    client: &mut Client,
-    class_id: &str,
-    count: i32,
-) -> Result<Vec<pb::Key>, tonic::Status> {
-    client
-        .generate_class_enrollment_keys(pb::GenerateClassEnrollmentKeysRequest {
-            class_id: class_id.into(),
-            count,
-        })
-        .await
-        .map(|r| r.into_inner().keys)
-}
-
-async fn set_event_key(
-    client: &mut Client,
-    class_id: &str,
-    custom: &str,
-    after_end: bool,
-) -> Result<pb::SetEventKeyResponse, tonic::Status> {
-    client
-        .set_event_key(pb::SetEventKeyRequest {
-            class_id: class_id.into(),
-            custom_code: custom.into(),
-            redeemable_after_class_end: after_end,
-        })
-        .await
-        .map(tonic::Response::into_inner)
+    export.rows
 }
 
 fn is_generated_format(code: &str) -> bool {
@@ -240,9 +61,9 @@ fn transposed(code: &str) -> String {
 
 #[tokio::test]
 async fn subscription_keys_fill_pools_list_and_export() {
-    let mut app = KeyApp::start().await;
-    let profile = create_profile(&mut app).await;
-    let pool = generate_pool(&mut app.client, &profile.profile_id, 250, 2).await;
+    let app = TestApp::start(0).await;
+    let profile = app.profile(&org()).await;
+    let pool = app.pool(&profile.profile_id, 250, 2).await;
     assert_eq!(
         (pool.key_count, pool.uses_per_key, pool.name.as_str()),
         (250, 2, "Spring campaign")
@@ -251,7 +72,7 @@ async fn subscription_keys_fill_pools_list_and_export() {
 
     // More keys into the same pool.
     let more = app
-        .client
+        .keys_client()
         .generate_subscription_keys(pb::GenerateSubscriptionKeysRequest {
             profile_id: profile.profile_id.clone(),
             count: 50,
@@ -263,20 +84,15 @@ async fn subscription_keys_fill_pools_list_and_export() {
         .into_inner();
     assert_eq!((more.generated, more.pool.unwrap().key_count), (50, 300));
 
-    let keys = list_all(
-        &mut app.client,
-        pool_scope(&pool.pool_id),
-        pb::KeyStatus::Unspecified,
-        64,
-    )
-    .await;
+    let in_pool = || pool_scope(&pool.pool_id);
+    let keys = app.list_keys(in_pool(), KeyStatus::Unspecified, 64).await;
     assert_eq!(keys.len(), 300);
     let codes: HashSet<&str> = keys.iter().map(|k| k.code.as_str()).collect();
     assert_eq!(codes.len(), 300, "codes are unique");
     for k in &keys {
         assert!(is_generated_format(&k.code), "{}", k.code);
         assert_eq!(k.kind(), pb::KeyKind::Subscription);
-        assert_eq!(k.status(), pb::KeyStatus::Active);
+        assert_eq!(k.status(), KeyStatus::Active);
         assert_eq!((k.max_uses, k.uses), (2, 0));
         assert_eq!(k.profile_id, profile.profile_id);
         assert_eq!(k.pool_id, pool.pool_id);
@@ -299,19 +115,9 @@ async fn subscription_keys_fill_pools_list_and_export() {
     // A used-up key shows who redeemed it, in the list and in the export.
     let used = &keys[7];
     let (alice, bob) = (uuid(), uuid());
-    consume(&mut app.client, &used.key_id, &alice, &uuid())
-        .await
-        .unwrap();
-    consume(&mut app.client, &used.key_id, &bob, &uuid())
-        .await
-        .unwrap();
-    let redeemed = list_all(
-        &mut app.client,
-        pool_scope(&pool.pool_id),
-        pb::KeyStatus::Redeemed,
-        10,
-    )
-    .await;
+    app.consume(&used.key_id, &alice, &uuid(), 0).await.unwrap();
+    app.consume(&used.key_id, &bob, &uuid(), 0).await.unwrap();
+    let redeemed = app.list_keys(in_pool(), KeyStatus::Redeemed, 10).await;
     assert_eq!(redeemed.len(), 1);
     assert_eq!(redeemed[0].key_id, used.key_id);
     let who: HashSet<_> = redeemed[0]
@@ -320,39 +126,19 @@ async fn subscription_keys_fill_pools_list_and_export() {
         .map(|r| r.user_id.clone())
         .collect();
     assert_eq!(who, HashSet::from([alice.clone(), bob.clone()]));
-    assert_eq!(
-        list_all(
-            &mut app.client,
-            pool_scope(&pool.pool_id),
-            pb::KeyStatus::Active,
-            1000
-        )
-        .await
-        .len(),
-        299
-    );
+    let active = app.list_keys(in_pool(), KeyStatus::Active, 1000).await;
+    assert_eq!(active.len(), 299);
 
     // The export equals the list.
-    let listed = list_all(
-        &mut app.client,
-        pool_scope(&pool.pool_id),
-        pb::KeyStatus::Unspecified,
-        1000,
-    )
-    .await;
-    let rows = export(
-        &mut app.client,
-        export_keys_request::Scope::PoolId(pool.pool_id.clone()),
-    )
-    .await
-    .unwrap();
+    let listed = app.list_keys(in_pool(), KeyStatus::Unspecified, 1000).await;
+    let rows = export_rows(&app, Scope::PoolId(pool.pool_id.clone())).await;
     assert_eq!(rows.len(), listed.len());
     for (row, key) in rows.iter().zip(&listed) {
         assert_eq!(&row[0], key.code);
         assert_eq!(&row[1], "subscription");
         assert_eq!(&row[2], profile.profile_id);
         assert_eq!(&row[3], pool.pool_id);
-        let status = if key.status() == pb::KeyStatus::Redeemed {
+        let status = if key.status() == KeyStatus::Redeemed {
             "redeemed"
         } else {
             "active"
@@ -377,22 +163,16 @@ async fn subscription_keys_fill_pools_list_and_export() {
     // Every key is found by its code, typed loosely.
     let k = &keys[3];
     let typed = k.code.to_lowercase().replace('-', " ");
-    assert_eq!(
-        get_by_code(&mut app.client, &typed).await.unwrap().key_id,
-        k.key_id
-    );
-    assert_eq!(
-        get_by_id(&mut app.client, &k.key_id).await.unwrap().code,
-        k.code
-    );
+    assert_eq!(app.key_by_code(&typed).await.unwrap().key_id, k.key_id);
+    assert_eq!(app.get_key(&k.key_id).await.code, k.code);
 }
 
 #[tokio::test]
 async fn subscription_key_errors() {
-    let mut app = KeyApp::start().await;
-    let profile = create_profile(&mut app).await;
-    let other = create_profile(&mut app).await;
-    let pool = generate_pool(&mut app.client, &profile.profile_id, 1, 0).await;
+    let app = TestApp::start(0).await;
+    let profile = app.profile(&org()).await;
+    let other = app.profile(&org()).await;
+    let pool = app.pool(&profile.profile_id, 1, 0).await;
     assert_eq!(pool.uses_per_key, 1, "0 uses means 1");
 
     let request = |profile_id: &str| pb::GenerateSubscriptionKeysRequest {
@@ -400,11 +180,13 @@ async fn subscription_key_errors() {
         count: 1,
         ..Default::default()
     };
+    let generate = |r| {
+        let mut client = app.keys_client();
+        async move { client.generate_subscription_keys(r).await }
+    };
     let unknown = uuid();
     let s = assert_status(
-        app.client
-            .generate_subscription_keys(request(&unknown))
-            .await,
+        generate(request(&unknown)).await,
         Code::NotFound,
         "PROFILE_NOT_FOUND",
     );
@@ -457,12 +239,7 @@ async fn subscription_key_errors() {
             "pool_name",
         ),
     ] {
-        let s = assert_status(
-            app.client.generate_subscription_keys(r).await,
-            Code::InvalidArgument,
-            "INVALID_FIELD",
-        );
-        assert_eq!(invalid_field(&s), field);
+        assert_invalid_field(generate(r).await, field);
     }
 
     let missing_pool = pb::GenerateSubscriptionKeysRequest {
@@ -470,7 +247,7 @@ async fn subscription_key_errors() {
         ..request(&profile.profile_id)
     };
     assert_status(
-        app.client.generate_subscription_keys(missing_pool).await,
+        generate(missing_pool).await,
         Code::NotFound,
         "POOL_NOT_FOUND",
     );
@@ -479,19 +256,15 @@ async fn subscription_key_errors() {
         ..request(&other.profile_id)
     };
     assert_status(
-        app.client.generate_subscription_keys(mismatch).await,
+        generate(mismatch).await,
         Code::FailedPrecondition,
         "POOL_PROFILE_MISMATCH",
     );
 
     // Nothing was written by the failed calls.
-    let keys = list_all(
-        &mut app.client,
-        pool_scope(&pool.pool_id),
-        pb::KeyStatus::Unspecified,
-        100,
-    )
-    .await;
+    let keys = app
+        .list_keys(pool_scope(&pool.pool_id), KeyStatus::Unspecified, 100)
+        .await;
     assert_eq!(keys.len(), 1);
     let mut db = app.db().await;
     let pools: i64 = sqlx::query_scalar("SELECT count(*) FROM key_issuance.key_pools")
@@ -502,50 +275,27 @@ async fn subscription_key_errors() {
 
     // A pool whose window is over: its keys are expired (computed, not stored).
     let expired = app
-        .client
-        .generate_subscription_keys(pb::GenerateSubscriptionKeysRequest {
+        .generate_pool(pb::GenerateSubscriptionKeysRequest {
             valid_from: Some(to_timestamp(Utc::now() - Duration::days(10))),
             valid_until: Some(to_timestamp(Utc::now() - Duration::days(1))),
             count: 3,
             ..request(&profile.profile_id)
         })
-        .await
-        .unwrap()
-        .into_inner()
-        .pool
-        .unwrap();
-    let keys = list_all(
-        &mut app.client,
-        pool_scope(&expired.pool_id),
-        pb::KeyStatus::Expired,
-        100,
-    )
-    .await;
+        .await;
+    let in_pool = || pool_scope(&expired.pool_id);
+    let keys = app.list_keys(in_pool(), KeyStatus::Expired, 100).await;
     assert_eq!(keys.len(), 3);
-    assert!(
-        list_all(
-            &mut app.client,
-            pool_scope(&expired.pool_id),
-            pb::KeyStatus::Active,
-            100
-        )
-        .await
-        .is_empty()
-    );
-    let rows = export(
-        &mut app.client,
-        export_keys_request::Scope::PoolId(expired.pool_id.clone()),
-    )
-    .await
-    .unwrap();
+    let active = app.list_keys(in_pool(), KeyStatus::Active, 100).await;
+    assert!(active.is_empty());
+    let rows = export_rows(&app, Scope::PoolId(expired.pool_id.clone())).await;
     assert!(rows.iter().all(|r| &r[4] == "expired" && !r[5].is_empty()));
 }
 
 #[tokio::test]
 async fn list_export_get_and_revoke_errors() {
-    let mut app = KeyApp::start().await;
-    let profile = create_profile(&mut app).await;
-    let pool = generate_pool(&mut app.client, &profile.profile_id, 3, 1).await;
+    let app = TestApp::start(0).await;
+    let profile = app.profile(&org()).await;
+    let pool = app.pool(&profile.profile_id, 3, 1).await;
 
     let list = |scope, page_size, page_token: &str| pb::ListKeysRequest {
         scope,
@@ -566,156 +316,91 @@ async fn list_export_get_and_revoke_errors() {
             "status",
         ),
     ] {
-        let s = assert_status(
-            app.client.list_keys(r).await,
-            Code::InvalidArgument,
-            "INVALID_FIELD",
-        );
-        assert_eq!(invalid_field(&s), field);
+        assert_invalid_field(app.keys_client().list_keys(r).await, field);
     }
     assert_status(
-        app.client.list_keys(list(pool_scope(&uuid()), 0, "")).await,
+        app.keys_client()
+            .list_keys(list(pool_scope(&uuid()), 0, ""))
+            .await,
         Code::NotFound,
         "POOL_NOT_FOUND",
     );
     assert_status(
-        app.client
+        app.keys_client()
             .list_keys(list(class_scope(&uuid()), 0, ""))
             .await,
         Code::NotFound,
         "CLASS_NOT_FOUND",
     );
     assert_status(
-        export(&mut app.client, export_keys_request::Scope::PoolId(uuid())).await,
+        app.export(Scope::PoolId(uuid())).await,
         Code::NotFound,
         "POOL_NOT_FOUND",
     );
     assert_status(
-        export(&mut app.client, export_keys_request::Scope::ClassId(uuid())).await,
+        app.export(Scope::ClassId(uuid())).await,
         Code::NotFound,
         "CLASS_NOT_FOUND",
     );
 
     // GetKey: mistyped codes are refused before any lookup; unknown ones are not found.
-    let key = list_all(
-        &mut app.client,
-        pool_scope(&pool.pool_id),
-        pb::KeyStatus::Unspecified,
-        10,
-    )
-    .await
-    .remove(0);
+    let key = app
+        .list_keys(pool_scope(&pool.pool_id), KeyStatus::Unspecified, 10)
+        .await
+        .remove(0);
     assert_status(
-        get_by_code(&mut app.client, &transposed(&key.code)).await,
+        app.key_by_code(&transposed(&key.code)).await,
         Code::InvalidArgument,
         "KEY_MISTYPED",
     );
     assert_status(
-        get_by_code(&mut app.client, &unissued_code()).await,
+        app.key_by_code(&unissued_code()).await,
         Code::NotFound,
         "KEY_NOT_FOUND",
     );
     assert_status(
-        get_by_code(&mut app.client, "no-such-event-code").await,
+        app.key_by_code("no-such-event-code").await,
         Code::NotFound,
         "KEY_NOT_FOUND",
     );
-    let s = assert_status(
-        get_by_code(&mut app.client, "a!").await,
-        Code::InvalidArgument,
-        "INVALID_FIELD",
-    );
-    assert_eq!(invalid_field(&s), "code");
+    assert_invalid_field(app.key_by_code("a!").await, "code");
     assert_status(
-        get_by_id(&mut app.client, &uuid()).await,
+        app.try_get_key(&uuid()).await,
         Code::NotFound,
         "KEY_NOT_FOUND",
     );
-    let s = assert_status(
-        get_by_id(&mut app.client, "x").await,
-        Code::InvalidArgument,
-        "INVALID_FIELD",
-    );
-    assert_eq!(invalid_field(&s), "key_id");
-    let s = assert_status(
-        app.client
-            .get_key(pb::GetKeyRequest { selector: None })
-            .await,
-        Code::InvalidArgument,
-        "INVALID_FIELD",
-    );
-    assert_eq!(invalid_field(&s), "key_id");
+    assert_invalid_field(app.try_get_key("x").await, "key_id");
+    let no_selector = pb::GetKeyRequest { selector: None };
+    assert_invalid_field(app.keys_client().get_key(no_selector).await, "key_id");
 
     // RevokeKey is idempotent, and a revoked key is still found (as revoked).
-    let first = app
-        .client
-        .revoke_key(pb::RevokeKeyRequest {
-            key_id: key.key_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let first = app.revoke(&key.key_id).await.unwrap();
     assert!(!first.already_revoked);
-    assert_eq!(first.key.unwrap().status(), pb::KeyStatus::Revoked);
-    let again = app
-        .client
-        .revoke_key(pb::RevokeKeyRequest {
-            key_id: key.key_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    assert_eq!(first.key.unwrap().status(), KeyStatus::Revoked);
+    let again = app.revoke(&key.key_id).await.unwrap();
     assert!(again.already_revoked);
     assert_eq!(
-        get_by_code(&mut app.client, &key.code)
-            .await
-            .unwrap()
-            .status(),
-        pb::KeyStatus::Revoked
+        app.key_by_code(&key.code).await.unwrap().status(),
+        KeyStatus::Revoked
     );
-    assert_status(
-        app.client
-            .revoke_key(pb::RevokeKeyRequest { key_id: uuid() })
-            .await,
-        Code::NotFound,
-        "KEY_NOT_FOUND",
-    );
-    assert_eq!(
-        list_all(
-            &mut app.client,
-            pool_scope(&pool.pool_id),
-            pb::KeyStatus::Revoked,
-            10
-        )
-        .await
-        .len(),
-        1
-    );
-    assert_eq!(
-        list_all(
-            &mut app.client,
-            pool_scope(&pool.pool_id),
-            pb::KeyStatus::Active,
-            10
-        )
-        .await
-        .len(),
-        2
-    );
+    assert_status(app.revoke(&uuid()).await, Code::NotFound, "KEY_NOT_FOUND");
+    let in_pool = || pool_scope(&pool.pool_id);
+    let revoked = app.list_keys(in_pool(), KeyStatus::Revoked, 10).await;
+    assert_eq!(revoked.len(), 1);
+    let active = app.list_keys(in_pool(), KeyStatus::Active, 10).await;
+    assert_eq!(active.len(), 2);
 }
 
 #[tokio::test]
 async fn class_enrollment_keys_never_exceed_the_maximum() {
-    let mut app = KeyApp::start().await;
-    let class = create_class(&mut app, 5).await;
-    let keys = class_keys(&mut app.client, &class.class_id, 3)
-        .await
-        .unwrap();
+    let app = TestApp::start(0).await;
+    let class = app.class(&org(), 5).await;
+    let keys = app.class_keys(&class.class_id, 3).await;
     assert_eq!(keys.len(), 3);
     for k in &keys {
         assert!(is_generated_format(&k.code));
         assert_eq!(k.kind(), pb::KeyKind::ClassEnrollment);
-        assert_eq!((k.max_uses, k.status()), (1, pb::KeyStatus::Active));
+        assert_eq!((k.max_uses, k.status()), (1, KeyStatus::Active));
         assert_eq!(
             k.valid_until, class.end_time,
             "valid through the class's end"
@@ -723,50 +408,30 @@ async fn class_enrollment_keys_never_exceed_the_maximum() {
         assert_eq!(k.class_id, class.class_id);
     }
     let s = assert_status(
-        class_keys(&mut app.client, &class.class_id, 3).await,
+        app.try_class_keys(&class.class_id, 3).await,
         Code::FailedPrecondition,
         "KEY_LIMIT_REACHED",
     );
     assert_eq!(error_metadata(&s, "max_students"), "5");
     assert_status(
-        class_keys(&mut app.client, &class.class_id, 6).await,
+        app.try_class_keys(&class.class_id, 6).await,
         Code::FailedPrecondition,
         "KEY_LIMIT_REACHED",
     );
     // A revoked key frees its place.
-    app.client
-        .revoke_key(pb::RevokeKeyRequest {
-            key_id: keys[0].key_id.clone(),
-        })
-        .await
-        .unwrap();
-    assert_eq!(
-        class_keys(&mut app.client, &class.class_id, 3)
-            .await
-            .unwrap()
-            .len(),
-        3
-    );
+    app.revoke(&keys[0].key_id).await.unwrap();
+    assert_eq!(app.class_keys(&class.class_id, 3).await.len(), 3);
     assert_status(
-        class_keys(&mut app.client, &class.class_id, 1).await,
+        app.try_class_keys(&class.class_id, 1).await,
         Code::FailedPrecondition,
         "KEY_LIMIT_REACHED",
     );
 
-    let listed = list_all(
-        &mut app.client,
-        class_scope(&class.class_id),
-        pb::KeyStatus::Unspecified,
-        2,
-    )
-    .await;
+    let listed = app
+        .list_keys(class_scope(&class.class_id), KeyStatus::Unspecified, 2)
+        .await;
     assert_eq!(listed.len(), 6);
-    let rows = export(
-        &mut app.client,
-        export_keys_request::Scope::ClassId(class.class_id.clone()),
-    )
-    .await
-    .unwrap();
+    let rows = export_rows(&app, Scope::ClassId(class.class_id.clone())).await;
     assert_eq!(rows.len(), 6);
     assert!(
         rows.iter()
@@ -774,7 +439,7 @@ async fn class_enrollment_keys_never_exceed_the_maximum() {
     );
 
     assert_status(
-        class_keys(&mut app.client, &uuid(), 1).await,
+        app.try_class_keys(&uuid(), 1).await,
         Code::NotFound,
         "CLASS_NOT_FOUND",
     );
@@ -783,24 +448,15 @@ async fn class_enrollment_keys_never_exceed_the_maximum() {
         ("x", 1, "class_id"),
         (class.class_id.as_str(), 10_001, "count"),
     ] {
-        let s = assert_status(
-            class_keys(&mut app.client, class_id, count).await,
-            Code::InvalidArgument,
-            "INVALID_FIELD",
-        );
-        assert_eq!(invalid_field(&s), field);
+        assert_invalid_field(app.try_class_keys(class_id, count).await, field);
     }
 }
 
 #[tokio::test]
 async fn concurrent_class_key_generation_cannot_exceed_the_maximum() {
-    let mut app = KeyApp::start().await;
-    let class = create_class(&mut app, 10).await;
-    let calls = (0..12).map(|_| {
-        let mut c = app.client.clone();
-        let class_id = class.class_id.clone();
-        async move { class_keys(&mut c, &class_id, 3).await }
-    });
+    let app = TestApp::start(0).await;
+    let class = app.class(&org(), 10).await;
+    let calls = (0..12).map(|_| app.try_class_keys(&class.class_id, 3));
     let results = join_all(calls).await;
     let won: usize = results
         .iter()
@@ -811,25 +467,19 @@ async fn concurrent_class_key_generation_cannot_exceed_the_maximum() {
     for r in results.iter().filter_map(|r| r.as_ref().err()) {
         assert_eq!(trainingkeys_tests::reason(r), "KEY_LIMIT_REACHED");
     }
-    let listed = list_all(
-        &mut app.client,
-        class_scope(&class.class_id),
-        pb::KeyStatus::Unspecified,
-        100,
-    )
-    .await;
+    let listed = app
+        .list_keys(class_scope(&class.class_id), KeyStatus::Unspecified, 100)
+        .await;
     assert_eq!(listed.len(), 9);
 }
 
 #[tokio::test]
 async fn event_keys_are_set_replaced_and_disabled() {
-    let mut app = KeyApp::start().await;
-    let class = create_class(&mut app, 30).await;
-    let other = create_class(&mut app, 30).await;
+    let app = TestApp::start(0).await;
+    let class = app.class(&org(), 30).await;
+    let other = app.class(&org(), 30).await;
 
-    let first = set_event_key(&mut app.client, &class.class_id, "", false)
-        .await
-        .unwrap();
+    let first = app.set_event_key(&class.class_id, "", false).await.unwrap();
     let first_key = first.key.unwrap();
     assert!(first.replaced_key_id.is_empty());
     assert!(is_generated_format(&first_key.code));
@@ -840,7 +490,8 @@ async fn event_keys_are_set_replaced_and_disabled() {
     assert_eq!(first_key.valid_until, class.end_time);
 
     // A custom code replaces it at once.
-    let second = set_event_key(&mut app.client, &class.class_id, "Rust-Spring-2030", true)
+    let second = app
+        .set_event_key(&class.class_id, "Rust-Spring-2030", true)
         .await
         .unwrap();
     assert_eq!(second.replaced_key_id, first_key.key_id);
@@ -849,37 +500,26 @@ async fn event_keys_are_set_replaced_and_disabled() {
     assert!(second_key.redeemable_after_class_end);
     assert_eq!(second_key.valid_until, class.lab_access_end_time);
     assert_eq!(
-        get_by_id(&mut app.client, &first_key.key_id)
-            .await
-            .unwrap()
-            .status(),
-        pb::KeyStatus::Revoked
+        app.get_key(&first_key.key_id).await.status(),
+        KeyStatus::Revoked
     );
     // Found however it is typed (case, I/L/O, hyphens).
-    assert_eq!(
-        get_by_code(&mut app.client, "rust spring 2O3O")
-            .await
-            .unwrap()
-            .key_id,
-        second_key.key_id
-    );
-    assert_eq!(
-        get_by_code(&mut app.client, "RUSTSPR1NG2030")
-            .await
-            .unwrap()
-            .key_id,
-        second_key.key_id
-    );
+    for typed in ["rust spring 2O3O", "RUSTSPR1NG2030"] {
+        let found = app.key_by_code(typed).await.unwrap();
+        assert_eq!(found.key_id, second_key.key_id);
+    }
 
     // Unique among active keys, case-insensitively.
     let s = assert_status(
-        set_event_key(&mut app.client, &other.class_id, "rust-spring-2030", false).await,
+        app.set_event_key(&other.class_id, "rust-spring-2030", false)
+            .await,
         Code::AlreadyExists,
         "CODE_ALREADY_EXISTS",
     );
     assert_eq!(error_metadata(&s, "field"), "custom_code");
     // Setting the same code again on its own class just replaces the key.
-    let again = set_event_key(&mut app.client, &class.class_id, "RUST-SPRING-2030", false)
+    let again = app
+        .set_event_key(&class.class_id, "RUST-SPRING-2030", false)
         .await
         .unwrap();
     assert_eq!(again.replaced_key_id, second_key.key_id);
@@ -893,78 +533,54 @@ async fn event_keys_are_set_replaced_and_disabled() {
         &"a".repeat(65),
     ] {
         let s = assert_status(
-            set_event_key(&mut app.client, &class.class_id, bad, false).await,
+            app.set_event_key(&class.class_id, bad, false).await,
             Code::InvalidArgument,
             "INVALID_FIELD",
         );
         assert_eq!(invalid_field(&s), "custom_code", "{bad}");
     }
     assert_status(
-        set_event_key(&mut app.client, &uuid(), "", false).await,
+        app.set_event_key(&uuid(), "", false).await,
         Code::NotFound,
         "CLASS_NOT_FOUND",
     );
 
     // Disable: idempotent; the code can then be taken by another class.
-    let disabled = app
-        .client
-        .disable_event_key(pb::DisableEventKeyRequest {
-            class_id: class.class_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let disabled = app.disable_event_key(&class.class_id).await.unwrap();
     let disabled = disabled.key.unwrap();
     assert_eq!(disabled.key_id, again.key.unwrap().key_id);
-    assert_eq!(disabled.status(), pb::KeyStatus::Revoked);
-    let twice = app
-        .client
-        .disable_event_key(pb::DisableEventKeyRequest {
-            class_id: class.class_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    assert_eq!(disabled.status(), KeyStatus::Revoked);
+    let twice = app.disable_event_key(&class.class_id).await.unwrap();
     assert!(twice.key.is_none());
     assert_status(
-        app.client
-            .disable_event_key(pb::DisableEventKeyRequest { class_id: uuid() })
-            .await,
+        app.disable_event_key(&uuid()).await,
         Code::NotFound,
         "CLASS_NOT_FOUND",
     );
-    set_event_key(&mut app.client, &other.class_id, "rust-spring-2030", false)
+    app.set_event_key(&other.class_id, "rust-spring-2030", false)
         .await
         .unwrap();
 
     // The class lists its event keys, the retired ones as revoked.
-    let listed = list_all(
-        &mut app.client,
-        class_scope(&class.class_id),
-        pb::KeyStatus::Unspecified,
-        100,
-    )
-    .await;
+    let listed = app
+        .list_keys(class_scope(&class.class_id), KeyStatus::Unspecified, 100)
+        .await;
     assert_eq!(listed.len(), 3);
-    assert!(listed.iter().all(|k| k.status() == pb::KeyStatus::Revoked));
+    assert!(listed.iter().all(|k| k.status() == KeyStatus::Revoked));
 }
 
 #[tokio::test]
 async fn event_key_windows_move_with_the_class() {
-    let mut app = KeyApp::start().await;
-    let class = create_class(&mut app, 30).await;
-    let key = set_event_key(&mut app.client, &class.class_id, "MOVE-ME", false)
-        .await
-        .unwrap()
-        .key
-        .unwrap();
-    assert_eq!(key.status(), pb::KeyStatus::Active);
+    let app = TestApp::start(0).await;
+    let class = app.class(&org(), 30).await;
+    let key = app.set_event_key(&class.class_id, "MOVE-ME", false).await;
+    let key = key.unwrap().key.unwrap();
+    assert_eq!(key.status(), KeyStatus::Active);
 
     // Reschedule the class into the past: the key's window ends with it.
     let start = Utc::now() - Duration::days(3);
     let end = Utc::now() - Duration::days(1);
     let moved = app
-        .enrollment
         .update_class(pb::UpdateClassRequest {
             class_id: class.class_id.clone(),
             start_time: Some(to_timestamp(start)),
@@ -972,39 +588,21 @@ async fn event_key_windows_move_with_the_class() {
             ..Default::default()
         })
         .await
-        .unwrap()
-        .into_inner()
-        .class
         .unwrap();
-    let key = get_by_id(&mut app.client, &key.key_id).await.unwrap();
+    let key = app.get_key(&key.key_id).await;
     assert_eq!(key.valid_until, moved.end_time);
-    assert_eq!(key.status(), pb::KeyStatus::Expired);
-    assert_eq!(
-        list_all(
-            &mut app.client,
-            class_scope(&class.class_id),
-            pb::KeyStatus::Expired,
-            10
-        )
-        .await
-        .len(),
-        1
-    );
+    assert_eq!(key.status(), KeyStatus::Expired);
+    let expired = app
+        .list_keys(class_scope(&class.class_id), KeyStatus::Expired, 10)
+        .await;
+    assert_eq!(expired.len(), 1);
 
     // Redeemable after the class: valid through lab access (end + 7 days).
-    let key = set_event_key(&mut app.client, &class.class_id, "MOVE-ME", true)
-        .await
-        .unwrap()
-        .key
-        .unwrap();
+    let key = app.set_event_key(&class.class_id, "MOVE-ME", true).await;
+    let key = key.unwrap().key.unwrap();
     assert_eq!(key.valid_until, moved.lab_access_end_time);
-    assert_eq!(key.status(), pb::KeyStatus::Active);
-    let rows = export(
-        &mut app.client,
-        export_keys_request::Scope::ClassId(class.class_id.clone()),
-    )
-    .await
-    .unwrap();
+    assert_eq!(key.status(), KeyStatus::Active);
+    let rows = export_rows(&app, Scope::ClassId(class.class_id.clone())).await;
     let row = rows
         .iter()
         .find(|r| &r[0] == "MOVE-ME" && &r[4] == "active")
@@ -1025,56 +623,32 @@ async fn event_key_windows_move_with_the_class() {
 
 #[tokio::test]
 async fn consume_and_release_keep_uses_exact() {
-    let mut app = KeyApp::start().await;
-    let profile = create_profile(&mut app).await;
-    let pool = generate_pool(&mut app.client, &profile.profile_id, 2, 1).await;
-    let keys = list_all(
-        &mut app.client,
-        pool_scope(&pool.pool_id),
-        pb::KeyStatus::Unspecified,
-        10,
-    )
-    .await;
+    let app = TestApp::start(0).await;
+    let profile = app.profile(&org()).await;
+    let pool = app.pool(&profile.profile_id, 2, 1).await;
+    let keys = app
+        .list_keys(pool_scope(&pool.pool_id), KeyStatus::Unspecified, 10)
+        .await;
     let (key, spare) = (&keys[0], &keys[1]);
     let (user, r1) = (uuid(), uuid());
 
-    let resolved = app
-        .client
-        .resolve_key(pb::ResolveKeyRequest {
-            code: key.code.to_lowercase(),
-            user_id: user.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let resolved = app.resolve(&key.code.to_lowercase(), &user).await.unwrap();
     assert_eq!(resolved.key.as_ref().unwrap().key_id, key.key_id);
     assert!(!resolved.revoked && !resolved.used_by_user);
 
-    let c = consume(&mut app.client, &key.key_id, &user, &r1)
-        .await
-        .unwrap();
+    let c = app.consume(&key.key_id, &user, &r1, 0).await.unwrap();
     assert_eq!((c.uses, c.max_uses, c.already_consumed), (1, 1, false));
-    let retry = consume(&mut app.client, &key.key_id, &user, &r1)
-        .await
-        .unwrap();
+    let retry = app.consume(&key.key_id, &user, &r1, 0).await.unwrap();
     assert_eq!((retry.uses, retry.already_consumed), (1, true));
     assert_status(
-        consume(&mut app.client, &key.key_id, &uuid(), &uuid()).await,
+        app.consume(&key.key_id, &uuid(), &uuid(), 0).await,
         Code::FailedPrecondition,
         "KEY_ALREADY_REDEEMED",
     );
-    let resolved = app
-        .client
-        .resolve_key(pb::ResolveKeyRequest {
-            code: key.code.clone(),
-            user_id: user.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let resolved = app.resolve(&key.code, &user).await.unwrap();
     assert!(resolved.used_by_user);
-    assert_eq!(resolved.key.unwrap().status(), pb::KeyStatus::Redeemed);
-    let fetched = get_by_id(&mut app.client, &key.key_id).await.unwrap();
+    assert_eq!(resolved.key.unwrap().status(), KeyStatus::Redeemed);
+    let fetched = app.get_key(&key.key_id).await;
     assert_eq!(fetched.redemptions.len(), 1);
     assert_eq!(
         (
@@ -1085,72 +659,28 @@ async fn consume_and_release_keep_uses_exact() {
     );
 
     // Release gives the use back, once.
-    let release = |redemption_id: &str| pb::ReleaseKeyRequest {
-        key_id: key.key_id.clone(),
-        redemption_id: redemption_id.into(),
-        ..Default::default()
-    };
-    assert!(
-        app.client
-            .release_key(release(&r1))
-            .await
-            .unwrap()
-            .into_inner()
-            .released
-    );
-    assert!(
-        !app.client
-            .release_key(release(&r1))
-            .await
-            .unwrap()
-            .into_inner()
-            .released
-    );
-    assert_eq!(
-        consume(&mut app.client, &key.key_id, &uuid(), &uuid())
-            .await
-            .unwrap()
-            .uses,
-        1
-    );
+    assert!(app.release(&key.key_id, &r1, 0).await.unwrap().released);
+    assert!(!app.release(&key.key_id, &r1, 0).await.unwrap().released);
+    let reused = app.consume(&key.key_id, &uuid(), &uuid(), 0).await;
+    assert_eq!(reused.unwrap().uses, 1);
     assert_status(
-        app.client
-            .release_key(pb::ReleaseKeyRequest {
-                key_id: uuid(),
-                redemption_id: uuid(),
-                ..Default::default()
-            })
-            .await,
+        app.release(&uuid(), &uuid(), 0).await,
         Code::NotFound,
         "KEY_NOT_FOUND",
     );
 
     // Revoked keys cannot be consumed.
-    app.client
-        .revoke_key(pb::RevokeKeyRequest {
-            key_id: spare.key_id.clone(),
-        })
-        .await
-        .unwrap();
+    app.revoke(&spare.key_id).await.unwrap();
     assert_status(
-        consume(&mut app.client, &spare.key_id, &uuid(), &uuid()).await,
+        app.consume(&spare.key_id, &uuid(), &uuid(), 0).await,
         Code::FailedPrecondition,
         "KEY_REVOKED",
     );
-    let resolved = app
-        .client
-        .resolve_key(pb::ResolveKeyRequest {
-            code: spare.code.clone(),
-            user_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(resolved.revoked);
+    assert!(app.resolve(&spare.code, "").await.unwrap().revoked);
 
     // Errors.
     assert_status(
-        consume(&mut app.client, &uuid(), &uuid(), &uuid()).await,
+        app.consume(&uuid(), &uuid(), &uuid(), 0).await,
         Code::NotFound,
         "KEY_NOT_FOUND",
     );
@@ -1159,60 +689,46 @@ async fn consume_and_release_keep_uses_exact() {
         (key.key_id.as_str(), "x", "", "user_id"),
         (key.key_id.as_str(), user.as_str(), "", "redemption_id"),
     ] {
-        let s = assert_status(
-            consume(&mut app.client, k, u, r).await,
-            Code::InvalidArgument,
-            "INVALID_FIELD",
-        );
-        assert_eq!(invalid_field(&s), field);
+        assert_invalid_field(app.consume(k, u, r, 0).await, field);
     }
-    let resolve = |code: String| pb::ResolveKeyRequest {
-        code,
-        user_id: String::new(),
-    };
     assert_status(
-        app.client.resolve_key(resolve(transposed(&key.code))).await,
+        app.resolve(&transposed(&key.code), "").await,
         Code::InvalidArgument,
         "KEY_MISTYPED",
     );
     assert_status(
-        app.client.resolve_key(resolve(unissued_code())).await,
+        app.resolve(&unissued_code(), "").await,
         Code::NotFound,
         "KEY_NOT_FOUND",
     );
 
     // Event keys are never limited; each use is recorded.
-    let class = create_class(&mut app, 30).await;
-    let event = set_event_key(&mut app.client, &class.class_id, "", false)
-        .await
-        .unwrap()
-        .key
-        .unwrap();
+    let class = app.class(&org(), 30).await;
+    let event = app.event_key(&class.class_id, false).await;
     for i in 1..=5 {
-        let c = consume(&mut app.client, &event.key_id, &uuid(), &uuid())
+        let c = app
+            .consume(&event.key_id, &uuid(), &uuid(), 0)
             .await
             .unwrap();
         assert_eq!((c.uses, c.max_uses), (i, 0));
     }
-    let event = get_by_id(&mut app.client, &event.key_id).await.unwrap();
+    let event = app.get_key(&event.key_id).await;
     assert_eq!(
         (event.uses, event.redemptions.len(), event.status()),
-        (5, 5, pb::KeyStatus::Active)
+        (5, 5, KeyStatus::Active)
     );
 }
 
 #[tokio::test]
 async fn fifty_concurrent_consumers_of_a_single_use_key_make_one_winner() {
-    let mut app = KeyApp::start().await;
-    let class = create_class(&mut app, 5).await;
-    let key = class_keys(&mut app.client, &class.class_id, 1)
-        .await
-        .unwrap()
-        .remove(0);
+    let app = TestApp::start(0).await;
+    let class = app.class(&org(), 5).await;
+    let key = app.class_keys(&class.class_id, 1).await.remove(0);
     let calls = (0..50).map(|_| {
-        let mut c = app.client.clone();
-        let key_id = key.key_id.clone();
-        async move { consume(&mut c, &key_id, &uuid(), &uuid()).await }
+        let (user, redemption) = (uuid(), uuid());
+        let app = &app;
+        let key_id = &key.key_id;
+        async move { app.consume(key_id, &user, &redemption, 0).await }
     });
     let results = join_all(calls).await;
     assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
@@ -1223,43 +739,29 @@ async fn fifty_concurrent_consumers_of_a_single_use_key_make_one_winner() {
             "{r:?}"
         );
     }
-    let key = get_by_id(&mut app.client, &key.key_id).await.unwrap();
+    let key = app.get_key(&key.key_id).await;
     assert_eq!(
         (key.uses, key.redemptions.len(), key.status()),
-        (1, 1, pb::KeyStatus::Redeemed)
+        (1, 1, KeyStatus::Redeemed)
     );
 }
 
 #[tokio::test]
 async fn notifications_are_rendered_from_the_event_key() {
-    let mut app = KeyApp::start().await;
-    let class = create_class(&mut app, 30).await;
-    let render = |template: &str| pb::RenderNotificationRequest {
-        class_id: class.class_id.clone(),
-        template: template.into(),
-    };
+    let app = TestApp::start(0).await;
+    let class = app.class(&org(), 30).await;
+    let render = |template: &'static str| app.render(&class.class_id, template);
 
     assert_status(
-        app.client
-            .render_notification(render("Key: {{EventTrainingKey}}"))
-            .await,
+        render("Key: {{EventTrainingKey}}").await,
         Code::FailedPrecondition,
         "NO_EVENT_KEY",
     );
-    let key = set_event_key(&mut app.client, &class.class_id, "", false)
-        .await
-        .unwrap()
-        .key
-        .unwrap();
-    let text = app
-        .client
-        .render_notification(render(
-            "Join {{ClassTitle}} ({{ClassStart}} - {{ClassEnd}}) with {{EventTrainingKey}}.",
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .text;
+    let key = app.event_key(&class.class_id, false).await;
+    let text =
+        render("Join {{ClassTitle}} ({{ClassStart}} - {{ClassEnd}}) with {{EventTrainingKey}}.")
+            .await
+            .unwrap();
     let start = chrono::DateTime::from_timestamp(class.start_time.unwrap().seconds, 0)
         .unwrap()
         .format("%Y-%m-%d %H:%M UTC");
@@ -1275,27 +777,14 @@ async fn notifications_are_rendered_from_the_event_key() {
     );
 
     let s = assert_status(
-        app.client
-            .render_notification(render("Hi {{StudentName}}"))
-            .await,
+        render("Hi {{StudentName}}").await,
         Code::InvalidArgument,
         "UNKNOWN_PLACEHOLDER",
     );
     assert_eq!(error_metadata(&s, "placeholder"), "StudentName");
-    let s = assert_status(
-        app.client
-            .render_notification(render("Hi {{ClassTitle"))
-            .await,
-        Code::InvalidArgument,
-        "INVALID_FIELD",
-    );
-    assert_eq!(invalid_field(&s), "template");
-    let other = pb::RenderNotificationRequest {
-        class_id: uuid(),
-        template: "{{ClassTitle}}".into(),
-    };
+    assert_invalid_field(render("Hi {{ClassTitle").await, "template");
     assert_status(
-        app.client.render_notification(other).await,
+        app.render(&uuid(), "{{ClassTitle}}").await,
         Code::NotFound,
         "CLASS_NOT_FOUND",
     );
@@ -1303,32 +792,21 @@ async fn notifications_are_rendered_from_the_event_key() {
 
 #[tokio::test]
 async fn a_dump_of_the_keys_table_holds_no_plaintext_code() {
-    let mut app = KeyApp::start().await;
-    let profile = create_profile(&mut app).await;
-    let pool = generate_pool(&mut app.client, &profile.profile_id, 100, 1).await;
-    let class = create_class(&mut app, 10).await;
-    class_keys(&mut app.client, &class.class_id, 5)
-        .await
-        .unwrap();
-    set_event_key(&mut app.client, &class.class_id, "Secret-Event-Code", false)
+    let app = TestApp::start(0).await;
+    let profile = app.profile(&org()).await;
+    let pool = app.pool(&profile.profile_id, 100, 1).await;
+    let class = app.class(&org(), 10).await;
+    app.class_keys(&class.class_id, 5).await;
+    app.set_event_key(&class.class_id, "Secret-Event-Code", false)
         .await
         .unwrap();
 
-    let mut codes = list_all(
-        &mut app.client,
-        pool_scope(&pool.pool_id),
-        pb::KeyStatus::Unspecified,
-        1000,
-    )
-    .await;
+    let mut codes = app
+        .list_keys(pool_scope(&pool.pool_id), KeyStatus::Unspecified, 1000)
+        .await;
     codes.extend(
-        list_all(
-            &mut app.client,
-            class_scope(&class.class_id),
-            pb::KeyStatus::Unspecified,
-            1000,
-        )
-        .await,
+        app.list_keys(class_scope(&class.class_id), KeyStatus::Unspecified, 1000)
+            .await,
     );
     assert_eq!(codes.len(), 106);
 
@@ -1357,14 +835,20 @@ async fn a_dump_of_the_keys_table_holds_no_plaintext_code() {
     }
 }
 
+/// Key-issuance alone, its enrollment service never there: not a
+/// [`TestApp`], which always has one.
 #[tokio::test]
 async fn an_unreachable_enrollment_service_is_unavailable() {
     let database_url = fresh_database().await;
     // Nothing listens on port 1.
     let service = spawn_key_issuance(&database_url, "http://127.0.0.1:1").await;
-    let mut client = Client::new(service.channel().await);
+    let mut client = KeyIssuanceServiceClient::new(service.channel().await);
+    let class_keys = pb::GenerateClassEnrollmentKeysRequest {
+        class_id: uuid(),
+        count: 1,
+    };
     assert_status(
-        class_keys(&mut client, &uuid(), 1).await,
+        client.generate_class_enrollment_keys(class_keys).await,
         Code::Unavailable,
         "UNAVAILABLE",
     );

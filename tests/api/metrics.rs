@@ -12,7 +12,7 @@ use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData, ResourceMetrics};
 use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
 use opentelemetry_sdk::metrics::{SdkMeterProvider, Temporality};
-use trainingkeys_tests::system::{System, as_user, class, event_key, idem, org, users};
+use trainingkeys_tests::{TestApp, as_user, idem, org};
 
 /// Keeps the latest cumulative value of every u64 counter, by
 /// (name, `outcome` attribute or "").
@@ -59,17 +59,16 @@ async fn redis_outage_shows_in_the_metrics() {
         .build();
     opentelemetry::global::set_meter_provider(provider.clone());
 
-    let sys = System::start_with(1, |c| c.redis_url = "redis://127.0.0.1:1/".into()).await;
+    let app = TestApp::start_with(1, |c| c.redis_url = "redis://127.0.0.1:1/".into()).await;
     let org = org();
-    let class = class(&sys, &org, 2, 1, 2, 0).await;
-    let key = event_key(&sys, &class.class_id, false).await;
-    let students = users(&sys, &org, 3).await;
-    let client = sys.redeem(0);
-    join_all(students.iter().map(|u| {
-        let mut c = client.clone();
-        let r = as_user(&key.code, u, &idem());
-        async move { c.redeem_key(r).await }
-    }))
+    let class = app.class(&org, 2).await;
+    let key = app.event_key(&class.class_id, false).await;
+    let students = app.users(&org, 3).await;
+    join_all(
+        students
+            .iter()
+            .map(|u| app.redeem(0, as_user(&key.code, u, &idem()))),
+    )
     .await;
     provider.force_flush().unwrap();
 

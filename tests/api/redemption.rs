@@ -11,51 +11,27 @@ use futures::future::join_all;
 use prost::Message as _;
 use tonic::Code;
 use trainingkeys_proto::time::to_timestamp;
-use trainingkeys_proto::v1::redeem_key_request::Redeemer;
 use trainingkeys_proto::v1::redeem_key_response::Grant;
 use trainingkeys_proto::v1::{self as pb};
 use trainingkeys_redemption::FaultPoint;
 use trainingkeys_tests::chaos::gate_agrees;
-use trainingkeys_tests::system::{
-    Redeem, System, active_rows, as_user, class, class_keys, enrollment, event_key, get_class,
-    get_key, idem, org, redeem, redeem_retrying, subscription_pool, users,
+use trainingkeys_tests::{
+    TestApp, as_new, as_user, assert_invalid_field, assert_status, enrollment, eventually, idem,
+    org, reason, spawn_with_fault, uuid,
 };
-use trainingkeys_tests::{assert_status, eventually, reason};
-
-async fn validate(client: &mut Redeem, code: &str, user_id: &str) -> pb::ValidateKeyResponse {
-    client
-        .validate_key(pb::ValidateKeyRequest {
-            code: code.into(),
-            user_id: user_id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
 
 #[tokio::test]
 async fn event_key_with_self_registration() {
-    let sys = System::start(1).await;
+    let app = TestApp::start(1).await;
     let org = org();
-    let class = class(&sys, &org, 3, 1, 2, 0).await;
-    let key = event_key(&sys, &class.class_id, false).await;
-    let mut client = sys.redeem(0);
+    let class = app.class(&org, 3).await;
+    let key = app.event_key(&class.class_id, false).await;
 
-    let new_user = |name: &str| pb::NewUser {
-        organization_id: org.clone(),
-        email: "Grace@Example.com".into(),
-        display_name: name.into(),
-    };
-    let first = redeem(
-        &mut client,
-        pb::RedeemKeyRequest {
-            code: key.code.to_lowercase(),
-            redeemer: Some(Redeemer::NewUser(new_user("Grace"))),
-            idempotency_key: idem(),
-        },
-    )
-    .await
-    .unwrap();
+    let grace = |code: &str, name: &str| as_new(code, &org, "Grace@Example.com", name);
+    let first = app
+        .redeem(0, grace(&key.code.to_lowercase(), "Grace"))
+        .await
+        .unwrap();
     assert!(first.user_created && !first.already_held);
     assert_eq!(first.kind, pb::KeyKind::Event as i32);
     let user = first.user.clone().unwrap();
@@ -63,25 +39,16 @@ async fn event_key_with_self_registration() {
     assert_eq!(enrollment(&first).source_key_id, key.key_id);
 
     // The same email again: the same user, the same seat, no second seat.
-    let again = redeem(
-        &mut client,
-        pb::RedeemKeyRequest {
-            code: key.code.clone(),
-            redeemer: Some(Redeemer::NewUser(new_user("Grace H."))),
-            idempotency_key: idem(),
-        },
-    )
-    .await
-    .unwrap();
+    let again = app.redeem(0, grace(&key.code, "Grace H.")).await.unwrap();
     assert!(!again.user_created && again.already_held);
     assert_eq!(again.user.as_ref().unwrap().user_id, user.user_id);
     assert_eq!(
         enrollment(&again).enrollment_id,
         enrollment(&first).enrollment_id
     );
-    assert_eq!(get_class(&sys, &class.class_id).await.enrolled_count, 1);
+    assert_eq!(app.get_class(&class.class_id).await.enrolled_count, 1);
 
-    let v = validate(&mut client, &key.code, &user.user_id).await;
+    let v = app.validate(0, &key.code, &user.user_id).await;
     assert!(v.redeemable && v.already_held_by_user, "{v:?}");
     match v.grant {
         Some(pb::validate_key_response::Grant::Class(c)) => {
@@ -96,55 +63,58 @@ async fn event_key_with_self_registration() {
 
 #[tokio::test]
 async fn class_enrollment_keys_are_single_use() {
-    let sys = System::start(1).await;
+    let app = TestApp::start(1).await;
     let org = org();
-    let class = class(&sys, &org, 5, 1, 2, 0).await;
-    let keys = class_keys(&sys, &class.class_id, 2).await;
-    let ids = users(&sys, &org, 2).await;
-    let mut client = sys.redeem(0);
+    let class = app.class(&org, 5).await;
+    let keys = app.class_keys(&class.class_id, 2).await;
+    let ids = app.users(&org, 2).await;
 
-    let ok = redeem(&mut client, as_user(&keys[0].code, &ids[0], &idem()))
+    let ok = app
+        .redeem(0, as_user(&keys[0].code, &ids[0], &idem()))
         .await
         .unwrap();
     assert!(!ok.already_held);
-    assert_eq!(get_key(&sys, &keys[0].key_id).await.uses, 1);
+    assert_eq!(app.get_key(&keys[0].key_id).await.uses, 1);
 
     assert_status(
-        redeem(&mut client, as_user(&keys[0].code, &ids[1], &idem())).await,
+        app.redeem(0, as_user(&keys[0].code, &ids[1], &idem()))
+            .await,
         Code::FailedPrecondition,
         "KEY_ALREADY_REDEEMED",
     );
-    let v = validate(&mut client, &keys[0].code, &ids[1]).await;
+    let v = app.validate(0, &keys[0].code, &ids[1]).await;
     assert_eq!(
         (v.redeemable, v.reason.as_str()),
         (false, "KEY_ALREADY_REDEEMED")
     );
 
     // Its owner gets the seat back, marked, with no second seat.
-    let back = redeem(&mut client, as_user(&keys[0].code, &ids[0], &idem()))
+    let back = app
+        .redeem(0, as_user(&keys[0].code, &ids[0], &idem()))
         .await
         .unwrap();
     assert!(back.already_held);
     // A second key for a user who already has the seat is not used up.
-    let spare = redeem(&mut client, as_user(&keys[1].code, &ids[0], &idem()))
+    let spare = app
+        .redeem(0, as_user(&keys[1].code, &ids[0], &idem()))
         .await
         .unwrap();
     assert!(spare.already_held);
-    assert_eq!(get_key(&sys, &keys[1].key_id).await.uses, 0);
-    assert_eq!(get_class(&sys, &class.class_id).await.enrolled_count, 1);
+    assert_eq!(app.get_key(&keys[1].key_id).await.uses, 0);
+    assert_eq!(app.get_class(&class.class_id).await.enrolled_count, 1);
 }
 
 #[tokio::test]
 async fn subscription_keys_grant_a_subscription_once() {
-    let sys = System::start(1).await;
+    let app = TestApp::start(1).await;
     let org = org();
-    let (_, keys) = subscription_pool(&sys, &org, 2, None).await;
-    let ids = users(&sys, &org, 2).await;
-    let mut client = sys.redeem(0);
+    let (_, keys) = app.subscription_pool(&org, 2, None).await;
+    let ids = app.users(&org, 2).await;
 
-    let v = validate(&mut client, &keys[0].code, &ids[0]).await;
+    let v = app.validate(0, &keys[0].code, &ids[0]).await;
     assert!(v.redeemable && !v.already_held_by_user);
-    let r = redeem(&mut client, as_user(&keys[0].code, &ids[0], &idem()))
+    let r = app
+        .redeem(0, as_user(&keys[0].code, &ids[0], &idem()))
         .await
         .unwrap();
     let Some(Grant::Subscription(sub)) = r.grant else {
@@ -153,19 +123,21 @@ async fn subscription_keys_grant_a_subscription_once() {
     assert!(sub.active);
     assert_eq!(sub.course_ids, vec!["A", "B"]);
     assert_status(
-        redeem(&mut client, as_user(&keys[0].code, &ids[1], &idem())).await,
+        app.redeem(0, as_user(&keys[0].code, &ids[1], &idem()))
+            .await,
         Code::FailedPrecondition,
         "KEY_ALREADY_REDEEMED",
     );
 
     // The same user with the pool's second key: already subscribed, key kept.
-    let again = redeem(&mut client, as_user(&keys[1].code, &ids[0], &idem()))
+    let again = app
+        .redeem(0, as_user(&keys[1].code, &ids[0], &idem()))
         .await
         .unwrap();
     assert!(again.already_held);
-    assert_eq!(get_key(&sys, &keys[1].key_id).await.uses, 0);
+    assert_eq!(app.get_key(&keys[1].key_id).await.uses, 0);
     assert!(
-        validate(&mut client, &keys[1].code, &ids[0])
+        app.validate(0, &keys[1].code, &ids[0])
             .await
             .already_held_by_user
     );
@@ -173,10 +145,9 @@ async fn subscription_keys_grant_a_subscription_once() {
 
 #[tokio::test]
 async fn every_reason_code() {
-    let sys = System::start(1).await;
+    let app = TestApp::start(1).await;
     let org = org();
-    let ids = users(&sys, &org, 3).await;
-    let mut client = sys.redeem(0);
+    let ids = app.users(&org, 3).await;
 
     // Input checks.
     for (request, field) in [
@@ -191,103 +162,81 @@ async fn every_reason_code() {
             },
             "user_id",
         ),
-        (
-            pb::RedeemKeyRequest {
-                code: "ABCD".into(),
-                redeemer: Some(Redeemer::NewUser(pb::NewUser {
-                    organization_id: org.clone(),
-                    email: "nope".into(),
-                    display_name: String::new(),
-                })),
-                idempotency_key: idem(),
-            },
-            "new_user.email",
-        ),
+        (as_new("ABCD", &org, "nope", ""), "new_user.email"),
     ] {
-        let status = assert_status(
-            redeem(&mut client, request).await,
-            Code::InvalidArgument,
-            "INVALID_FIELD",
-        );
-        assert_eq!(trainingkeys_tests::invalid_field(&status), field);
+        assert_invalid_field(app.redeem(0, request).await, field);
     }
 
     // Mistyped: a valid key with one symbol changed.
-    let open = class(&sys, &org, 1, 1, 2, 0).await;
-    let key = event_key(&sys, &open.class_id, false).await;
+    let open = app.class(&org, 1).await;
+    let key = app.event_key(&open.class_id, false).await;
     let mut typo: Vec<char> = key.code.chars().collect();
     typo[0] = if typo[0] == 'A' { 'B' } else { 'A' };
     let typo: String = typo.into_iter().collect();
     assert_status(
-        redeem(&mut client, as_user(&typo, &ids[0], &idem())).await,
+        app.redeem(0, as_user(&typo, &ids[0], &idem())).await,
         Code::InvalidArgument,
         "KEY_MISTYPED",
     );
-    assert_eq!(
-        validate(&mut client, &typo, "").await.reason,
-        "KEY_MISTYPED"
-    );
+    assert_eq!(app.validate(0, &typo, "").await.reason, "KEY_MISTYPED");
     assert_status(
-        redeem(&mut client, as_user("NO-SUCH-KEY", &ids[0], &idem())).await,
+        app.redeem(0, as_user("NO-SUCH-KEY", &ids[0], &idem()))
+            .await,
         Code::NotFound,
         "KEY_NOT_FOUND",
     );
 
     // Unknown user.
-    let stranger = uuid::Uuid::new_v4().to_string();
     assert_status(
-        redeem(&mut client, as_user(&key.code, &stranger, &idem())).await,
+        app.redeem(0, as_user(&key.code, &uuid(), &idem())).await,
         Code::NotFound,
         "USER_NOT_FOUND",
     );
 
     // Full.
-    redeem(&mut client, as_user(&key.code, &ids[0], &idem()))
+    app.redeem(0, as_user(&key.code, &ids[0], &idem()))
         .await
         .unwrap();
     assert_status(
-        redeem(&mut client, as_user(&key.code, &ids[1], &idem())).await,
+        app.redeem(0, as_user(&key.code, &ids[1], &idem())).await,
         Code::ResourceExhausted,
         "CLASS_FULL",
     );
     assert_eq!(
-        validate(&mut client, &key.code, &ids[1]).await.reason,
+        app.validate(0, &key.code, &ids[1]).await.reason,
         "CLASS_FULL"
     );
 
     // Revoked.
-    let other = class(&sys, &org, 5, 1, 2, 0).await;
-    let revoked = event_key(&sys, &other.class_id, false).await;
-    sys.keys_client
-        .clone()
-        .revoke_key(pb::RevokeKeyRequest {
-            key_id: revoked.key_id.clone(),
-        })
-        .await
-        .unwrap();
+    let other = app.class(&org, 5).await;
+    let revoked = app.event_key(&other.class_id, false).await;
+    app.revoke(&revoked.key_id).await.unwrap();
     assert_status(
-        redeem(&mut client, as_user(&revoked.code, &ids[0], &idem())).await,
+        app.redeem(0, as_user(&revoked.code, &ids[0], &idem()))
+            .await,
         Code::FailedPrecondition,
         "KEY_REVOKED",
     );
 
     // Not yet valid: a pool whose window opens tomorrow.
-    let (_, later) =
-        subscription_pool(&sys, &org, 1, Some(Utc::now() + chrono::Duration::days(1))).await;
+    let tomorrow = Utc::now() + chrono::Duration::days(1);
+    let (_, later) = app.subscription_pool(&org, 1, Some(tomorrow)).await;
     assert_status(
-        redeem(&mut client, as_user(&later[0].code, &ids[0], &idem())).await,
+        app.redeem(0, as_user(&later[0].code, &ids[0], &idem()))
+            .await,
         Code::FailedPrecondition,
         "KEY_NOT_YET_VALID",
     );
 
     // Idempotency key reused for another request.
     let key_a = idem();
-    let (_, pool_keys) = subscription_pool(&sys, &org, 1, None).await;
-    redeem(&mut client, as_user(&pool_keys[0].code, &ids[2], &key_a))
+    let (_, pool_keys) = app.subscription_pool(&org, 1, None).await;
+    app.redeem(0, as_user(&pool_keys[0].code, &ids[2], &key_a))
         .await
         .unwrap();
     assert_status(
-        redeem(&mut client, as_user(&later[0].code, &ids[2], &key_a)).await,
+        app.redeem(0, as_user(&later[0].code, &ids[2], &key_a))
+            .await,
         Code::InvalidArgument,
         "IDEMPOTENCY_KEY_REUSED",
     );
@@ -295,46 +244,43 @@ async fn every_reason_code() {
 
 #[tokio::test]
 async fn event_key_windows_follow_the_class() {
-    let sys = System::start(1).await;
+    let app = TestApp::start(1).await;
     let org = org();
-    let ids = users(&sys, &org, 2).await;
-    let mut client = sys.redeem(0);
+    let ids = app.users(&org, 2).await;
 
     // Ended yesterday, 3 days of lab access.
-    let ended = class(&sys, &org, 5, -3, -1, 3).await;
-    let strict = event_key(&sys, &ended.class_id, false).await;
+    let ended = app.class_at(&org, 5, -3..-1, 3).await;
+    let strict = app.event_key(&ended.class_id, false).await;
     assert_status(
-        redeem(&mut client, as_user(&strict.code, &ids[0], &idem())).await,
+        app.redeem(0, as_user(&strict.code, &ids[0], &idem())).await,
         Code::FailedPrecondition,
         "KEY_EXPIRED",
     );
-    let lab = event_key(&sys, &ended.class_id, true).await;
-    redeem(&mut client, as_user(&lab.code, &ids[0], &idem()))
+    let lab = app.event_key(&ended.class_id, true).await;
+    app.redeem(0, as_user(&lab.code, &ids[0], &idem()))
         .await
         .unwrap();
 
     // Lab access over too: expired even with redeemable_after_class_end.
-    let long_ago = class(&sys, &org, 5, -30, -20, 3).await;
-    let late = event_key(&sys, &long_ago.class_id, true).await;
+    let long_ago = app.class_at(&org, 5, -30..-20, 3).await;
+    let late = app.event_key(&long_ago.class_id, true).await;
     assert_status(
-        redeem(&mut client, as_user(&late.code, &ids[1], &idem())).await,
+        app.redeem(0, as_user(&late.code, &ids[1], &idem())).await,
         Code::FailedPrecondition,
         "KEY_EXPIRED",
     );
 
     // Rescheduling moves the window: the same key works once the class ends later.
     let now = Utc::now();
-    sys.enrollment_client
-        .clone()
-        .update_class(pb::UpdateClassRequest {
-            class_id: long_ago.class_id.clone(),
-            start_time: Some(to_timestamp(now + chrono::Duration::days(1))),
-            end_time: Some(to_timestamp(now + chrono::Duration::days(2))),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    redeem(&mut client, as_user(&late.code, &ids[1], &idem()))
+    app.update_class(pb::UpdateClassRequest {
+        class_id: long_ago.class_id.clone(),
+        start_time: Some(to_timestamp(now + chrono::Duration::days(1))),
+        end_time: Some(to_timestamp(now + chrono::Duration::days(2))),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    app.redeem(0, as_user(&late.code, &ids[1], &idem()))
         .await
         .unwrap();
 }
@@ -343,23 +289,19 @@ async fn event_key_windows_follow_the_class() {
 async fn guessing_is_limited_and_indistinguishable() {
     // A Redis call that times out lets an attempt through uncounted: give
     // a loaded machine room.
-    let sys = System::start_with(1, |c| {
+    let app = TestApp::start_with(1, |c| {
         c.guess_limit = 3;
         c.redis_timeout_ms = 5000;
     })
     .await;
     let org = org();
-    let ids = users(&sys, &org, 1).await;
-    let open = class(&sys, &org, 5, 1, 2, 0).await;
-    let key = event_key(&sys, &open.class_id, false).await;
-    let mut client = sys.redeem(0);
+    let ids = app.users(&org, 1).await;
+    let open = app.class(&org, 5).await;
+    let key = app.event_key(&open.class_id, false).await;
     for i in 0..3 {
         assert_status(
-            redeem(
-                &mut client,
-                as_user(&format!("GUESS-{i}"), &ids[0], &idem()),
-            )
-            .await,
+            app.redeem(0, as_user(&format!("GUESS-{i}"), &ids[0], &idem()))
+                .await,
             Code::NotFound,
             "KEY_NOT_FOUND",
         );
@@ -367,7 +309,7 @@ async fn guessing_is_limited_and_indistinguishable() {
     // Over the limit, even a good key gets the same answer as a bad one.
     for code in [key.code.as_str(), "GUESS-X"] {
         let status = assert_status(
-            redeem(&mut client, as_user(code, &ids[0], &idem())).await,
+            app.redeem(0, as_user(code, &ids[0], &idem())).await,
             Code::ResourceExhausted,
             "TOO_MANY_ATTEMPTS",
         );
@@ -379,7 +321,8 @@ async fn guessing_is_limited_and_indistinguishable() {
             .expect("a delay");
         assert!(retry > Duration::ZERO && retry <= Duration::from_secs(3600));
     }
-    let status = client
+    let status = app
+        .redemption_client(0)
         .validate_key(pb::ValidateKeyRequest {
             code: key.code.clone(),
             user_id: String::new(),
@@ -390,30 +333,27 @@ async fn guessing_is_limited_and_indistinguishable() {
 
 #[tokio::test]
 async fn raising_the_maximum_takes_effect_at_the_gate_at_once() {
-    let sys = System::start(1).await;
+    let app = TestApp::start(1).await;
     let org = org();
-    let ids = users(&sys, &org, 2).await;
-    let open = class(&sys, &org, 1, 1, 2, 0).await;
-    let key = event_key(&sys, &open.class_id, false).await;
-    let mut client = sys.redeem(0);
-    redeem(&mut client, as_user(&key.code, &ids[0], &idem()))
+    let ids = app.users(&org, 2).await;
+    let open = app.class(&org, 1).await;
+    let key = app.event_key(&open.class_id, false).await;
+    app.redeem(0, as_user(&key.code, &ids[0], &idem()))
         .await
         .unwrap();
     assert_status(
-        redeem(&mut client, as_user(&key.code, &ids[1], &idem())).await,
+        app.redeem(0, as_user(&key.code, &ids[1], &idem())).await,
         Code::ResourceExhausted,
         "CLASS_FULL",
     );
-    sys.enrollment_client
-        .clone()
-        .update_class(pb::UpdateClassRequest {
-            class_id: open.class_id.clone(),
-            max_students: Some(2),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    redeem(&mut client, as_user(&key.code, &ids[1], &idem()))
+    app.update_class(pb::UpdateClassRequest {
+        class_id: open.class_id.clone(),
+        max_students: Some(2),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    app.redeem(0, as_user(&key.code, &ids[1], &idem()))
         .await
         .unwrap();
 }
@@ -425,38 +365,30 @@ struct HerdOutcome {
     other: Vec<tonic::Status>,
 }
 
-/// `users` redeem `code` at once, spread over all replicas; `midway` runs
-/// once half of the answers are in.
-async fn herd<F, Fut>(sys: &System, code: &str, users: &[String], midway: F) -> HerdOutcome
+/// `users` redeem `code` at once, spread over all replicas, each retrying
+/// outages as a client is told to; `midway` runs once half of the answers
+/// are in.
+async fn herd_one_code<F, Fut>(
+    app: &TestApp,
+    code: &str,
+    users: &[String],
+    midway: F,
+) -> HerdOutcome
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let half = users.len() / 2;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let calls = users.iter().enumerate().map(|(i, user)| {
-        let mut client = sys.redeem(i);
-        let request = as_user(code, user, &idem());
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let result = redeem_retrying(&mut client, request).await;
-            let _ = tx.send(());
-            result
-        })
-    });
-    let handles: Vec<_> = calls.collect();
-    drop(tx);
-    for _ in 0..half {
-        rx.recv().await;
-    }
-    midway().await;
+    let calls = users
+        .iter()
+        .enumerate()
+        .map(|(i, user)| app.redeem_retrying(i, as_user(code, user, &idem())));
     let mut outcome = HerdOutcome {
         ok: 0,
         full: 0,
         other: Vec::new(),
     };
-    for h in handles {
-        match h.await.unwrap() {
+    for result in spawn_with_fault(calls, users.len() / 2, midway).await {
+        match result {
             Ok(_) => outcome.ok += 1,
             Err(s) if s.code() == Code::ResourceExhausted && reason(&s) == "CLASS_FULL" => {
                 outcome.full += 1
@@ -468,7 +400,7 @@ where
 }
 
 async fn assert_sold_exactly(
-    sys: &System,
+    app: &TestApp,
     class_id: &str,
     max: i32,
     outcome: &HerdOutcome,
@@ -483,55 +415,44 @@ async fn assert_sold_exactly(
         (outcome.ok, outcome.full),
         (max as usize, students - max as usize)
     );
-    let class = get_class(sys, class_id).await;
+    let class = app.get_class(class_id).await;
     assert_eq!(class.enrolled_count, max);
     assert_eq!(
-        active_rows(sys, class_id).await,
+        app.active_rows(class_id).await,
         i64::from(max),
         "PostgreSQL rows equal the seat count"
     );
     // After settling, no live hold is left and Redis agrees with PostgreSQL.
-    let roster = roster(sys, class_id).await;
+    let roster = app.seated(class_id).await;
     let enrolled: HashSet<&str> = roster.iter().map(String::as_str).collect();
-    if let Err(e) = gate_agrees(sys, class_id, &enrolled, Duration::from_secs(20)).await {
+    if let Err(e) = gate_agrees(app, class_id, &enrolled, Duration::from_secs(20)).await {
         panic!("{e}");
     }
 }
 
-/// The users holding an active seat, read from PostgreSQL.
-async fn roster(sys: &System, class_id: &str) -> Vec<String> {
-    sqlx::query_scalar(
-        "SELECT user_id::text FROM enrollment.enrollments WHERE class_id = $1::uuid AND cancelled_at IS NULL",
-    )
-    .bind(class_id)
-    .fetch_all(&mut sys.db().await)
-    .await
-    .unwrap()
-}
-
 #[tokio::test]
 async fn herd_of_2000_on_a_class_of_100_through_3_replicas() {
-    let sys = System::start(3).await;
+    let app = TestApp::start(3).await;
     let org = org();
-    let class = class(&sys, &org, 100, 1, 2, 0).await;
-    let key = event_key(&sys, &class.class_id, false).await;
-    let students = users(&sys, &org, 2000).await;
-    let outcome = herd(&sys, &key.code, &students, || async {}).await;
-    assert_sold_exactly(&sys, &class.class_id, 100, &outcome, 2000).await;
+    let class = app.class(&org, 100).await;
+    let key = app.event_key(&class.class_id, false).await;
+    let students = app.users(&org, 2000).await;
+    let outcome = herd_one_code(&app, &key.code, &students, || async {}).await;
+    assert_sold_exactly(&app, &class.class_id, 100, &outcome, 2000).await;
 }
 
 #[tokio::test]
 async fn herd_with_redis_flushed_half_way() {
-    let sys = System::start(3).await;
+    let app = TestApp::start(3).await;
     let org = org();
-    let class = class(&sys, &org, 100, 1, 2, 0).await;
-    let key = event_key(&sys, &class.class_id, false).await;
-    let students = users(&sys, &org, 1000).await;
-    let outcome = herd(&sys, &key.code, &students, || async {
-        let _: String = sys.redis.cmd(&["FLUSHALL"]).await.unwrap();
+    let class = app.class(&org, 100).await;
+    let key = app.event_key(&class.class_id, false).await;
+    let students = app.users(&org, 1000).await;
+    let outcome = herd_one_code(&app, &key.code, &students, || async {
+        let _: String = app.redis.cmd(&["FLUSHALL"]).await.unwrap();
     })
     .await;
-    assert_sold_exactly(&sys, &class.class_id, 100, &outcome, 1000).await;
+    assert_sold_exactly(&app, &class.class_id, 100, &outcome, 1000).await;
 }
 
 /// Redis loses a class's state while a seat is between commit and settle, and
@@ -540,53 +461,52 @@ async fn herd_with_redis_flushed_half_way() {
 #[tokio::test]
 async fn the_gate_heals_after_a_flush_with_a_seat_in_flight() {
     // Recovery waits long enough for the flush to come first.
-    let mut sys = System::start_with(1, |c| c.recovery_after_seconds = 8).await;
+    let mut app = TestApp::start_with(1, |c| c.recovery_after_seconds = 8).await;
     let org = org();
-    let class = class(&sys, &org, 5, 1, 2, 0).await;
-    let key = event_key(&sys, &class.class_id, false).await;
-    let students = users(&sys, &org, 3).await;
+    let class = app.class(&org, 5).await;
+    let key = app.event_key(&class.class_id, false).await;
+    let students = app.users(&org, 3).await;
     for user in &students[..2] {
-        redeem(&mut sys.redeem(0), as_user(&key.code, user, &idem()))
+        app.redeem(0, as_user(&key.code, user, &idem()))
             .await
             .unwrap();
     }
     // The third seat commits on a replica that dies before it settles.
-    let faulty = sys
+    let faulty = app
         .add_replica(|c| {
             c.fault = Some(FaultPoint::AfterCommit);
             c.recovery_interval_seconds = 3600;
         })
         .await;
     // It answers UNAVAILABLE after its own redemption timeout.
-    let mut request = tonic::Request::new(as_user(&key.code, &students[2], &idem()));
-    request.set_timeout(Duration::from_secs(10));
-    assert!(sys.redeem(faulty).redeem_key(request).await.is_err());
+    let request = as_user(&key.code, &students[2], &idem());
+    let lost = app.redeem_within(faulty, request, Duration::from_secs(10));
+    assert!(lost.await.is_err());
     let committed = eventually(Duration::from_secs(10), || async {
-        active_rows(&sys, &class.class_id).await == 3
+        app.active_rows(&class.class_id).await == 3
     })
     .await;
     assert!(committed, "the third seat never committed");
-    let _: String = sys.redis.cmd(&["FLUSHALL"]).await.unwrap();
-    sys.stop_replica(faulty).await;
+    let _: String = app.redis.cmd(&["FLUSHALL"]).await.unwrap();
+    app.stop_replica(faulty).await;
 
     // The healthy replica's recovery finishes the redemption (its settle
     // finds the state gone) and rebuilds the class from the roster.
     let enrolled: HashSet<&str> = students.iter().map(String::as_str).collect();
-    if let Err(e) = gate_agrees(&sys, &class.class_id, &enrolled, Duration::from_secs(20)).await {
+    if let Err(e) = gate_agrees(&app, &class.class_id, &enrolled, Duration::from_secs(20)).await {
         panic!("the gate was not rebuilt: {e}");
     }
 }
 
 #[tokio::test]
 async fn herd_with_redis_stopped_half_way() {
-    let sys = System::start(3).await;
+    let app = TestApp::start(3).await;
     let org = org();
-    let class = class(&sys, &org, 100, 1, 2, 0).await;
-    let key = event_key(&sys, &class.class_id, false).await;
-    let students = users(&sys, &org, 1000).await;
-    let redis_port = sys.redis.port;
-    let sys_ref = &sys;
-    let outcome = herd(sys_ref, &key.code, &students, || async move {
+    let class = app.class(&org, 100).await;
+    let key = app.event_key(&class.class_id, false).await;
+    let students = app.users(&org, 1000).await;
+    let redis_port = app.redis.port;
+    let outcome = herd_one_code(&app, &key.code, &students, || async move {
         // Stop the server: every gate call now fails (fast, once the circuit opens).
         let _ = std::process::Command::new("redis-cli")
             .args(["-p", &redis_port.to_string(), "shutdown", "nosave"])
@@ -599,16 +519,16 @@ async fn herd_with_redis_stopped_half_way() {
         &outcome.other[..outcome.other.len().min(3)]
     );
     assert_eq!((outcome.ok, outcome.full), (100, 900));
-    assert_eq!(get_class(&sys, &class.class_id).await.enrolled_count, 100);
-    assert_eq!(active_rows(&sys, &class.class_id).await, 100);
+    assert_eq!(app.get_class(&class.class_id).await.enrolled_count, 100);
+    assert_eq!(app.active_rows(&class.class_id).await, 100);
     // With Redis back (empty), the gate rebuilds from enrollment and agrees.
-    sys.redis.restart().await;
+    app.redis.restart().await;
     // (Once the replicas' circuit breakers close again, within about a second.)
     let late = &students[0];
     let confirmed_key = format!("{{class:{}}}:confirmed", class.class_id);
     let agrees = eventually(Duration::from_secs(30), || async {
-        let answer = redeem(&mut sys.redeem(0), as_user(&key.code, late, &idem())).await;
-        let confirmed: i64 = sys
+        let answer = app.redeem(0, as_user(&key.code, late, &idem())).await;
+        let confirmed: i64 = app
             .redis
             .cmd(&["SCARD", &confirmed_key])
             .await
@@ -620,22 +540,21 @@ async fn herd_with_redis_stopped_half_way() {
     })
     .await;
     assert!(agrees, "the gate was not rebuilt from enrollment");
-    assert_eq!(get_class(&sys, &class.class_id).await.enrolled_count, 100);
+    assert_eq!(app.get_class(&class.class_id).await.enrolled_count, 100);
 }
 
 #[tokio::test]
 async fn one_user_redeeming_20_times_concurrently_takes_one_seat() {
-    let sys = System::start(2).await;
+    let app = TestApp::start(2).await;
     let org = org();
-    let class = class(&sys, &org, 10, 1, 2, 0).await;
-    let key = event_key(&sys, &class.class_id, false).await;
-    let user = users(&sys, &org, 1).await.remove(0);
+    let class = app.class(&org, 10).await;
+    let key = app.event_key(&class.class_id, false).await;
+    let user = app.users(&org, 1).await.remove(0);
 
     // Twenty different attempts (idempotency keys) at once.
     let results = join_all((0..20).map(|i| {
-        let mut client = sys.redeem(i);
-        let request = as_user(&key.code, &user, &idem());
-        async move { redeem_retrying(&mut client, request).await.unwrap() }
+        let call = app.redeem_retrying(i, as_user(&key.code, &user, &idem()));
+        async move { call.await.unwrap() }
     }))
     .await;
     let seats: HashSet<_> = results
@@ -643,20 +562,14 @@ async fn one_user_redeeming_20_times_concurrently_takes_one_seat() {
         .map(|r| enrollment(r).enrollment_id.clone())
         .collect();
     assert_eq!(seats.len(), 1);
-    assert_eq!(get_class(&sys, &class.class_id).await.enrolled_count, 1);
-    assert_eq!(active_rows(&sys, &class.class_id).await, 1);
+    assert_eq!(app.get_class(&class.class_id).await.enrolled_count, 1);
+    assert_eq!(app.active_rows(&class.class_id).await, 1);
 
     // One attempt retried 50 times at once: one answer, byte for byte.
     let same = as_user(&key.code, &user, &idem());
     let replies = join_all((0..50).map(|i| {
-        let mut client = sys.redeem(i);
-        let request = same.clone();
-        async move {
-            redeem_retrying(&mut client, request)
-                .await
-                .unwrap()
-                .encode_to_vec()
-        }
+        let call = app.redeem_retrying(i, same.clone());
+        async move { call.await.unwrap().encode_to_vec() }
     }))
     .await;
     let distinct: HashSet<_> = replies.iter().collect();
@@ -665,25 +578,25 @@ async fn one_user_redeeming_20_times_concurrently_takes_one_seat() {
 
 #[tokio::test]
 async fn idempotent_replays_are_byte_identical() {
-    let sys = System::start(2).await;
+    let app = TestApp::start(2).await;
     let org = org();
-    let class = class(&sys, &org, 1, 1, 2, 0).await;
-    let key = event_key(&sys, &class.class_id, false).await;
-    let ids = users(&sys, &org, 2).await;
+    let class = app.class(&org, 1).await;
+    let key = app.event_key(&class.class_id, false).await;
+    let ids = app.users(&org, 2).await;
     let request = as_user(&key.code, &ids[0], &idem());
-    let first = redeem(&mut sys.redeem(0), request.clone()).await.unwrap();
-    let replay = redeem(&mut sys.redeem(1), request.clone()).await.unwrap();
+    let first = app.redeem(0, request.clone()).await.unwrap();
+    let replay = app.redeem(1, request.clone()).await.unwrap();
     assert_eq!(first.encode_to_vec(), replay.encode_to_vec());
 
     // A recorded final failure replays too.
     let loser = as_user(&key.code, &ids[1], &idem());
     assert_status(
-        redeem(&mut sys.redeem(0), loser.clone()).await,
+        app.redeem(0, loser.clone()).await,
         Code::ResourceExhausted,
         "CLASS_FULL",
     );
     assert_status(
-        redeem(&mut sys.redeem(1), loser).await,
+        app.redeem(1, loser).await,
         Code::ResourceExhausted,
         "CLASS_FULL",
     );
@@ -696,34 +609,28 @@ async fn idempotent_replays_are_byte_identical() {
 /// it just read.)
 #[tokio::test]
 async fn a_cancelled_seat_is_free_at_the_gate_within_a_second() {
-    let sys = System::start(1).await;
+    let app = TestApp::start(1).await;
     let org = org();
-    let class = class(&sys, &org, 2, 1, 2, 0).await;
-    let key = event_key(&sys, &class.class_id, false).await;
-    let ids = users(&sys, &org, 4).await;
-    let mut client = sys.redeem(0);
-    let first = redeem(&mut client, as_user(&key.code, &ids[0], &idem()))
+    let class = app.class(&org, 2).await;
+    let key = app.event_key(&class.class_id, false).await;
+    let ids = app.users(&org, 4).await;
+    let first = app
+        .redeem(0, as_user(&key.code, &ids[0], &idem()))
         .await
         .unwrap();
-    redeem(&mut client, as_user(&key.code, &ids[1], &idem()))
+    app.redeem(0, as_user(&key.code, &ids[1], &idem()))
         .await
         .unwrap();
     assert_status(
-        redeem(&mut client, as_user(&key.code, &ids[2], &idem())).await,
+        app.redeem(0, as_user(&key.code, &ids[2], &idem())).await,
         Code::ResourceExhausted,
         "CLASS_FULL",
     );
-    sys.enrollment_client
-        .clone()
-        .cancel_enrollment(pb::CancelEnrollmentRequest {
-            enrollment_id: enrollment(&first).enrollment_id.clone(),
-        })
-        .await
-        .unwrap();
+    app.cancel(&enrollment(&first).enrollment_id).await.unwrap();
     let started = std::time::Instant::now();
     let attempt = as_user(&key.code, &ids[2], &idem());
     let seated = loop {
-        match redeem(&mut client, attempt.clone()).await {
+        match app.redeem(0, attempt.clone()).await {
             Ok(seated) => break seated,
             // Not recorded: the same attempt is decided afresh.
             Err(s) if reason(&s) == "CLASS_FULL" && started.elapsed() < Duration::from_secs(3) => {
@@ -734,18 +641,18 @@ async fn a_cancelled_seat_is_free_at_the_gate_within_a_second() {
     };
     assert_eq!(enrollment(&seated).user_id, ids[2]);
     assert_status(
-        redeem(&mut client, as_user(&key.code, &ids[3], &idem())).await,
+        app.redeem(0, as_user(&key.code, &ids[3], &idem())).await,
         Code::ResourceExhausted,
         "CLASS_FULL",
     );
     let enrolled: HashSet<&str> = [ids[1].as_str(), ids[2].as_str()].into();
-    if let Err(e) = gate_agrees(&sys, &class.class_id, &enrolled, Duration::from_secs(10)).await {
+    if let Err(e) = gate_agrees(&app, &class.class_id, &enrolled, Duration::from_secs(10)).await {
         panic!("{e}");
     }
 }
 
-async fn redemption_state(sys: &System, idempotency_key: &str) -> Option<String> {
-    let mut db = sys.db().await;
+async fn redemption_state(app: &TestApp, idempotency_key: &str) -> Option<String> {
+    let mut db = app.db().await;
     sqlx::query_scalar("SELECT state FROM redemption.redemptions WHERE idempotency_key = $1")
         .bind(idempotency_key)
         .fetch_optional(&mut db)
@@ -755,48 +662,48 @@ async fn redemption_state(sys: &System, idempotency_key: &str) -> Option<String>
 
 #[tokio::test]
 async fn a_replica_killed_after_consume_is_finished_by_recovery() {
-    let mut sys = System::start_with(1, |c| {
+    let mut app = TestApp::start_with(1, |c| {
         c.fault = Some(FaultPoint::AfterConsume);
         c.recovery_interval_seconds = 3600;
     })
     .await;
     let org = org();
-    let class = class(&sys, &org, 5, 1, 2, 0).await;
-    let keys = class_keys(&sys, &class.class_id, 1).await;
-    let user = users(&sys, &org, 1).await.remove(0);
+    let class = app.class(&org, 5).await;
+    let keys = app.class_keys(&class.class_id, 1).await;
+    let user = app.users(&org, 1).await.remove(0);
     let attempt = idem();
-    let mut request = tonic::Request::new(as_user(&keys[0].code, &user, &attempt));
     // It gives up after its own redemption timeout (UNAVAILABLE).
-    request.set_timeout(Duration::from_secs(10));
-    let lost = sys.redeem(0).redeem_key(request).await;
+    let request = as_user(&keys[0].code, &user, &attempt);
+    let lost = app.redeem_within(0, request, Duration::from_secs(10)).await;
     assert!(lost.is_err(), "the faulty replica never answers");
     let consumed = eventually(Duration::from_secs(10), || async {
-        get_key(&sys, &keys[0].key_id).await.uses == 1
+        app.get_key(&keys[0].key_id).await.uses == 1
     })
     .await;
     assert!(consumed, "the key was consumed");
     assert_eq!(
-        redemption_state(&sys, &attempt).await.as_deref(),
+        redemption_state(&app, &attempt).await.as_deref(),
         Some("admitted")
     );
-    sys.stop_replica(0).await;
+    app.stop_replica(0).await;
 
     // A healthy replica's recovery loop finishes the redemption.
-    sys.add_replica(|_| {}).await;
+    app.add_replica(|_| {}).await;
     let done = eventually(Duration::from_secs(20), || async {
-        redemption_state(&sys, &attempt).await.as_deref() != Some("admitted")
+        redemption_state(&app, &attempt).await.as_deref() != Some("admitted")
     })
     .await;
     assert!(done, "recovery did not finish the redemption");
-    let key = get_key(&sys, &keys[0].key_id).await;
-    let seats = active_rows(&sys, &class.class_id).await;
+    let key = app.get_key(&keys[0].key_id).await;
+    let seats = app.active_rows(&class.class_id).await;
     assert!(
         key.uses == 1 && seats == 1 || key.uses == 0 && seats == 0,
         "consumed without enrollment: uses {} seats {seats}",
         key.uses
     );
     // The client's retry gets the recovered answer.
-    let retry = redeem(&mut sys.redeem(0), as_user(&keys[0].code, &user, &attempt))
+    let retry = app
+        .redeem(0, as_user(&keys[0].code, &user, &attempt))
         .await
         .unwrap();
     assert_eq!(enrollment(&retry).user_id, user);
@@ -804,27 +711,27 @@ async fn a_replica_killed_after_consume_is_finished_by_recovery() {
 
 #[tokio::test]
 async fn a_crash_between_commit_and_reply_is_replayed_to_the_retry() {
-    let mut sys = System::start_with(1, |c| c.fault = Some(FaultPoint::AfterCommit)).await;
+    let mut app = TestApp::start_with(1, |c| c.fault = Some(FaultPoint::AfterCommit)).await;
     let org = org();
-    let class = class(&sys, &org, 5, 1, 2, 0).await;
-    let key = event_key(&sys, &class.class_id, false).await;
-    let user = users(&sys, &org, 1).await.remove(0);
+    let class = app.class(&org, 5).await;
+    let key = app.event_key(&class.class_id, false).await;
+    let user = app.users(&org, 1).await.remove(0);
     let attempt = idem();
-    let mut request = tonic::Request::new(as_user(&key.code, &user, &attempt));
-    request.set_timeout(Duration::from_secs(10));
-    assert!(sys.redeem(0).redeem_key(request).await.is_err());
+    let request = as_user(&key.code, &user, &attempt);
+    let lost = app.redeem_within(0, request, Duration::from_secs(10));
+    assert!(lost.await.is_err());
     let committed = eventually(Duration::from_secs(10), || async {
-        active_rows(&sys, &class.class_id).await == 1
+        app.active_rows(&class.class_id).await == 1
     })
     .await;
     assert!(committed, "committed before the crash");
-    sys.stop_replica(0).await;
-    sys.add_replica(|_| {}).await;
+    app.stop_replica(0).await;
+    app.add_replica(|_| {}).await;
 
     // The client retries with the same idempotency key until it is answered.
     let mut answer = None;
     for _ in 0..40 {
-        match redeem(&mut sys.redeem(0), as_user(&key.code, &user, &attempt)).await {
+        match app.redeem(0, as_user(&key.code, &user, &attempt)).await {
             Ok(r) => {
                 answer = Some(r);
                 break;
@@ -840,26 +747,25 @@ async fn a_crash_between_commit_and_reply_is_replayed_to_the_retry() {
     }
     let answer = answer.expect("the retry was never answered");
     assert_eq!(enrollment(&answer).user_id, user);
-    let again = redeem(&mut sys.redeem(0), as_user(&key.code, &user, &attempt))
+    let again = app
+        .redeem(0, as_user(&key.code, &user, &attempt))
         .await
         .unwrap();
     assert_eq!(answer.encode_to_vec(), again.encode_to_vec());
-    assert_eq!(get_class(&sys, &class.class_id).await.enrolled_count, 1);
+    assert_eq!(app.get_class(&class.class_id).await.enrolled_count, 1);
 }
 
 #[tokio::test]
 async fn redemption_works_without_redis() {
-    let sys = System::start_with(1, |c| c.redis_url = "redis://127.0.0.1:1/".into()).await;
+    let app = TestApp::start_with(1, |c| c.redis_url = "redis://127.0.0.1:1/".into()).await;
     let org = org();
-    let class = class(&sys, &org, 2, 1, 2, 0).await;
-    let key = event_key(&sys, &class.class_id, false).await;
-    let ids = users(&sys, &org, 3).await;
-    let mut client = sys.redeem(0);
-    let results = join_all(ids.iter().map(|u| {
-        let mut c = client.clone();
-        let r = as_user(&key.code, u, &idem());
-        async move { redeem(&mut c, r).await }
-    }))
+    let class = app.class(&org, 2).await;
+    let key = app.event_key(&class.class_id, false).await;
+    let ids = app.users(&org, 3).await;
+    let results = join_all(
+        ids.iter()
+            .map(|u| app.redeem(0, as_user(&key.code, u, &idem()))),
+    )
     .await;
     let by_reason: HashMap<String, usize> = results.iter().fold(HashMap::new(), |mut m, r| {
         *m.entry(r.as_ref().map(|_| "OK".to_owned()).unwrap_or_else(reason))
@@ -873,9 +779,7 @@ async fn redemption_works_without_redis() {
     // Which two of the three won is up to the race: ask about each.
     for (user, result) in ids.iter().zip(&results) {
         assert_eq!(
-            validate(&mut client, &key.code, user)
-                .await
-                .already_held_by_user,
+            app.validate(0, &key.code, user).await.already_held_by_user,
             result.is_ok(),
             "ValidateKey tells a seat holder from the one turned away"
         );

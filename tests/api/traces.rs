@@ -9,7 +9,7 @@ use opentelemetry::trace::{TraceId, TracerProvider as _};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use tracing_subscriber::layer::SubscriberExt as _;
-use trainingkeys_tests::system::{System, as_user, class, class_keys, idem, org, users};
+use trainingkeys_tests::{TestApp, as_user, idem, org};
 
 /// Keeps (span name, trace id) of every finished span.
 #[derive(Debug, Clone, Default)]
@@ -41,13 +41,12 @@ async fn a_redemption_is_one_trace_across_the_three_services() {
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
 
-    let sys = System::start(1).await;
+    let app = TestApp::start(1).await;
     let org = org();
-    let class = class(&sys, &org, 5, 1, 2, 0).await;
-    let keys = class_keys(&sys, &class.class_id, 1).await;
-    let user = users(&sys, &org, 1).await.remove(0);
-    sys.redeem(0)
-        .redeem_key(as_user(&keys[0].code, &user, &idem()))
+    let class = app.class(&org, 5).await;
+    let keys = app.class_keys(&class.class_id, 1).await;
+    let user = app.users(&org, 1).await.remove(0);
+    app.redeem(0, as_user(&keys[0].code, &user, &idem()))
         .await
         .unwrap();
     let _ = provider.force_flush();

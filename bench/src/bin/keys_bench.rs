@@ -36,9 +36,7 @@ impl Drop for Service {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(trainingkeys_shared::server::unused_port()?)
 }
 
 fn secret_hex() -> anyhow::Result<String> {
