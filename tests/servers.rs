@@ -24,6 +24,16 @@ impl Process {
     fn id(&self) -> Option<u32> {
         self.0.lock().unwrap().as_ref().map(Child::id)
     }
+
+    /// Whether the process is still running (one that failed to bind its
+    /// port has exited, even if another test's server answers there).
+    fn running(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap()
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
 }
 
 /// A throwaway `redis-server` on a free port, killed on drop.
@@ -128,11 +138,12 @@ impl RedisServer {
             .expect("redis-server must be installed (make test installs it)");
         self.process.set(child);
         let url = self.url();
-        crate::eventually(Duration::from_secs(10), || {
+        let answers = crate::eventually(Duration::from_secs(10), || {
             let url = url.clone();
             async move { self::command::<String>(&url, &["PING"]).await.is_ok() }
         })
-        .await
+        .await;
+        answers && self.process.running()
     }
 
     /// Runs one command.
@@ -170,28 +181,32 @@ pub struct LoadBalancer {
 impl LoadBalancer {
     /// Starts haproxy over `replicas` and waits until it listens.
     pub async fn start(replicas: &[std::net::SocketAddr]) -> Self {
-        let port = free_port();
-        let servers: String = replicas
-            .iter()
-            .enumerate()
-            .map(|(i, a)| format!("  server r{i} {a} proto h2\n"))
-            .collect();
-        let config = std::env::temp_dir().join(format!("trainingkeys-lb-{port}.cfg"));
-        std::fs::write(
-            &config,
-            format!(
-                "global\n  maxconn 4000\ndefaults\n  mode http\n  option forwardfor\n  timeout connect 2s\n  timeout client 60s\n  timeout server 60s\n\
-                 frontend redemption\n  bind 127.0.0.1:{port} proto h2\n  default_backend replicas\nbackend replicas\n  balance roundrobin\n{servers}"
-            ),
-        )
-        .unwrap();
-        let lb = Self {
-            port,
-            config,
-            process: Process::default(),
-        };
-        lb.restart().await;
-        lb
+        for _ in 0..START_ATTEMPTS {
+            let port = free_port();
+            let servers: String = replicas
+                .iter()
+                .enumerate()
+                .map(|(i, a)| format!("  server r{i} {a} proto h2\n"))
+                .collect();
+            let config = std::env::temp_dir().join(format!("trainingkeys-lb-{port}.cfg"));
+            std::fs::write(
+                &config,
+                format!(
+                    "global\n  maxconn 4000\ndefaults\n  mode http\n  option forwardfor\n  timeout connect 2s\n  timeout client 60s\n  timeout server 60s\n\
+                     frontend redemption\n  bind 127.0.0.1:{port} proto h2\n  default_backend replicas\nbackend replicas\n  balance roundrobin\n{servers}"
+                ),
+            )
+            .unwrap();
+            let lb = Self {
+                port,
+                config,
+                process: Process::default(),
+            };
+            if lb.start_process().await {
+                return lb;
+            }
+        }
+        panic!("haproxy did not start");
     }
 
     /// `http://127.0.0.1:port`.
@@ -206,6 +221,11 @@ impl LoadBalancer {
 
     /// Starts it again on the same port.
     pub async fn restart(&self) {
+        assert!(self.start_process().await, "haproxy did not start");
+    }
+
+    /// Starts haproxy on this balancer's port; whether it came up.
+    async fn start_process(&self) -> bool {
         self.kill();
         let child = Command::new("haproxy")
             .arg("-f")
@@ -217,13 +237,13 @@ impl LoadBalancer {
             .expect("haproxy must be installed (make test installs it)");
         self.process.set(child);
         let port = self.port;
-        let up = crate::eventually(Duration::from_secs(10), || async move {
+        let listens = crate::eventually(Duration::from_secs(10), || async move {
             tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
                 .is_ok()
         })
         .await;
-        assert!(up, "haproxy did not start");
+        listens && self.process.running()
     }
 }
 

@@ -50,7 +50,17 @@ pub struct RedeemCommand {
     pub request: Vec<u8>,
 }
 
+/// Namespace of redemption ids derived from idempotency keys.
+const REDEMPTION_NAMESPACE: Uuid = Uuid::from_u128(0x6f0c_1d2e_8a4b_4c1f_9e3d_2b7a_5c60_f1a8);
+
 impl RedeemCommand {
+    /// The redemption's id: derived from who redeems and their idempotency
+    /// key, so every attempt with that key names the same redemption.
+    pub fn redemption_id(&self) -> Uuid {
+        let name = format!("{}\n{}", self.who.scope(), self.idempotency_key);
+        Uuid::new_v5(&REDEMPTION_NAMESPACE, name.as_bytes())
+    }
+
     /// The idempotency key within its scope.
     pub fn idempotency(&self) -> IdempotencyKey {
         IdempotencyKey {

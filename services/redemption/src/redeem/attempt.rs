@@ -68,10 +68,11 @@ impl Redeemer {
         if admission == Admission::Full {
             return Err(Error::ClassFull);
         }
-        // The redemption's id is chosen now: an account created for it
-        // records it, so that voiding a failed redemption removes only the
-        // account it created.
-        let redemption_id = Uuid::now_v7();
+        // The redemption's id is chosen now, the same for every attempt with
+        // this idempotency key (whichever records first): an account created
+        // for it records it, so voiding the redemption removes the account
+        // whichever attempt created it, and no other.
+        let redemption_id = cmd.redemption_id();
         let (user, user_created) = match self
             .account(
                 &cmd.who,

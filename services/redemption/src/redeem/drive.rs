@@ -35,7 +35,8 @@ pub enum FaultPoint {
     BeforeRecord,
     /// After the key was consumed (or the seat held), before Enroll.
     AfterConsume,
-    /// After Enroll / AssignSubscription committed, before the reply is recorded.
+    /// After Enroll / AssignSubscription committed (or the grant was found
+    /// already held), before the reply is recorded.
     AfterCommit,
 }
 
@@ -239,6 +240,8 @@ impl Redeemer {
                 if kind == pb::KeyKind::ClassEnrollment {
                     let held = || self.clients.seat(&target_text, user_id);
                     if let Some(seat) = self.consume(lease, record, held).await? {
+                        self.fault(FaultPoint::AfterCommit, Some(lease), paused)
+                            .await;
                         self.gate.settle(target, user_id, Settle::Confirm).await;
                         return Ok(response(record, user, Grant::Enrollment(seat), true));
                     }
@@ -259,6 +262,8 @@ impl Redeemer {
             pb::KeyKind::Subscription => {
                 let held = || self.clients.subscription(&target_text, user_id);
                 if let Some(held) = self.consume(lease, record, held).await? {
+                    self.fault(FaultPoint::AfterCommit, Some(lease), paused)
+                        .await;
                     return Ok(response(record, user, Grant::Subscription(held), true));
                 }
                 self.fault(FaultPoint::AfterConsume, Some(lease), paused)
@@ -282,11 +287,11 @@ impl Redeemer {
         Ok(response(record, user, grant, already_held))
     }
 
-    /// ConsumeKey for this redemption. When the key is used up but the
-    /// student holds what it grants, that grant is the answer (`Some`), and
-    /// no use is taken. When this redemption gave its use back earlier (it
-    /// found the grant already held), the grant step answers as it did then
-    /// (enrollment recorded it).
+    /// ConsumeKey for this redemption. When it cannot take a use — the key
+    /// is used up, or this redemption gave its use back earlier (it found
+    /// the grant already held) — the grant the student holds is the answer
+    /// (`Some`), with no use taken; with none held, the refusal stands. It
+    /// never goes on to take a grant without a use.
     async fn consume<G, F>(
         &self,
         lease: Lease,
@@ -306,8 +311,8 @@ impl Redeemer {
             )
             .await;
         match consumed {
-            Ok(()) | Err(Error::KeyUseReleased) => Ok(None),
-            Err(e @ Error::KeyAlreadyRedeemed) => match held().await? {
+            Ok(()) => Ok(None),
+            Err(e @ (Error::KeyAlreadyRedeemed | Error::KeyUseReleased)) => match held().await? {
                 Some(grant) => {
                     // No use is ever this redemption's: a released marker
                     // makes a stale driver's later consume of it refused
@@ -331,8 +336,10 @@ impl Redeemer {
     /// hold. Only ever for a redemption whose failure is decided, so it never
     /// undoes what a successor completed. Every step is idempotent.
     pub(crate) async fn compensate(&self, lease: Lease, record: &Record) -> Result<(), Error> {
-        self.compensate_with(lease, record, record.user_created)
-            .await
+        // Offered always: enrollment removes the account only if it was
+        // created for this very redemption id (a concurrent attempt with the
+        // same idempotency key may have created it, not the one recorded).
+        self.compensate_with(lease, record, true).await
     }
 
     /// [`compensate`](Self::compensate), removing the account the redemption
