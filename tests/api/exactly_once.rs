@@ -16,7 +16,7 @@ use trainingkeys_redemption::{FaultAction, FaultPoint};
 use trainingkeys_shared::cli::Service;
 use trainingkeys_tests::{
     TestApp, as_new, as_user, assert_invalid_field, assert_status, class_request, enrollment, idem,
-    org, uuid,
+    org, pool_scope, uuid,
 };
 
 /// Runs `sql` (a `SELECT … FOR UPDATE` of the row with id `$1`) in a
@@ -926,41 +926,11 @@ async fn a_take_over_whose_student_is_gone_fails_and_gives_the_use_back() {
 async fn a_direct_grant_naming_the_key_is_held_before_not_taken() {
     let app = TestApp::start(1).await;
     let org = org();
-    let profile = app
-        .enrollment_client()
-        .create_subscription_profile(pb::CreateSubscriptionProfileRequest {
-            organization_id: org.clone(),
-            name: "All".into(),
-            course_ids: vec!["A".into()],
-            duration_days: 30,
-        })
+    let profile = app.profile(&org).await;
+    let pool = app.pool(&profile.profile_id, 1, 3).await;
+    let key = app
+        .list_keys(pool_scope(&pool.pool_id), pb::KeyStatus::Unspecified, 1)
         .await
-        .unwrap()
-        .into_inner()
-        .profile
-        .unwrap();
-    let mut k = app.keys_client();
-    let pool = k
-        .generate_subscription_keys(pb::GenerateSubscriptionKeysRequest {
-            profile_id: profile.profile_id.clone(),
-            count: 1,
-            uses_per_key: 3,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .pool
-        .unwrap();
-    let key = k
-        .list_keys(pb::ListKeysRequest {
-            scope: Some(pb::list_keys_request::Scope::PoolId(pool.pool_id)),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .keys
         .remove(0);
     let user = app.users(&org, 1).await.remove(0);
     app.enrollment_client()
