@@ -437,6 +437,7 @@ fn pgbench_enroll(database_url: &str) -> anyhow::Result<f64> {
          CREATE TABLE bench_ref.classes (LIKE enrollment.classes INCLUDING ALL);
          CREATE TABLE bench_ref.enrollments (LIKE enrollment.enrollments INCLUDING ALL);
          CREATE TABLE bench_ref.users (LIKE enrollment.users INCLUDING ALL);
+         CREATE TABLE bench_ref.redemptions (LIKE enrollment.redemptions INCLUDING ALL);
          INSERT INTO bench_ref.users (user_id, organization_id, email, display_name)
            SELECT ('00000000-0000-0000-0001-' || lpad(n::text, 12, '0'))::uuid, 'bench', 'u' || n || '@bench', 'u'
            FROM generate_series(1, 100000) n;
@@ -449,14 +450,17 @@ fn pgbench_enroll(database_url: &str) -> anyhow::Result<f64> {
         &script,
         "\\set c random(1, 1000)\n\
          \\set u random(1, 100000)\n\
+         \\set r random(1, 1000000000)\n\
          WITH seat AS (UPDATE bench_ref.classes SET enrolled_count = enrolled_count + 1 \
            WHERE class_id = ('00000000-0000-0000-0000-' || lpad(:c::text, 12, '0'))::uuid AND enrolled_count < max_students \
            AND organization_id = (SELECT organization_id FROM bench_ref.users WHERE user_id = ('00000000-0000-0000-0001-' || lpad(:u::text, 12, '0'))::uuid) \
            AND NOT EXISTS (SELECT 1 FROM bench_ref.enrollments WHERE class_id = ('00000000-0000-0000-0000-' || lpad(:c::text, 12, '0'))::uuid \
              AND user_id = ('00000000-0000-0000-0001-' || lpad(:u::text, 12, '0'))::uuid AND cancelled_at IS NULL) \
-           RETURNING class_id) \
-         INSERT INTO bench_ref.enrollments (enrollment_id, class_id, user_id) \
-         SELECT gen_random_uuid(), class_id, ('00000000-0000-0000-0001-' || lpad(:u::text, 12, '0'))::uuid FROM seat;\n",
+           AND NOT EXISTS (SELECT 1 FROM bench_ref.redemptions WHERE redemption_id = md5(:r::text || :u::text)::uuid) \
+           RETURNING class_id), \
+         outcome AS (INSERT INTO bench_ref.redemptions (redemption_id) SELECT md5(:r::text || :u::text)::uuid FROM seat) \
+         INSERT INTO bench_ref.enrollments (enrollment_id, class_id, user_id, redemption_id) \
+         SELECT gen_random_uuid(), class_id, ('00000000-0000-0000-0001-' || lpad(:u::text, 12, '0'))::uuid, md5(:r::text || :u::text)::uuid FROM seat;\n",
     )?;
     let out = Command::new("pgbench")
         .args([
