@@ -23,6 +23,8 @@ use trainingkeys_proto::prost_types;
 use trainingkeys_proto::v1 as pb;
 use trainingkeys_proto::v1::redeem_key_response::Grant;
 
+use uuid::Uuid;
+
 use super::Redeemer;
 use crate::error::Error;
 use crate::gate::Settle;
@@ -205,7 +207,7 @@ impl Redeemer {
     }
 
     async fn compensate_and_fail(&self, lease: Lease, record: &Record) -> Result<(), Error> {
-        self.compensate(lease, record).await?;
+        self.compensate(lease, record, Some(record.user_id)).await?;
         if self.store.fail(lease).await? {
             Ok(())
         } else {
@@ -335,29 +337,24 @@ impl Redeemer {
     /// the account it created for a student now turned away, and the seat
     /// hold. Only ever for a redemption whose failure is decided, so it never
     /// undoes what a successor completed. Every step is idempotent.
-    pub(crate) async fn compensate(&self, lease: Lease, record: &Record) -> Result<(), Error> {
-        // Offered always: enrollment removes the account only if it was
-        // created for this very redemption id (a concurrent attempt with the
-        // same idempotency key may have created it, not the one recorded).
-        self.compensate_with(lease, record, true).await
-    }
-
-    /// [`compensate`](Self::compensate), removing the account the redemption
-    /// created only when `remove_account`.
-    async fn compensate_with(
+    /// `account` is the account offered for removal: the record's user when
+    /// a redemption fails (enrollment removes it only if it was created for
+    /// this very redemption id; a concurrent attempt with the same
+    /// idempotency key may have created it, not the one recorded), none in an
+    /// audit.
+    async fn compensate(
         &self,
         lease: Lease,
         record: &Record,
-        remove_account: bool,
+        account: Option<Uuid>,
     ) -> Result<(), Error> {
         if record.key_kind != pb::KeyKind::Event as i32 {
             self.clients
                 .release_key(record.key_id, record.redemption_id, lease.generation)
                 .await?;
         }
-        let created = remove_account.then_some(record.user_id);
         self.clients
-            .void_redemption(record.redemption_id, created)
+            .void_redemption(record.redemption_id, account)
             .await?;
         if record.key_kind != pb::KeyKind::Subscription as i32 {
             self.gate
@@ -467,7 +464,7 @@ impl Redeemer {
                 redemption_id: record.redemption_id,
                 generation: record.generation,
             };
-            self.compensate_with(lease, record, false).await?;
+            self.compensate(lease, record, None).await?;
         }
         self.store.audited(record.redemption_id).await
     }
