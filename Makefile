@@ -25,6 +25,12 @@ run: build env ## Set up, start every service (REPLICAS=N: N redemption replicas
 demo: ## With `make run` going in another terminal: seed a class, an event key and a subscription pool, print redeem calls
 	@$(CARGO) run -q -p trainingkeys-bench --bin loadgen -- demo
 
+.PHONY: token
+token: ## Print a bearer token: ROLE=<role> (repeatable as ROLE="a b"), ORG=<org> (default acme), SUB=<subject>; uses make run's signing key
+	@$(CARGO) build -q -p trainingkeys-devtools
+	@$${CARGO_TARGET_DIR:-target}/debug/tk-dev init --dir .run/dev
+	@$${CARGO_TARGET_DIR:-target}/debug/tk-dev token --dir .run/dev $(foreach r,$(or $(ROLE),$(error ROLE is required, e.g. make token ROLE=student SUB=<user id>)),--role $(r)) --org $(or $(ORG),acme) --sub $(or $(SUB),dev)
+
 .PHONY: interop
 interop: ## With `make run` going: a Python client built from server reflection alone enrolls 5 students into 3 seats
 	@source scripts/lib.sh && venv_install 'grpc_reflection, grpc_status' grpcio grpcio-reflection grpcio-status

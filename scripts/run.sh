@@ -16,8 +16,8 @@ REPLICAS="${REPLICAS:-1}"
 REDEMPTION_PORT="${REDEMPTION_PORT:-50053}"
 export ENROLLMENT_LISTEN_ADDR="127.0.0.1:${ENROLLMENT_PORT:-50051}"
 export KEY_ISSUANCE_LISTEN_ADDR="127.0.0.1:${KEY_ISSUANCE_PORT:-50052}"
-export ENROLLMENT_URL="http://$ENROLLMENT_LISTEN_ADDR"
-export KEY_ISSUANCE_URL="http://$KEY_ISSUANCE_LISTEN_ADDR"
+export ENROLLMENT_URL="https://$ENROLLMENT_LISTEN_ADDR"
+export KEY_ISSUANCE_URL="https://$KEY_ISSUANCE_LISTEN_ADDR"
 export REDIS_URL
 # Long-lived HTTP/2 clients re-balance when connections age out.
 export MAX_CONNECTION_AGE_SECONDS="${MAX_CONNECTION_AGE_SECONDS:-30}"
@@ -35,6 +35,20 @@ if [[ -z "${KEY_HMAC_SECRET:-}" || -z "${KEY_ENCRYPTION_KEY:-}" ]]; then
   export KEY_HMAC_SECRET="${KEY_HMAC_SECRET:-$RUN_KEY_HMAC_SECRET}"
   export KEY_ENCRYPTION_KEY="${KEY_ENCRYPTION_KEY:-$RUN_KEY_ENCRYPTION_KEY}"
 fi
+
+# TLS and caller authentication: a development CA with a certificate per
+# service, and a signing key whose JWKS the services trust, made once into
+# .run/dev (mode 700) by tk-dev; tokens for every role in organization
+# acme, re-minted on each start, in .run/dev/tokens/<role>.
+DEV=.run/dev
+"$BIN/tk-dev" init --dir "$DEV"
+export TLS_CA_FILE="$DEV/ca.pem" JWKS_FILE="$DEV/jwks.json"
+mkdir -p "$DEV/tokens"
+for role in site_administrator operations_manager instructor provisioning_service redemption_front student; do
+  sub=$role; [ "$role" = student ] && sub=00000000-0000-0000-0000-000000000000
+  (umask 077; "$BIN/tk-dev" token --dir "$DEV" --role "$role" --org acme --sub "$sub" > "$DEV/tokens/$role")
+done
+tls_as() { export TLS_CERT_FILE="$DEV/$1.pem" TLS_KEY_FILE="$DEV/$1-key.pem"; }
 
 # The fixed ports must be free before anything starts. The defaults
 # 50051-50053 lie inside Linux's ephemeral range (32768-60999), so an
@@ -77,9 +91,10 @@ wait_listening() { # host:port
   echo "nothing listens on $1" >&2; return 1
 }
 
-"$BIN/enrollment" & pids+=($!)
+(tls_as enrollment; exec "$BIN/enrollment") & pids+=($!)
 wait_listening "$ENROLLMENT_LISTEN_ADDR"
-"$BIN/key-issuance" & pids+=($!)
+(tls_as key-issuance; exec "$BIN/key-issuance") & pids+=($!)
+tls_as redemption
 
 if [[ "$REPLICAS" -le 1 ]]; then
   REDEMPTION_LISTEN_ADDR="127.0.0.1:$REDEMPTION_PORT" "$BIN/redemption" & pids+=($!)
@@ -92,7 +107,7 @@ else
   for i in $(seq 1 "$REPLICAS"); do
     port="${replica_ports[$((i - 1))]}"
     REDEMPTION_LISTEN_ADDR="127.0.0.1:$port" "$BIN/redemption" & pids+=($!)
-    servers+="  server r$i 127.0.0.1:$port proto h2 check"$'\n'
+    servers+="  server r$i 127.0.0.1:$port ssl verify required ca-file $PWD/$DEV/ca.pem alpn h2 check"$'\n'
   done
   cat > .run/haproxy.cfg <<CFG
 global
@@ -104,7 +119,7 @@ defaults
   timeout client 120s
   timeout server 120s
 frontend redemption
-  bind 127.0.0.1:$REDEMPTION_PORT proto h2
+  bind 127.0.0.1:$REDEMPTION_PORT ssl crt $PWD/$DEV/load-balancer-bundle.pem alpn h2
   default_backend redemption
 backend redemption
   balance roundrobin
@@ -113,7 +128,7 @@ CFG
   for port in "${replica_ports[@]}"; do wait_listening "127.0.0.1:$port"; done
   haproxy -f .run/haproxy.cfg -db & pids+=($!)
   wait_listening "127.0.0.1:$REDEMPTION_PORT"
-  topology="redemption     127.0.0.1:$REDEMPTION_PORT   haproxy (HTTP/2, per request) over $REPLICAS replicas on ports ${replica_ports[*]}"
+  topology="redemption     127.0.0.1:$REDEMPTION_PORT   haproxy (TLS, HTTP/2, per request) over $REPLICAS replicas on ports ${replica_ports[*]}"
 fi
 wait_listening "$KEY_ISSUANCE_LISTEN_ADDR"
 
@@ -127,10 +142,15 @@ Training Keys is running:
   PostgreSQL     $DATABASE_URL
   Redis          $REDIS_URL
 
+Every service speaks TLS (CA: $DEV/ca.pem) and wants a bearer token.
+Ready tokens for organization acme, one per role, valid 12 hours (also in
+$DEV/tokens/<role>; \`make token ROLE=... ORG=... SUB=...\` mints others):
+$(for f in "$DEV"/tokens/*; do printf '  %s:\n    %s\n' "$(basename "$f")" "$(cat "$f")"; done)
+
 Try, in another terminal (grpcurl uses server reflection, no proto files):
   make smoke     # runs every call of the README's "Calling it", in order
   make demo      # seeds a class, an event key and a subscription pool, prints redeem calls
-  grpcurl -plaintext $R list   # (make smoke puts grpcurl in .run/bin)
+  grpcurl -cacert $DEV/ca.pem $R list   # (make smoke puts grpcurl in .run/bin)
 
 Press Ctrl-C to stop.
 MSG

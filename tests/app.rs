@@ -33,6 +33,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use futures::future::join_all;
 use tonic::transport::Channel;
+
+use crate::pki::Authed;
 use tonic::{Code, Status};
 use trainingkeys_proto::time::to_timestamp;
 use trainingkeys_proto::v1 as pb;
@@ -47,7 +49,7 @@ use crate::servers::{LoadBalancer, RedisServer};
 use crate::{Spawned, fresh_database, spawn_enrollment, spawn_key_issuance};
 
 /// A redemption client.
-pub type Redeem = RedemptionServiceClient<Channel>;
+pub type Redeem = RedemptionServiceClient<Authed>;
 
 /// Enrollment, key-issuance and redemption replicas on one fresh database.
 pub struct TestApp {
@@ -64,9 +66,9 @@ pub struct TestApp {
     /// The load balancer, once [`behind_load_balancer`](Self::behind_load_balancer) ran.
     pub lb: Option<LoadBalancer>,
     /// Cloned for each call (a clone shares the connection).
-    enrollment_client: EnrollmentServiceClient<Channel>,
+    enrollment_client: EnrollmentServiceClient<Authed>,
     /// Cloned for each call.
-    keys_client: KeyIssuanceServiceClient<Channel>,
+    keys_client: KeyIssuanceServiceClient<Authed>,
     /// One client per replica (or, behind the load balancer, per connection).
     redemption_clients: Vec<Redeem>,
 }
@@ -116,7 +118,7 @@ impl TestApp {
             &self.redis.url(),
         )
         .unwrap();
-        crate::for_tests(&mut config.common);
+        crate::for_tests(&mut config.common, "redemption");
         config.redemption_timeout_seconds = 3;
         config.recovery_after_seconds = 4;
         config.recovery_interval_seconds = 1;
@@ -148,9 +150,7 @@ impl TestApp {
         let addrs: Vec<_> = self.replicas.iter().map(|r| r.addr).collect();
         let lb = LoadBalancer::start(&addrs).await;
         self.redemption_clients = (0..3)
-            .map(|_| {
-                RedemptionServiceClient::new(Channel::from_shared(lb.url()).unwrap().connect_lazy())
-            })
+            .map(|_| RedemptionServiceClient::new(crate::pki::operator(&lb.url())))
             .collect();
         self.lb = Some(lb);
     }
@@ -171,12 +171,23 @@ impl TestApp {
 
     // Clients, for calls no helper makes. A clone shares the connection.
 
-    pub fn enrollment_client(&self) -> EnrollmentServiceClient<Channel> {
+    pub fn enrollment_client(&self) -> EnrollmentServiceClient<Authed> {
         self.enrollment_client.clone()
     }
 
-    pub fn keys_client(&self) -> KeyIssuanceServiceClient<Channel> {
+    pub fn keys_client(&self) -> KeyIssuanceServiceClient<Authed> {
         self.keys_client.clone()
+    }
+
+    /// A key-issuance client that is the redemption service (its client
+    /// certificate, no token): the one caller of the internal methods.
+    pub fn internal_keys_client(&self) -> KeyIssuanceServiceClient<Channel> {
+        KeyIssuanceServiceClient::new(self.keys_service.channel_as("redemption"))
+    }
+
+    /// An enrollment client that is the redemption service.
+    pub fn internal_enrollment_client(&self) -> EnrollmentServiceClient<Channel> {
+        EnrollmentServiceClient::new(self.enrollment_service.channel_as("redemption"))
     }
 
     /// A client of replica `i` (any `i`: it wraps around).
@@ -567,7 +578,7 @@ impl TestApp {
         redemption_id: &str,
         generation: i64,
     ) -> Result<pb::ConsumeKeyResponse, Status> {
-        self.keys_client()
+        self.internal_keys_client()
             .consume_key(pb::ConsumeKeyRequest {
                 key_id: key_id.into(),
                 user_id: user_id.into(),
@@ -585,7 +596,7 @@ impl TestApp {
         redemption_id: &str,
         generation: i64,
     ) -> Result<pb::ReleaseKeyResponse, Status> {
-        self.keys_client()
+        self.internal_keys_client()
             .release_key(pb::ReleaseKeyRequest {
                 key_id: key_id.into(),
                 redemption_id: redemption_id.into(),
@@ -611,7 +622,7 @@ impl TestApp {
         code: &str,
         user_id: &str,
     ) -> Result<pb::ResolveKeyResponse, Status> {
-        self.keys_client()
+        self.internal_keys_client()
             .resolve_key(pb::ResolveKeyRequest {
                 code: code.into(),
                 user_id: user_id.into(),
@@ -756,7 +767,9 @@ pub struct Export {
 
 /// A fresh organization id.
 pub fn org() -> String {
-    format!("org-{}", uuid::Uuid::new_v4().simple())
+    let org = format!("org-{}", uuid::Uuid::new_v4().simple());
+    crate::pki::register_org(&org);
+    org
 }
 
 /// A fresh UUID: an id nothing has.

@@ -7,6 +7,7 @@
 
 pub mod app;
 pub mod chaos;
+pub mod pki;
 pub mod servers;
 
 pub use app::{
@@ -56,18 +57,20 @@ pub struct Spawned {
 }
 
 impl Spawned {
-    /// `http://addr`.
+    /// `https://addr`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("https://{}", self.addr)
     }
 
-    /// A fresh channel to the service.
-    pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url())
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect to the service")
+    /// A fresh TLS channel to the service whose calls carry the harness's
+    /// operator token.
+    pub async fn channel(&self) -> pki::Authed {
+        pki::operator(&self.url())
+    }
+
+    /// A fresh TLS channel presenting `identity`'s certificate, without a token.
+    pub fn channel_as(&self, identity: &str) -> Channel {
+        pki::channel(&self.url(), identity)
     }
 
     /// Shuts the service down and waits for it.
@@ -77,16 +80,18 @@ impl Spawned {
     }
 }
 
-/// What every service under test shares: a short shutdown grace.
-pub fn for_tests(common: &mut CommonConfig) {
+/// What every service under test shares: a short shutdown grace, and TLS
+/// with `name`'s certificate and the test JWKS.
+pub fn for_tests(common: &mut CommonConfig, name: &str) {
     common.shutdown_grace_seconds = 2;
+    pki::pki().configure(common, name);
 }
 
 /// The enrollment service on `database_url`.
 pub async fn spawn_enrollment(database_url: &str) -> Spawned {
     trainingkeys_shared::telemetry::init_for_tests();
     let mut config = trainingkeys_enrollment::Config::for_tests(database_url).unwrap();
-    for_tests(&mut config.common);
+    for_tests(&mut config.common, "enrollment");
     spawn::<trainingkeys_enrollment::Application>(config).await
 }
 
@@ -127,7 +132,7 @@ pub async fn spawn_key_issuance(database_url: &str, enrollment_url: &str) -> Spa
         TEST_ENCRYPTION_KEY,
     )
     .unwrap();
-    for_tests(&mut config.common);
+    for_tests(&mut config.common, "key-issuance");
     spawn::<trainingkeys_key_issuance::Application>(config).await
 }
 

@@ -181,19 +181,28 @@ pub struct LoadBalancer {
 impl LoadBalancer {
     /// Starts haproxy over `replicas` and waits until it listens.
     pub async fn start(replicas: &[std::net::SocketAddr]) -> Self {
+        let pki = crate::pki::pki();
+        let ca = pki.ca_file().display().to_string();
+        let crt = pki
+            .dir
+            .join("load-balancer-bundle.pem")
+            .display()
+            .to_string();
         for _ in 0..START_ATTEMPTS {
             let port = free_port();
             let servers: String = replicas
                 .iter()
                 .enumerate()
-                .map(|(i, a)| format!("  server r{i} {a} proto h2\n"))
+                .map(|(i, a)| {
+                    format!("  server r{i} {a} ssl verify required ca-file {ca} alpn h2\n")
+                })
                 .collect();
             let config = std::env::temp_dir().join(format!("trainingkeys-lb-{port}.cfg"));
             std::fs::write(
                 &config,
                 format!(
                     "global\n  maxconn 4000\ndefaults\n  mode http\n  option forwardfor\n  timeout connect 2s\n  timeout client 60s\n  timeout server 60s\n\
-                     frontend redemption\n  bind 127.0.0.1:{port} proto h2\n  default_backend replicas\nbackend replicas\n  balance roundrobin\n{servers}"
+                     frontend redemption\n  bind 127.0.0.1:{port} ssl crt {crt} alpn h2\n  default_backend replicas\nbackend replicas\n  balance roundrobin\n{servers}"
                 ),
             )
             .unwrap();
@@ -209,9 +218,10 @@ impl LoadBalancer {
         panic!("haproxy did not start");
     }
 
-    /// `http://127.0.0.1:port`.
+    /// `https://127.0.0.1:port` (haproxy terminates TLS with the
+    /// load-balancer certificate and calls the replicas over TLS).
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("https://127.0.0.1:{}", self.port)
     }
 
     /// Kills it (connections through it break).

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use hdrhistogram::Histogram;
 use tokio::sync::Semaphore;
-use tonic::transport::{Channel, Endpoint};
+use trainingkeys_devtools::Authed;
 
 /// How requests arrive.
 #[derive(Debug, Clone, Copy)]
@@ -30,7 +30,7 @@ pub enum Arrival {
 pub type Outcome = Result<(), (tonic::Code, String)>;
 
 /// Makes request number `i` on `channel`.
-pub type Call = Arc<dyn Fn(usize, Channel) -> BoxFuture<'static, Outcome> + Send + Sync>;
+pub type Call = Arc<dyn Fn(usize, Authed) -> BoxFuture<'static, Outcome> + Send + Sync>;
 
 /// Figures of one run.
 #[derive(Debug)]
@@ -94,19 +94,15 @@ impl Report {
 }
 
 /// `connections` lazily connected channels to `url`.
-pub fn channels(url: &str, connections: usize) -> anyhow::Result<Vec<Channel>> {
+pub fn channels(url: &str, connections: usize) -> anyhow::Result<Vec<Authed>> {
+    let (dev, bearer) = crate::setup::credentials()?;
     (0..connections.max(1))
-        .map(|_| {
-            Ok(Endpoint::from_shared(url.to_owned())?
-                .tcp_nodelay(true)
-                .timeout(Duration::from_secs(30))
-                .connect_lazy())
-        })
+        .map(|_| dev.authed(url, Duration::from_secs(30), bearer))
         .collect()
 }
 
 /// Sends `total` requests made by `call` over `channels`.
-pub async fn run(channels: &[Channel], total: usize, arrival: Arrival, call: Call) -> Report {
+pub async fn run(channels: &[Authed], total: usize, arrival: Arrival, call: Call) -> Report {
     let limit = match arrival {
         Arrival::Closed { concurrency } => concurrency,
         Arrival::Open { max_in_flight, .. } => max_in_flight,

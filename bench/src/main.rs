@@ -2,9 +2,9 @@
 //! driver that runs every scenario beside its reference in one run.
 //!
 //! ```text
-//! loadgen noop     --target http://127.0.0.1:50053
-//! loadgen validate --target http://127.0.0.1:50053 --code ABCD-...
-//! loadgen herd     --target http://127.0.0.1:50053 --students 5000 --max 500
+//! loadgen noop     --target https://127.0.0.1:50053
+//! loadgen validate --target https://127.0.0.1:50053 --code ABCD-...
+//! loadgen herd     --target https://127.0.0.1:50053 --students 5000 --max 500
 //! loadgen bench    (see scripts/bench.sh)
 //! ```
 
@@ -63,16 +63,24 @@ impl LoadArgs {
 #[derive(clap::Args, Clone)]
 pub struct Targets {
     /// The redemption service (or the load balancer in front of it).
-    #[arg(long, env = "REDEMPTION_URL", default_value = "http://127.0.0.1:50053")]
+    #[arg(
+        long,
+        env = "REDEMPTION_URL",
+        default_value = "https://127.0.0.1:50053"
+    )]
     pub target: String,
     /// The enrollment service (seeding).
-    #[arg(long, env = "ENROLLMENT_URL", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "ENROLLMENT_URL",
+        default_value = "https://127.0.0.1:50051"
+    )]
     pub enrollment: String,
     /// The key-issuance service (seeding).
     #[arg(
         long,
         env = "KEY_ISSUANCE_URL",
-        default_value = "http://127.0.0.1:50052"
+        default_value = "https://127.0.0.1:50052"
     )]
     pub keys: String,
 }

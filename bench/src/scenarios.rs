@@ -111,7 +111,7 @@ pub struct BenchArgs {
     #[arg(
         long,
         env = "REDEMPTION_NO_GATE_URL",
-        default_value = "http://127.0.0.1:50054"
+        default_value = "https://127.0.0.1:50054"
     )]
     no_gate: String,
     /// The database (for the pgbench reference).

@@ -3,7 +3,7 @@
 
 use chrono::{Duration, Utc};
 use futures::future::join_all;
-use tonic::transport::Channel;
+use trainingkeys_devtools::{Authed, Bearer, DevClient};
 use trainingkeys_proto::time::to_timestamp;
 use trainingkeys_proto::v1 as pb;
 use trainingkeys_proto::v1::enrollment_service_client::EnrollmentServiceClient;
@@ -12,8 +12,8 @@ use trainingkeys_proto::v1::key_issuance_service_client::KeyIssuanceServiceClien
 /// Clients of the admin-side services.
 #[derive(Clone)]
 pub struct Admin {
-    pub enrollment: EnrollmentServiceClient<Channel>,
-    pub keys: KeyIssuanceServiceClient<Channel>,
+    pub enrollment: EnrollmentServiceClient<Authed>,
+    pub keys: KeyIssuanceServiceClient<Authed>,
     /// A fresh organization per run, so runs never collide.
     pub organization_id: String,
 }
@@ -21,13 +21,12 @@ pub struct Admin {
 impl Admin {
     /// Clients of the services at these URLs.
     pub fn new(enrollment_url: &str, keys_url: &str) -> anyhow::Result<Self> {
-        let channel = |url: &str| -> anyhow::Result<Channel> {
-            Ok(Channel::from_shared(url.to_owned())?.connect_lazy())
-        };
+        let (dev, bearer) = credentials()?;
+        let channel = |url: &str| dev.authed(url, std::time::Duration::from_secs(600), bearer);
         Ok(Self {
             enrollment: EnrollmentServiceClient::new(channel(enrollment_url)?),
             keys: KeyIssuanceServiceClient::new(channel(keys_url)?),
-            organization_id: format!("org-{}", uuid::Uuid::new_v4().simple()),
+            organization_id: organization().to_owned(),
         })
     }
 
@@ -108,6 +107,26 @@ impl Admin {
     }
 }
 
+/// This run's organization: a fresh one per process, so runs never collide.
+pub fn organization() -> &'static str {
+    static ORG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ORG.get_or_init(|| format!("org-{}", uuid::Uuid::new_v4().simple()))
+}
+
+/// TLS and an operator's token for [`organization`], from `make run`'s
+/// development CA and signing key (`TK_DEV_DIR`, default `.run/dev`).
+pub fn credentials() -> anyhow::Result<(&'static DevClient, &'static Bearer)> {
+    static CREDENTIALS: std::sync::OnceLock<(DevClient, Bearer)> = std::sync::OnceLock::new();
+    if let Some((dev, bearer)) = CREDENTIALS.get() {
+        return Ok((dev, bearer));
+    }
+    let dir = std::env::var("TK_DEV_DIR").unwrap_or_else(|_| ".run/dev".into());
+    let dev = DevClient::open(std::path::Path::new(&dir))?;
+    let bearer = dev.operator(&[organization()])?;
+    let (dev, bearer) = CREDENTIALS.get_or_init(|| (dev, bearer));
+    Ok((dev, bearer))
+}
+
 /// `make demo`: seeds data and prints ready-to-paste redeem calls.
 pub async fn demo(targets: &crate::Targets) -> anyhow::Result<()> {
     let admin = Admin::new(&targets.enrollment, &targets.keys)?;
@@ -150,8 +169,21 @@ pub async fn demo(targets: &crate::Targets) -> anyhow::Result<()> {
         .into_inner()
         .keys;
     let sub_code = keys.first().map(|k| k.code.clone()).unwrap_or_default();
-    let r = targets.target.trim_start_matches("http://");
-    let k = targets.keys.trim_start_matches("http://");
+    let r = targets.target.trim_start_matches("https://");
+    let k = targets.keys.trim_start_matches("https://");
+    let dir = std::env::var("TK_DEV_DIR").unwrap_or_else(|_| ".run/dev".into());
+    let front = trainingkeys_devtools::signer(std::path::Path::new(&dir))?.token(
+        "demo-front",
+        &["redemption_front"],
+        &[org],
+        12 * 3600,
+    )?;
+    let admin_token = trainingkeys_devtools::signer(std::path::Path::new(&dir))?.token(
+        "demo-admin",
+        &["site_administrator"],
+        &[org],
+        12 * 3600,
+    )?;
     println!("Seeded organization {org}:");
     println!("  class {class_id} (3 seats) with event key {event_code}");
     println!(
@@ -159,25 +191,29 @@ pub async fn demo(targets: &crate::Targets) -> anyhow::Result<()> {
         profile.profile_id, pool.pool_id
     );
     println!();
+    println!("Tokens for this organization (a redemption front, a site administrator):");
+    println!("  FRONT={front}");
+    println!("  ADMIN={admin_token}");
+    println!();
     println!("Validate and redeem the event key (a new student registers on the spot):");
     println!(
-        "  grpcurl -plaintext -d '{{\"code\":\"{event_code}\"}}' {r} trainingkeys.v1.RedemptionService/ValidateKey"
+        "  grpcurl -cacert {dir}/ca.pem -H \"authorization: Bearer $FRONT\" -d '{{\"code\":\"{event_code}\"}}' {r} trainingkeys.v1.RedemptionService/ValidateKey"
     );
     for (i, name) in ["ada", "grace", "linus", "barbara"].iter().enumerate() {
         println!(
-            "  grpcurl -plaintext -d '{{\"code\":\"{event_code}\",\"new_user\":{{\"organization_id\":\"{org}\",\"email\":\"{name}@example.com\",\"display_name\":\"{name}\"}},\"idempotency_key\":\"demo-{i}-{name}\"}}' {r} trainingkeys.v1.RedemptionService/RedeemKey"
+            "  grpcurl -cacert {dir}/ca.pem -H \"authorization: Bearer $FRONT\" -d '{{\"code\":\"{event_code}\",\"new_user\":{{\"organization_id\":\"{org}\",\"email\":\"{name}@example.com\",\"display_name\":\"{name}\"}},\"idempotency_key\":\"demo-{i}-{name}\"}}' {r} trainingkeys.v1.RedemptionService/RedeemKey"
         );
     }
     println!("  (the fourth student gets RESOURCE_EXHAUSTED CLASS_FULL)");
     println!();
     println!("Redeem a subscription key:");
     println!(
-        "  grpcurl -plaintext -d '{{\"code\":\"{sub_code}\",\"new_user\":{{\"organization_id\":\"{org}\",\"email\":\"ada@example.com\",\"display_name\":\"Ada\"}},\"idempotency_key\":\"demo-sub-ada\"}}' {r} trainingkeys.v1.RedemptionService/RedeemKey"
+        "  grpcurl -cacert {dir}/ca.pem -H \"authorization: Bearer $FRONT\" -d '{{\"code\":\"{sub_code}\",\"new_user\":{{\"organization_id\":\"{org}\",\"email\":\"ada@example.com\",\"display_name\":\"Ada\"}},\"idempotency_key\":\"demo-sub-ada\"}}' {r} trainingkeys.v1.RedemptionService/RedeemKey"
     );
     println!();
     println!("Export the pool as CSV (base64 chunks):");
     println!(
-        "  grpcurl -plaintext -d '{{\"pool_id\":\"{}\"}}' {k} trainingkeys.v1.KeyIssuanceService/ExportKeys",
+        "  grpcurl -cacert {dir}/ca.pem -H \"authorization: Bearer $ADMIN\" -d '{{\"pool_id\":\"{}\"}}' {k} trainingkeys.v1.KeyIssuanceService/ExportKeys",
         pool.pool_id
     );
     Ok(())

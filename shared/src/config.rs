@@ -35,6 +35,14 @@ pub struct CommonConfig {
     /// jitter) so long-lived HTTP/2 clients re-balance; 0 = never.
     #[arg(long, env = "MAX_CONNECTION_AGE_SECONDS", default_value_t = 0)]
     pub max_connection_age_seconds: u64,
+
+    /// TLS for gRPC, served and called.
+    #[command(flatten)]
+    pub tls: crate::tls::TlsConfig,
+
+    /// Caller authentication (bearer tokens, service identities).
+    #[command(flatten)]
+    pub auth: crate::auth::AuthConfig,
 }
 
 /// A configuration as its binary reads it from these flags, ignoring the

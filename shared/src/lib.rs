@@ -3,15 +3,18 @@
 //! reflection, tracing, graceful shutdown), error statuses, validation and
 //! page tokens. It knows nothing of any one service.
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod db;
 pub mod error;
 pub mod page;
 pub mod peer;
+pub mod policy;
 pub mod redis;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 pub mod validate;
 pub mod window;
 

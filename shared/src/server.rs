@@ -13,18 +13,23 @@ use tonic::service::Routes;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic_health::ServingStatus;
 
-/// Makes a service's pool (its own schema; the URL is checked, nothing is
-/// connected yet), binds its listener, then applies its migrations: the
-/// start of every service's `build`. The port is bound before the first
-/// outgoing connection, so none of this process's own connections to
-/// PostgreSQL can be holding it (the default ports lie in Linux's ephemeral
-/// range).
+use crate::auth::{AuthLayer, Authenticator};
+use crate::tls::Tls;
+
+/// What every service's `build` does once its settings are checked
+/// ([`security`], peer clients): its pool (its own schema; the URL is checked, nothing
+/// is connected yet), its listener bound, then its migrations applied. The
+/// port is bound before the first outgoing connection, so none of this
+/// process's own connections to PostgreSQL can be holding it (the default
+/// ports lie in Linux's ephemeral range).
 pub async fn prepare(
+    security: Security,
     common: &crate::config::CommonConfig,
     schema: &str,
     migrator: &sqlx::migrate::Migrator,
     listen_addr: std::net::SocketAddr,
-) -> anyhow::Result<(PgPool, TcpListener)> {
+) -> anyhow::Result<Prepared> {
+    let Security { tls, auth } = security;
     let pool = crate::db::connect(
         &common.database_url,
         schema,
@@ -32,7 +37,51 @@ pub async fn prepare(
     )?;
     let listener = TcpListener::bind(listen_addr).await?;
     crate::db::migrate(&pool, schema, migrator).await?;
-    Ok((pool, listener))
+    Ok(Prepared {
+        pool,
+        listener,
+        tls,
+        auth,
+    })
+}
+
+/// A service's TLS and verifier of callers, read and checked.
+#[derive(Debug)]
+pub struct Security {
+    /// TLS, for serving and for calling peers; `None` when plaintext was configured.
+    pub tls: Option<Tls>,
+    /// The verifier of callers.
+    pub auth: Authenticator,
+}
+
+/// Reads and checks the TLS files and the JWKS: the first step of every
+/// service's `build`, so a bad file fails before anything else.
+pub fn security(common: &crate::config::CommonConfig) -> anyhow::Result<Security> {
+    crate::tls::install_provider();
+    Ok(Security {
+        tls: common.tls.load()?,
+        auth: common.auth.load()?,
+    })
+}
+
+/// A service's checked settings, pool and bound listener.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The service's pool, on its own schema.
+    pub pool: PgPool,
+    /// The bound gRPC listener.
+    pub listener: TcpListener,
+    /// TLS, for serving and for calling peers; `None` when plaintext was configured.
+    pub tls: Option<Tls>,
+    /// The verifier of callers.
+    pub auth: Authenticator,
+}
+
+impl Prepared {
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
 }
 
 /// How often readiness (database reachability) is re-checked.
@@ -42,12 +91,15 @@ const READINESS_INTERVAL: Duration = Duration::from_secs(2);
 pub struct ServeOptions {
     /// Fully-qualified gRPC service names, reported by the health service.
     pub service_names: Vec<&'static str>,
-    /// The database whose reachability decides SERVING / NOT_SERVING.
-    pub readiness_db: PgPool,
+    /// The pool (whose reachability decides SERVING / NOT_SERVING), the
+    /// listener, TLS and the verifier of callers.
+    pub prepared: Prepared,
     /// Longest wait for in-flight calls once shutdown starts.
     pub grace: Duration,
     /// Close connections after this age (jittered), so clients re-balance.
     pub max_connection_age: Option<Duration>,
+    /// How often the TLS files and the JWKS are re-read.
+    pub reload_every: Duration,
 }
 
 impl ServeOptions {
@@ -55,22 +107,23 @@ impl ServeOptions {
     /// age from the shared configuration.
     pub fn new(
         service_name: &'static str,
-        readiness_db: PgPool,
+        prepared: Prepared,
         common: &crate::config::CommonConfig,
     ) -> Self {
         Self {
             service_names: vec![service_name],
-            readiness_db,
+            prepared,
             grace: common.shutdown_grace(),
             max_connection_age: common.max_connection_age(),
+            reload_every: Duration::from_secs(common.tls.tls_reload_seconds.max(1)),
         }
     }
 }
 
-/// Serves `routes` (plus health and reflection) on `listener` until `shutdown`
-/// is cancelled, then drains for at most `options.grace`.
+/// Serves `routes` (plus health and reflection) on the prepared listener,
+/// every call authenticated and authorized, until `shutdown` is cancelled,
+/// then drains for at most `options.grace`.
 pub async fn serve(
-    listener: TcpListener,
     routes: Routes,
     options: ServeOptions,
     shutdown: CancellationToken,
@@ -113,7 +166,7 @@ pub async fn serve(
     // Readiness follows the database until shutdown starts.
     let readiness = tokio::spawn({
         let shutdown = shutdown.clone();
-        let db = options.readiness_db.clone();
+        let db = options.prepared.pool.clone();
         let set_all = set_all.clone();
         async move {
             let mut last = None;
@@ -137,23 +190,34 @@ pub async fn serve(
         }
     });
 
+    let Prepared {
+        listener,
+        tls,
+        auth,
+        ..
+    } = options.prepared;
+    auth.watch(options.reload_every, shutdown.clone());
     let mut builder = Server::builder().trace_fn(crate::telemetry::server_span);
     if let Some(age) = options.max_connection_age {
         builder = builder.max_connection_age(jitter(age));
     }
     let local_addr = listener.local_addr()?;
-    let server = builder
-        .add_routes(
-            routes
-                .add_service(health_service)
-                .add_service(reflection_v1)
-                .add_service(reflection_v1alpha),
-        )
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
-            shutdown.clone().cancelled_owned(),
-        );
-    let mut server = tokio::spawn(server);
+    let router = builder.layer(AuthLayer::new(auth)).add_routes(
+        routes
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha),
+    );
+    let stop = shutdown.clone().cancelled_owned();
+    let mut server = match &tls {
+        Some(tls) => {
+            tls.watch(options.reload_every, shutdown.clone());
+            tokio::spawn(router.serve_with_incoming_shutdown(tls.incoming(listener), stop))
+        }
+        None => tokio::spawn(
+            router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop),
+        ),
+    };
     tracing::info!(%local_addr, "listening");
 
     tokio::select! {
@@ -211,15 +275,48 @@ pub fn cancel_on_signal(token: CancellationToken) {
     });
 }
 
-/// A lazily-connecting channel to another service at `url`
-/// (e.g. `http://enrollment:50051`), with bounded connect and call timeouts.
-pub fn channel(url: &str, call_timeout: Duration) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(url.to_owned())?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(call_timeout)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .connect_lazy())
+/// A lazily-connecting channel to another service at `url`, with bounded
+/// connect and call timeouts: `https://enrollment:50051` over `tls` (the
+/// server's certificate must hold the URL's host name, and this process's
+/// certificate is its client identity), or `http://...` when `tls` is
+/// `None` (plaintext was configured). A scheme that disagrees with the
+/// configuration is refused, so a typo never silently drops TLS.
+pub fn channel(url: &str, call_timeout: Duration, tls: Option<&Tls>) -> anyhow::Result<Channel> {
+    let endpoint = |url: String| -> anyhow::Result<Endpoint> {
+        Ok(Endpoint::from_shared(url)?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(call_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30)))
+    };
+    let origin: http::Uri = url.parse()?;
+    let scheme = origin.scheme_str().unwrap_or_default();
+    match tls {
+        Some(tls) => {
+            anyhow::ensure!(
+                scheme == "https",
+                "{url}: TLS is configured, so the URL must start with https://"
+            );
+            // The connector does the TLS. Tonic's own TLS would refuse an
+            // https endpoint it was not configured for, so the endpoint it
+            // dials is http, and the calls name the https origin.
+            let dialed = endpoint(url.replacen("https://", "http://", 1))?.origin(origin);
+            let tls = tls.clone();
+            Ok(
+                dialed.connect_with_connector_lazy(tower::service_fn(move |uri| {
+                    let tls = tls.clone();
+                    async move { tls.connect(uri).await }
+                })),
+            )
+        }
+        None => {
+            anyhow::ensure!(
+                scheme == "http",
+                "{url}: PLAINTEXT=true, so the URL must start with http://"
+            );
+            Ok(endpoint(url.to_owned())?.connect_lazy())
+        }
+    }
 }
 
 /// A free TCP port on 127.0.0.1 for a process a tool or test starts and

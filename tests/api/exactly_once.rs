@@ -466,7 +466,7 @@ async fn a_voided_redemption_keeps_nothing_and_gets_nothing() {
     let class = app.class(&org, 5).await;
     let ids = app.users(&org, 2).await;
     let profile = app.profile(&org).await;
-    let mut e = app.enrollment_client();
+    let mut e = app.internal_enrollment_client();
     let void = |rid: &str| pb::VoidRedemptionRequest {
         redemption_id: rid.into(),
         ..Default::default()
@@ -755,7 +755,7 @@ async fn the_audit_keeps_the_use_of_a_seat_an_old_twin_took() {
     let key = app.class_keys(&class.class_id, 1).await.remove(0);
     let ids = app.users(&org, 2).await;
     let rid = idem();
-    app.keys_client()
+    app.internal_keys_client()
         .consume_key(pb::ConsumeKeyRequest {
             key_id: key.key_id.clone(),
             user_id: ids[0].clone(),
@@ -812,7 +812,7 @@ async fn the_audit_keeps_the_use_of_a_seat_an_old_twin_took() {
 async fn a_void_removes_only_the_account_its_redemption_created() {
     let app = TestApp::start(0).await;
     let org = org();
-    let mut e = app.enrollment_client();
+    let mut e = app.internal_enrollment_client();
     let register = |email: &str, rid: &str| pb::RegisterUserRequest {
         organization_id: org.clone(),
         email: email.into(),
@@ -897,7 +897,7 @@ async fn a_take_over_whose_student_is_gone_fails_and_gives_the_use_back() {
         app.redemption_client(0).redeem_key(call).await.is_err(),
         "hangs after consuming"
     );
-    app.enrollment_client()
+    app.internal_enrollment_client()
         .void_redemption(pb::VoidRedemptionRequest {
             redemption_id: created_by,
             created_user_id: user.user_id.clone(),

@@ -841,7 +841,7 @@ async fn a_dump_of_the_keys_table_holds_no_plaintext_code() {
 async fn an_unreachable_enrollment_service_is_unavailable() {
     let database_url = fresh_database().await;
     // Nothing listens on port 1.
-    let service = spawn_key_issuance(&database_url, "http://127.0.0.1:1").await;
+    let service = spawn_key_issuance(&database_url, "https://127.0.0.1:1").await;
     let mut client = KeyIssuanceServiceClient::new(service.channel().await);
     let class_keys = pb::GenerateClassEnrollmentKeysRequest {
         class_id: uuid(),

@@ -3,7 +3,7 @@
 //! setting, even when the port it would bind is taken.
 
 use trainingkeys_shared::cli::Service;
-use trainingkeys_tests::{TEST_ENCRYPTION_KEY, TEST_HMAC_SECRET, fresh_database};
+use trainingkeys_tests::{TEST_ENCRYPTION_KEY, TEST_HMAC_SECRET, for_tests, fresh_database};
 
 /// Builds `S` with its port held by someone else: the error must be about
 /// the bad setting (`expected` in its message), not the port.
@@ -30,8 +30,9 @@ async fn fails_before_binding<S: Service>(
 
 #[tokio::test]
 async fn enrollment_refuses_a_bad_database_url() {
-    let config =
+    let mut config =
         trainingkeys_enrollment::Config::for_tests("postgres://nobody@/x?sslmode=bogus").unwrap();
+    for_tests(&mut config.common, "enrollment");
     fails_before_binding::<trainingkeys_enrollment::Application>(
         config,
         |c, a| c.listen_addr = a,
@@ -44,21 +45,60 @@ async fn enrollment_refuses_a_bad_database_url() {
 async fn key_issuance_refuses_bad_secrets_and_urls() {
     use trainingkeys_key_issuance::{Application, Config};
     let db = fresh_database().await;
-    let short = Config::for_tests(&db, "http://127.0.0.1:1", "short", TEST_ENCRYPTION_KEY).unwrap();
+    let config = |enrollment: &str, secret: &str| {
+        let mut config = Config::for_tests(&db, enrollment, secret, TEST_ENCRYPTION_KEY).unwrap();
+        for_tests(&mut config.common, "key-issuance");
+        config
+    };
+    let short = config("https://127.0.0.1:1", "short");
     fails_before_binding::<Application>(short, |c, a| c.listen_addr = a, "KEY_HMAC_SECRET").await;
-    let url = Config::for_tests(&db, "not a url", TEST_HMAC_SECRET, TEST_ENCRYPTION_KEY).unwrap();
+    let url = config("not a url", TEST_HMAC_SECRET);
     fails_before_binding::<Application>(url, |c, a| c.listen_addr = a, "invalid").await;
+    // TLS is configured: a plaintext URL would silently drop it.
+    let plain = config("http://127.0.0.1:1", TEST_HMAC_SECRET);
+    fails_before_binding::<Application>(plain, |c, a| c.listen_addr = a, "https://").await;
 }
 
 #[tokio::test]
 async fn redemption_refuses_bad_urls() {
     use trainingkeys_redemption::{Application, Config};
     let db = fresh_database().await;
-    let ok = "http://127.0.0.1:1";
-    let redis = Config::for_tests(&db, ok, ok, "not-a-redis-url").unwrap();
+    let ok = "https://127.0.0.1:1";
+    let config = |peer: &str, redis: &str| {
+        let mut config = Config::for_tests(&db, peer, ok, redis).unwrap();
+        for_tests(&mut config.common, "redemption");
+        config
+    };
+    let redis = config(ok, "not-a-redis-url");
     fails_before_binding::<Application>(redis, |c, a| c.listen_addr = a, "Redis URL").await;
-    let peer = Config::for_tests(&db, "not a url", ok, "redis://127.0.0.1:1/").unwrap();
+    let peer = config("not a url", "redis://127.0.0.1:1/");
     fails_before_binding::<Application>(peer, |c, a| c.listen_addr = a, "invalid").await;
+}
+
+/// Without TLS files, without PLAINTEXT=true, or without a JWKS, a service
+/// refuses to start, naming the setting; with bad files too.
+#[tokio::test]
+async fn a_service_refuses_to_start_without_tls_or_a_jwks() {
+    use trainingkeys_enrollment::{Application, Config};
+    let db = fresh_database().await;
+    let bare = Config::for_tests(&db).unwrap();
+    fails_before_binding::<Application>(bare.clone(), |c, a| c.listen_addr = a, "TLS_CERT_FILE")
+        .await;
+
+    let mut no_jwks = bare.clone();
+    for_tests(&mut no_jwks.common, "enrollment");
+    no_jwks.common.auth.jwks_file = None;
+    fails_before_binding::<Application>(no_jwks, |c, a| c.listen_addr = a, "JWKS_FILE").await;
+
+    let mut swapped = bare.clone();
+    for_tests(&mut swapped.common, "enrollment");
+    swapped.common.tls.tls_key_file = swapped.common.tls.tls_cert_file.clone();
+    fails_before_binding::<Application>(swapped, |c, a| c.listen_addr = a, "TLS_KEY_FILE").await;
+
+    let mut both = bare;
+    for_tests(&mut both.common, "enrollment");
+    both.common.tls.plaintext = true;
+    fails_before_binding::<Application>(both, |c, a| c.listen_addr = a, "choose one").await;
 }
 
 /// Tests and tools get the binaries' own defaults, whatever the environment

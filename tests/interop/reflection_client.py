@@ -11,7 +11,12 @@ CLASS_FULL, then that grpc.health.v1 answers SERVING.
 or, with those packages in any Python environment:
 
     python3 tests/interop/reflection_client.py 127.0.0.1:50051
+
+It speaks TLS with `make run`'s development CA (.run/dev/ca.pem, or $CA_FILE)
+and calls as a provisioning service of organization acme, with the token
+`make run` wrote (.run/dev/tokens/provisioning_service, or $TOKEN).
 """
+import os
 import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +28,12 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from grpc_status import rpc_status
 
 target = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:50051"
-channel = grpc.insecure_channel(target)
+with open(os.environ.get("CA_FILE", ".run/dev/ca.pem"), "rb") as f:
+    credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+token = os.environ.get("TOKEN") or open(".run/dev/tokens/provisioning_service").read().strip()
+# Reflection and health need no token; every other call carries it.
+channel = grpc.secure_channel(target, credentials)
+metadata = [("authorization", f"Bearer {token}")]
 pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
 service = pool.FindServiceByName("trainingkeys.v1.EnrollmentService")
 
@@ -37,7 +47,7 @@ def rpc(name):
         request_serializer=lambda m: m.SerializeToString(),
         response_deserializer=response.FromString,
     )
-    return lambda **fields: call(request(**fields))
+    return lambda **fields: call(request(**fields), metadata=metadata)
 
 
 def reason(error):
@@ -49,7 +59,8 @@ def reason(error):
     return ""
 
 
-org = f"py-{uuid.uuid4().hex[:12]}"
+org = "acme"
+run = uuid.uuid4().hex[:12]
 Timestamp = message_factory.GetMessageClass(pool.FindMessageTypeByName("google.protobuf.Timestamp"))
 cls = rpc("CreateClass")(
     organization_id=org, title="Interop", course_id="PY-1",
@@ -57,7 +68,7 @@ cls = rpc("CreateClass")(
     max_students=3, lab_access_days=0,
 )
 cls = getattr(cls, "class")
-users = [rpc("RegisterUser")(organization_id=org, email=f"p{i}@example.com", display_name=f"P{i}").user for i in range(5)]
+users = [rpc("RegisterUser")(organization_id=org, email=f"p{i}-{run}@example.com", display_name=f"P{i}").user for i in range(5)]
 
 
 def enroll(user):

@@ -15,7 +15,7 @@ use anyhow::Context as _;
 use futures::StreamExt as _;
 use rand::TryRng as _;
 use sqlx::{Connection, PgConnection};
-use tonic::transport::Channel;
+use trainingkeys_devtools::{Authed, DevClient};
 use trainingkeys_proto::v1 as pb;
 use trainingkeys_proto::v1::enrollment_service_client::EnrollmentServiceClient;
 use trainingkeys_proto::v1::export_keys_request::Scope;
@@ -66,11 +66,19 @@ fn start(
     Ok(Service { name, child })
 }
 
-async fn connect(url: &str) -> anyhow::Result<Channel> {
+/// A TLS channel to `url` with an operator's token for organization
+/// `bench`, once the service answers.
+async fn connect(dev: &DevClient, url: &str) -> anyhow::Result<Authed> {
     let deadline = Instant::now() + Duration::from_secs(30);
+    let bearer = dev.operator(&["bench"])?;
     loop {
-        match Channel::from_shared(url.to_owned())?.connect().await {
-            Ok(channel) => return Ok(channel),
+        let mut channel = dev.authed(url, Duration::from_secs(600), &bearer)?;
+        let ready = tonic_health::pb::health_client::HealthClient::new(&mut channel)
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .map(|_| ());
+        match ready {
+            Ok(()) => return Ok(channel),
             Err(e) if Instant::now() > deadline => {
                 return Err(e).context(format!("connect to {url}"));
             }
@@ -131,6 +139,19 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(count: i32, bin_dir: &std::path::Path, database_url: &str) -> anyhow::Result<()> {
+    // TLS and tokens from make run's development CA and signing key.
+    let dev_dir = PathBuf::from(std::env::var("TK_DEV_DIR").unwrap_or_else(|_| ".run/dev".into()));
+    trainingkeys_devtools::init(&dev_dir)?;
+    let dev = DevClient::open(&dev_dir)?;
+    let file = |name: &str| dev_dir.join(name).display().to_string();
+    let security = |service: &str| {
+        [
+            ("TLS_CERT_FILE", file(&format!("{service}.pem"))),
+            ("TLS_KEY_FILE", file(&format!("{service}-key.pem"))),
+            ("TLS_CA_FILE", file("ca.pem")),
+            ("JWKS_FILE", file("jwks.json")),
+        ]
+    };
     let enrollment_addr = format!("127.0.0.1:{}", free_port()?);
     let keys_addr = format!("127.0.0.1:{}", free_port()?);
     let _enrollment = start(
@@ -139,7 +160,10 @@ async fn run(count: i32, bin_dir: &std::path::Path, database_url: &str) -> anyho
         &[
             ("DATABASE_URL", database_url.to_owned()),
             ("ENROLLMENT_LISTEN_ADDR", enrollment_addr.clone()),
-        ],
+        ]
+        .into_iter()
+        .chain(security("enrollment"))
+        .collect::<Vec<_>>(),
     )?;
     let keys = start(
         "key-issuance",
@@ -147,16 +171,20 @@ async fn run(count: i32, bin_dir: &std::path::Path, database_url: &str) -> anyho
         &[
             ("DATABASE_URL", database_url.to_owned()),
             ("KEY_ISSUANCE_LISTEN_ADDR", keys_addr.clone()),
-            ("ENROLLMENT_URL", format!("http://{enrollment_addr}")),
+            ("ENROLLMENT_URL", format!("https://{enrollment_addr}")),
             ("KEY_HMAC_SECRET", secret_hex()?),
             ("KEY_ENCRYPTION_KEY", secret_hex()?),
-        ],
+        ]
+        .into_iter()
+        .chain(security("key-issuance"))
+        .collect::<Vec<_>>(),
     )?;
     let pid = keys.child.id();
 
     let mut enrollment =
-        EnrollmentServiceClient::new(connect(&format!("http://{enrollment_addr}")).await?);
-    let mut client = KeyIssuanceServiceClient::new(connect(&format!("http://{keys_addr}")).await?);
+        EnrollmentServiceClient::new(connect(&dev, &format!("https://{enrollment_addr}")).await?);
+    let mut client =
+        KeyIssuanceServiceClient::new(connect(&dev, &format!("https://{keys_addr}")).await?);
     let profile = enrollment
         .create_subscription_profile(pb::CreateSubscriptionProfileRequest {
             organization_id: "bench".into(),

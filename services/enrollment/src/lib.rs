@@ -9,12 +9,10 @@ pub mod store;
 
 use std::net::SocketAddr;
 
-use sqlx::PgPool;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use trainingkeys_proto::v1::enrollment_service_server::{EnrollmentServiceServer, SERVICE_NAME};
 use trainingkeys_shared::config::CommonConfig;
-use trainingkeys_shared::server::{self, ServeOptions};
+use trainingkeys_shared::server::{self, Prepared, ServeOptions};
 
 /// The PostgreSQL schema this service owns.
 pub const SCHEMA: &str = "enrollment";
@@ -48,8 +46,7 @@ impl Config {
 
 /// A migrated enrollment service bound to its port, ready to run.
 pub struct Application {
-    listener: TcpListener,
-    pool: PgPool,
+    prepared: Prepared,
     store: store::Store,
     config: Config,
 }
@@ -70,25 +67,31 @@ impl trainingkeys_shared::cli::Service for Application {
     /// Connects to PostgreSQL, applies migrations and binds the listener
     /// (port 0 picks a free port; see `local_addr`).
     async fn build(config: Config) -> anyhow::Result<Self> {
-        let (pool, listener) =
-            server::prepare(&config.common, SCHEMA, &MIGRATOR, config.listen_addr).await?;
+        let security = server::security(&config.common)?;
+        let prepared = server::prepare(
+            security,
+            &config.common,
+            SCHEMA,
+            &MIGRATOR,
+            config.listen_addr,
+        )
+        .await?;
         Ok(Self {
-            listener,
-            store: store::Store::new(pool.clone()),
-            pool,
+            store: store::Store::new(prepared.pool.clone()),
+            prepared,
             config,
         })
     }
 
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        self.prepared.local_addr()
     }
 
     /// Serves until `shutdown` is cancelled, then drains in-flight calls.
     async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let service = grpc::EnrollmentGrpc::new(self.store);
         let routes = tonic::service::Routes::new(EnrollmentServiceServer::new(service));
-        let options = ServeOptions::new(SERVICE_NAME, self.pool, &self.config.common);
-        server::serve(self.listener, routes, options, shutdown).await
+        let options = ServeOptions::new(SERVICE_NAME, self.prepared, &self.config.common);
+        server::serve(routes, options, shutdown).await
     }
 }

@@ -28,8 +28,12 @@ pub struct Enrollment {
 
 impl Enrollment {
     /// A lazily-connecting client of the enrollment service at `url`.
-    pub fn connect(url: &str, call_timeout: Duration) -> anyhow::Result<Self> {
-        let channel = trainingkeys_shared::server::channel(url, call_timeout)?;
+    pub fn connect(
+        url: &str,
+        call_timeout: Duration,
+        tls: Option<&trainingkeys_shared::tls::Tls>,
+    ) -> anyhow::Result<Self> {
+        let channel = trainingkeys_shared::server::channel(url, call_timeout, tls)?;
         let interceptor: TraceInterceptor = inject_trace_context;
         Ok(Self {
             client: EnrollmentServiceClient::with_interceptor(channel, interceptor),

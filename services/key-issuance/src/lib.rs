@@ -22,12 +22,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::PgPool;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use trainingkeys_proto::v1::key_issuance_service_server::{KeyIssuanceServiceServer, SERVICE_NAME};
 use trainingkeys_shared::config::CommonConfig;
-use trainingkeys_shared::server::{self, ServeOptions};
+use trainingkeys_shared::server::{self, Prepared, ServeOptions};
 
 pub use secrets::SecretString;
 
@@ -138,8 +136,7 @@ impl Config {
 
 /// A migrated key issuance service bound to its port, ready to run.
 pub struct Application {
-    listener: TcpListener,
-    pool: PgPool,
+    prepared: Prepared,
     service: service::KeyService,
     config: Config,
 }
@@ -163,24 +160,34 @@ impl trainingkeys_shared::cli::Service for Application {
     /// enrollment client connects lazily.
     async fn build(config: Config) -> anyhow::Result<Self> {
         let keyring = Arc::new(config.keyring()?);
+        let security = server::security(&config.common)?;
         let enrollment = enrollment::Enrollment::connect(
             &config.enrollment_url,
             Duration::from_secs(config.enrollment_timeout_seconds),
+            security.tls.as_ref(),
         )?;
-        let (pool, listener) =
-            server::prepare(&config.common, SCHEMA, &MIGRATOR, config.listen_addr).await?;
-        let service =
-            service::KeyService::new(store::Store::new(pool.clone()), enrollment, keyring);
+        let prepared = server::prepare(
+            security,
+            &config.common,
+            SCHEMA,
+            &MIGRATOR,
+            config.listen_addr,
+        )
+        .await?;
+        let service = service::KeyService::new(
+            store::Store::new(prepared.pool.clone()),
+            enrollment,
+            keyring,
+        );
         Ok(Self {
-            listener,
-            pool,
+            prepared,
             service,
             config,
         })
     }
 
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        self.prepared.local_addr()
     }
 
     /// Serves until `shutdown` is cancelled, then drains in-flight calls.
@@ -189,7 +196,7 @@ impl trainingkeys_shared::cli::Service for Application {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let routes = tonic::service::Routes::new(service);
-        let options = ServeOptions::new(SERVICE_NAME, self.pool, &self.config.common);
-        server::serve(self.listener, routes, options, shutdown).await
+        let options = ServeOptions::new(SERVICE_NAME, self.prepared, &self.config.common);
+        server::serve(routes, options, shutdown).await
     }
 }

@@ -101,10 +101,11 @@ impl Clients {
         enrollment_url: &str,
         key_issuance_url: &str,
         timeout: Duration,
+        tls: Option<&trainingkeys_shared::tls::Tls>,
     ) -> anyhow::Result<Self> {
         let interceptor: TraceInterceptor = inject_trace_context;
-        let enrollment = trainingkeys_shared::server::channel(enrollment_url, timeout)?;
-        let keys = trainingkeys_shared::server::channel(key_issuance_url, timeout)?;
+        let enrollment = trainingkeys_shared::server::channel(enrollment_url, timeout, tls)?;
+        let keys = trainingkeys_shared::server::channel(key_issuance_url, timeout, tls)?;
         Ok(Self {
             enrollment: EnrollmentServiceClient::with_interceptor(enrollment, interceptor),
             keys: KeyIssuanceServiceClient::with_interceptor(keys, interceptor),

@@ -20,12 +20,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::PgPool;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use trainingkeys_proto::v1::redemption_service_server::{RedemptionServiceServer, SERVICE_NAME};
 use trainingkeys_shared::config::CommonConfig;
-use trainingkeys_shared::server::{self, ServeOptions};
+use trainingkeys_shared::server::{self, Prepared, ServeOptions};
 
 /// The PostgreSQL schema this service owns.
 pub const SCHEMA: &str = "redemption";
@@ -179,8 +177,7 @@ impl Config {
 /// A bound, migrated redemption service with every collaborator built,
 /// ready to [`run`](Self::run).
 pub struct Application {
-    listener: TcpListener,
-    pool: PgPool,
+    prepared: Prepared,
     redeemer: Arc<redeem::Redeemer>,
     config: Config,
 }
@@ -209,10 +206,12 @@ impl trainingkeys_shared::cli::Service for Application {
             config.recovery_after_seconds,
             config.redemption_timeout_seconds
         );
+        let security = server::security(&config.common)?;
         let clients = clients::Clients::new(
             &config.enrollment_url,
             &config.key_issuance_url,
             Duration::from_millis(config.peer_timeout_ms),
+            security.tls.as_ref(),
         )?;
         let redis = Arc::new(trainingkeys_shared::redis::Redis::new(
             &config.redis_url,
@@ -231,10 +230,16 @@ impl trainingkeys_shared::cli::Service for Application {
             Duration::from_secs(config.guess_window_seconds),
             Duration::from_secs(config.guess_max_lockout_seconds),
         );
-        let (pool, listener) =
-            server::prepare(&config.common, SCHEMA, &MIGRATOR, config.listen_addr).await?;
+        let prepared = server::prepare(
+            security,
+            &config.common,
+            SCHEMA,
+            &MIGRATOR,
+            config.listen_addr,
+        )
+        .await?;
         let redeemer = Arc::new(redeem::Redeemer::new(
-            store::Store::new(pool.clone()),
+            store::Store::new(prepared.pool.clone()),
             clients,
             gate,
             limiter,
@@ -249,15 +254,14 @@ impl trainingkeys_shared::cli::Service for Application {
             },
         ));
         Ok(Self {
-            listener,
-            pool,
+            prepared,
             redeemer,
             config,
         })
     }
 
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        self.prepared.local_addr()
     }
 
     /// Serves (and runs recovery) until `shutdown` is cancelled.
@@ -272,8 +276,8 @@ impl trainingkeys_shared::cli::Service for Application {
         let routes = tonic::service::Routes::new(RedemptionServiceServer::new(
             grpc::RedemptionGrpc::new(redeemer),
         ));
-        let options = ServeOptions::new(SERVICE_NAME, self.pool, &self.config.common);
-        let served = server::serve(self.listener, routes, options, shutdown).await;
+        let options = ServeOptions::new(SERVICE_NAME, self.prepared, &self.config.common);
+        let served = server::serve(routes, options, shutdown).await;
         recovery.abort();
         served
     }
