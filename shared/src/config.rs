@@ -36,6 +36,12 @@ pub struct CommonConfig {
     #[arg(long, env = "MAX_CONNECTION_AGE_SECONDS", default_value_t = 0)]
     pub max_connection_age_seconds: u64,
 
+    /// Also serve `grpc.health.v1.Health` alone, without TLS, on this
+    /// address: for Kubernetes gRPC probes, which cannot speak TLS. It
+    /// answers health checks and nothing else.
+    #[arg(long, env = "HEALTH_LISTEN_ADDR")]
+    pub health_listen_addr: Option<std::net::SocketAddr>,
+
     /// TLS for gRPC, served and called.
     #[command(flatten)]
     pub tls: crate::tls::TlsConfig,

@@ -36,10 +36,15 @@ pub async fn prepare(
         common.database_max_connections,
     )?;
     let listener = TcpListener::bind(listen_addr).await?;
+    let health_listener = match common.health_listen_addr {
+        Some(addr) => Some(TcpListener::bind(addr).await?),
+        None => None,
+    };
     crate::db::migrate(&pool, schema, migrator).await?;
     Ok(Prepared {
         pool,
         listener,
+        health_listener,
         tls,
         auth,
     })
@@ -71,6 +76,8 @@ pub struct Prepared {
     pub pool: PgPool,
     /// The bound gRPC listener.
     pub listener: TcpListener,
+    /// The bound plaintext health-check listener, if configured.
+    pub health_listener: Option<TcpListener>,
     /// TLS, for serving and for calling peers; `None` when plaintext was configured.
     pub tls: Option<Tls>,
     /// The verifier of callers.
@@ -192,10 +199,26 @@ pub async fn serve(
 
     let Prepared {
         listener,
+        health_listener,
         tls,
         auth,
         ..
     } = options.prepared;
+    if let Some(probe_listener) = health_listener {
+        let addr = probe_listener.local_addr()?;
+        let probes = Server::builder()
+            .add_service(health_service.clone())
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(probe_listener),
+                shutdown.clone().cancelled_owned(),
+            );
+        tokio::spawn(async move {
+            if let Err(error) = probes.await {
+                tracing::error!(%error, "the health port stopped");
+            }
+        });
+        tracing::info!(%addr, "health checks (plaintext, for probes)");
+    }
     auth.watch(options.reload_every, shutdown.clone());
     let mut builder = Server::builder().trace_fn(crate::telemetry::server_span);
     if let Some(age) = options.max_connection_age {

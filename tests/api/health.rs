@@ -65,3 +65,37 @@ async fn health_is_serving_then_flips_on_shutdown() {
         started.elapsed()
     );
 }
+
+/// HEALTH_LISTEN_ADDR serves health checks in plaintext for Kubernetes
+/// probes (which cannot speak TLS), and nothing else: the service's own
+/// methods are not there.
+#[tokio::test]
+async fn the_plaintext_health_port_answers_health_checks_only() {
+    let database_url = trainingkeys_tests::fresh_database().await;
+    let port = trainingkeys_shared::server::unused_port().unwrap();
+    let mut config = trainingkeys_enrollment::Config::for_tests(&database_url).unwrap();
+    trainingkeys_tests::for_tests(&mut config.common, "enrollment");
+    config.common.health_listen_addr = Some(([127, 0, 0, 1], port).into());
+    let service = trainingkeys_tests::spawn::<trainingkeys_enrollment::Application>(config).await;
+    let url = format!("http://127.0.0.1:{port}");
+    let channel = tonic::transport::Channel::from_shared(url).unwrap();
+    let channel = channel.connect().await.unwrap();
+    let serving = eventually(Duration::from_secs(5), || {
+        let mut health = HealthClient::new(channel.clone());
+        async move {
+            health
+                .check(HealthCheckRequest::default())
+                .await
+                .map(|r| r.into_inner().status == ServingStatus::Serving as i32)
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    assert!(serving, "the probe port never answered SERVING");
+    let other =
+        trainingkeys_proto::v1::enrollment_service_client::EnrollmentServiceClient::new(channel)
+            .get_class(trainingkeys_proto::v1::GetClassRequest::default())
+            .await;
+    assert_eq!(other.unwrap_err().code(), tonic::Code::Unimplemented);
+    service.stop().await;
+}

@@ -9,5 +9,6 @@ mod health;
 mod key_issuance;
 mod metrics;
 mod redemption;
+mod security;
 mod traces;
 mod wiring;

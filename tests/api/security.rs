@@ -1,0 +1,496 @@
+//! Who may do what: the policy table against the real services over TLS,
+//! every way a bearer token can be wrong, service identities from client
+//! certificates, and certificates and signing keys rotated without a
+//! restart.
+
+use std::time::{Duration, Instant};
+
+use tonic::Code;
+use tonic::transport::Channel;
+use trainingkeys_devtools::{Ca, Claims, Signer};
+use trainingkeys_proto::v1 as pb;
+use trainingkeys_proto::v1::enrollment_service_client::EnrollmentServiceClient;
+use trainingkeys_proto::v1::key_issuance_service_client::KeyIssuanceServiceClient;
+use trainingkeys_shared::policy::{Internal, POLICY, Role};
+use trainingkeys_tests::pki::{TestAuth, pki};
+use trainingkeys_tests::{Spawned, TestApp, assert_status, org};
+
+/// Calls `path` with an empty request over `channel`, with `auth`'s token:
+/// the status code of the answer (OK if a message came back). An empty
+/// message decodes as any request, so the policy, not the request, decides
+/// whether the call gets past authorization.
+async fn code_of(channel: Channel, auth: TestAuth, path: &'static str) -> Code {
+    let mut grpc = tonic::client::Grpc::new(tonic::service::interceptor::InterceptedService::new(
+        channel, auth,
+    ));
+    grpc.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<(), ()>::default();
+    let path = http::uri::PathAndQuery::from_static(path);
+    match grpc
+        .server_streaming(tonic::Request::new(()), path, codec)
+        .await
+    {
+        Err(status) => status.code(),
+        Ok(response) => match response.into_inner().message().await {
+            Err(status) => status.code(),
+            Ok(_) => Code::Ok,
+        },
+    }
+}
+
+/// The service of the app that serves `path`.
+fn server<'a>(app: &'a TestApp, path: &str) -> &'a Spawned {
+    if path.contains("EnrollmentService") {
+        &app.enrollment_service
+    } else if path.contains("KeyIssuanceService") {
+        &app.keys_service
+    } else {
+        &app.replicas[0]
+    }
+}
+
+fn refused(code: Code) -> bool {
+    matches!(code, Code::Unauthenticated | Code::PermissionDenied)
+}
+
+/// Every method, for every role, for each service identity, and for a
+/// caller with no credential: allowed callers get past authorization (the
+/// empty request then fails on its own merits), everyone else gets
+/// PERMISSION_DENIED, and no credential at all gets UNAUTHENTICATED.
+#[tokio::test]
+async fn every_method_answers_every_caller_as_the_policy_table_says() {
+    let started = Instant::now();
+    let app = TestApp::start(1).await;
+    let org = org();
+    let mut checked = 0;
+    for rule in POLICY {
+        let service = server(&app, rule.path);
+        for role in Role::ALL {
+            let auth = TestAuth::as_role("someone", &[role], &[&org]);
+            let code = code_of(service.channel_as("test-client"), auth, rule.path).await;
+            if rule.scope(role).is_some() {
+                assert!(!refused(code), "{} as {role:?}: {code:?}", rule.path);
+            } else {
+                assert_eq!(code, Code::PermissionDenied, "{} as {role:?}", rule.path);
+            }
+            checked += 1;
+        }
+        for (identity, internal) in [
+            ("redemption", Internal::Redemption),
+            ("key-issuance", Internal::KeyIssuance),
+        ] {
+            let code = code_of(service.channel_as(identity), TestAuth::none(), rule.path).await;
+            if rule.services.contains(&internal) {
+                assert!(!refused(code), "{} as {identity}: {code:?}", rule.path);
+            } else {
+                assert_eq!(code, Code::PermissionDenied, "{} as {identity}", rule.path);
+            }
+            checked += 1;
+        }
+        let anonymous = code_of(
+            service.channel_as("test-client"),
+            TestAuth::none(),
+            rule.path,
+        )
+        .await;
+        assert_eq!(anonymous, Code::Unauthenticated, "{} anonymous", rule.path);
+        checked += 1;
+    }
+    println!(
+        "policy matrix: {checked} calls over {} methods in {:.1} s",
+        POLICY.len(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// The table covers every method the contract defines, and nothing else:
+/// a method added to a proto without a policy entry fails here (and is
+/// refused by the servers meanwhile).
+#[test]
+fn the_policy_table_covers_the_whole_contract() {
+    use prost::Message as _;
+    let set =
+        prost_types::FileDescriptorSet::decode(trainingkeys_proto::FILE_DESCRIPTOR_SET).unwrap();
+    let mut contract: Vec<String> = set
+        .file
+        .iter()
+        .filter(|f| f.package() == "trainingkeys.v1")
+        .flat_map(|f| {
+            f.service.iter().flat_map(|s| {
+                s.method
+                    .iter()
+                    .map(move |m| format!("/trainingkeys.v1.{}/{}", s.name(), m.name()))
+            })
+        })
+        .collect();
+    let mut table: Vec<String> = POLICY.iter().map(|r| r.path.to_owned()).collect();
+    contract.sort();
+    table.sort();
+    assert_eq!(contract, table);
+}
+
+/// The README renders the table as `tk-dev policy` prints it.
+#[test]
+fn the_readme_shows_the_policy_table() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    assert!(
+        readme.contains(&trainingkeys_shared::policy::markdown()),
+        "README.md's roles table differs from `tk-dev policy`"
+    );
+}
+
+fn claims(sub: &str, orgs: &[&str], roles: &[Role]) -> Claims {
+    let now = trainingkeys_devtools::now();
+    Claims {
+        sub: sub.into(),
+        orgs: orgs.iter().map(|o| (*o).into()).collect(),
+        roles: roles.iter().map(|r| r.name().into()).collect(),
+        iss: trainingkeys_devtools::ISSUER.into(),
+        aud: trainingkeys_devtools::AUDIENCE.into(),
+        exp: now + 600,
+        nbf: Some(now - 1),
+    }
+}
+
+/// Every way a token can be wrong gets UNAUTHENTICATED with the reason
+/// UNAUTHENTICATED; the right token, and one inside the clock-skew
+/// allowance, pass.
+#[tokio::test]
+async fn tokens_are_verified_signature_issuer_audience_and_times() {
+    let app = TestApp::start(0).await;
+    let org = org();
+    let signer = &pki().signer;
+    let get = |auth: TestAuth| {
+        let channel = app.enrollment_service.channel_as("test-client");
+        async move {
+            let mut client = EnrollmentServiceClient::with_interceptor(channel, auth);
+            client
+                .get_class(pb::GetClassRequest {
+                    class_id: trainingkeys_tests::uuid(),
+                })
+                .await
+        }
+    };
+    let good = claims("p", &[&org], &[Role::ProvisioningService]);
+    let token = |c: &Claims| TestAuth::token(&signer.sign(c).unwrap());
+    // The right token reaches the service: the class is simply missing.
+    assert_status(get(token(&good)).await, Code::NotFound, "CLASS_NOT_FOUND");
+    let now = trainingkeys_devtools::now();
+    let skewed = Claims {
+        exp: now - 10,
+        ..good.clone()
+    };
+    assert_status(get(token(&skewed)).await, Code::NotFound, "CLASS_NOT_FOUND");
+
+    let other_key = Signer::generate().unwrap();
+    let wrong: Vec<(&str, TestAuth)> = vec![
+        ("no token", TestAuth::none()),
+        ("not a JWT", TestAuth::token("hello")),
+        (
+            "expired",
+            token(&Claims {
+                exp: now - 120,
+                ..good.clone()
+            }),
+        ),
+        (
+            "not yet valid",
+            token(&Claims {
+                nbf: Some(now + 120),
+                ..good.clone()
+            }),
+        ),
+        (
+            "another issuer",
+            token(&Claims {
+                iss: "someone-else".into(),
+                ..good.clone()
+            }),
+        ),
+        (
+            "another audience",
+            token(&Claims {
+                aud: "another-service".into(),
+                ..good.clone()
+            }),
+        ),
+        (
+            "signed by a key not in the JWKS",
+            TestAuth::token(&other_key.sign(&good).unwrap()),
+        ),
+        ("alg none", TestAuth::token(&unsigned(&good))),
+        (
+            "tampered claims",
+            TestAuth::token(&tampered(&signer.sign(&good).unwrap())),
+        ),
+    ];
+    for (what, auth) in wrong {
+        let answer = get(auth).await;
+        assert!(
+            matches!(&answer, Err(s) if s.code() == Code::Unauthenticated),
+            "{what}: {answer:?}"
+        );
+        assert_status(answer, Code::Unauthenticated, "UNAUTHENTICATED");
+    }
+}
+
+fn b64(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    // base64url without padding, by hand: a test must not trust the library it tests.
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            let _ = out.write_char(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// A token with `alg: none` and no signature.
+fn unsigned(claims: &Claims) -> String {
+    format!(
+        "{}.{}.",
+        b64(br#"{"alg":"none","typ":"JWT"}"#),
+        b64(&serde_json::to_vec(claims).unwrap())
+    )
+}
+
+/// `token` with its claims replaced (more roles), the signature kept.
+fn tampered(token: &str) -> String {
+    let mut parts = token.split('.');
+    let header = parts.next().unwrap();
+    let _claims = parts.next().unwrap();
+    let signature = parts.next().unwrap();
+    let mut forged = claims("p", &["any"], &Role::ALL);
+    forged.exp += 1;
+    format!(
+        "{header}.{}.{signature}",
+        b64(&serde_json::to_vec(&forged).unwrap())
+    )
+}
+
+/// A service whose JWKS file is this test's own, re-read every second.
+async fn enrollment_with_jwks(jwks: &str) -> (Spawned, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("tk-jwks-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("jwks.json");
+    std::fs::write(&file, jwks).unwrap();
+    let database_url = trainingkeys_tests::fresh_database().await;
+    let mut config = trainingkeys_enrollment::Config::for_tests(&database_url).unwrap();
+    trainingkeys_tests::for_tests(&mut config.common, "enrollment");
+    config.common.auth.jwks_file = Some(file.clone());
+    config.common.tls.tls_reload_seconds = 1;
+    (
+        trainingkeys_tests::spawn::<trainingkeys_enrollment::Application>(config).await,
+        file,
+    )
+}
+
+/// RS256 and ES256 keys both verify; a signing key added to the JWKS file
+/// is trusted within seconds, and one removed is no longer, without a
+/// restart (the rotation the README describes).
+#[tokio::test]
+async fn signing_keys_rotate_through_the_jwks_file_without_a_restart() {
+    let rsa_pem = include_str!("../fixtures/rsa-test-signing-key.pem");
+    let rsa = Signer::from_pem(rsa_pem, jsonwebtoken::Algorithm::RS256).unwrap();
+    let ec = Signer::generate().unwrap();
+    let (service, file) = enrollment_with_jwks(&ec.jwks(&[]).unwrap()).await;
+    let org = org();
+    let good = claims("p", &[&org], &[Role::ProvisioningService]);
+    let call = |signer: &Signer| {
+        let auth = TestAuth::token(&signer.sign(&good).unwrap());
+        let channel = service.channel_as("test-client");
+        async move {
+            EnrollmentServiceClient::with_interceptor(channel, auth)
+                .get_class(pb::GetClassRequest {
+                    class_id: trainingkeys_tests::uuid(),
+                })
+                .await
+                .map_err(|s| s.code())
+                .err()
+        }
+    };
+    assert_eq!(call(&ec).await, Some(Code::NotFound));
+    assert_eq!(call(&rsa).await, Some(Code::Unauthenticated));
+
+    // Rotate in: both keys.
+    std::fs::write(&file, ec.jwks(&[&rsa]).unwrap()).unwrap();
+    assert!(
+        trainingkeys_tests::eventually(Duration::from_secs(10), || async {
+            call(&rsa).await == Some(Code::NotFound)
+        })
+        .await,
+        "the RS256 key added to the JWKS was never trusted"
+    );
+    assert_eq!(call(&ec).await, Some(Code::NotFound));
+
+    // Rotate out: the old EC key is gone. A malformed file meanwhile
+    // changes nothing.
+    std::fs::write(&file, "not json").unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(call(&ec).await, Some(Code::NotFound));
+    std::fs::write(&file, rsa.jwks(&[]).unwrap()).unwrap();
+    assert!(
+        trainingkeys_tests::eventually(Duration::from_secs(10), || async {
+            call(&ec).await == Some(Code::Unauthenticated)
+        })
+        .await,
+        "the EC key removed from the JWKS was still trusted"
+    );
+    assert_eq!(call(&rsa).await, Some(Code::NotFound));
+    service.stop().await;
+}
+
+/// Replacing a service's certificate files (a new CA, as in a rotation)
+/// takes effect for new connections within seconds, without a restart: a
+/// client that trusts only the new CA is refused before and served after.
+#[tokio::test]
+async fn certificates_are_reloaded_from_their_files_without_a_restart() {
+    let dir = std::env::temp_dir().join(format!("tk-certs-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = pki().files("enrollment");
+    let (live_cert, live_key, live_ca) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("ca.pem"),
+    );
+    std::fs::copy(&cert, &live_cert).unwrap();
+    std::fs::copy(&key, &live_key).unwrap();
+    std::fs::copy(pki().ca_file(), &live_ca).unwrap();
+    let database_url = trainingkeys_tests::fresh_database().await;
+    let mut config = trainingkeys_enrollment::Config::for_tests(&database_url).unwrap();
+    trainingkeys_tests::for_tests(&mut config.common, "enrollment");
+    config.common.tls.tls_cert_file = Some(live_cert.clone());
+    config.common.tls.tls_key_file = Some(live_key.clone());
+    config.common.tls.tls_ca_file = Some(live_ca.clone());
+    config.common.tls.tls_reload_seconds = 1;
+    let service = trainingkeys_tests::spawn::<trainingkeys_enrollment::Application>(config).await;
+
+    // A new CA, and a client that trusts only it.
+    let new_ca = Ca::new("rotated CA").unwrap();
+    let leaf = new_ca.service("enrollment").unwrap();
+    let client_leaf = new_ca.service("new-client").unwrap();
+    let client_dir = dir.join("client");
+    std::fs::create_dir_all(&client_dir).unwrap();
+    std::fs::write(client_dir.join("cert.pem"), &client_leaf.cert_pem).unwrap();
+    std::fs::write(client_dir.join("key.pem"), &client_leaf.key_pem).unwrap();
+    std::fs::write(client_dir.join("ca.pem"), new_ca.cert_pem()).unwrap();
+    let client_tls = trainingkeys_shared::tls::Tls::from_files(
+        client_dir.join("cert.pem"),
+        client_dir.join("key.pem"),
+        client_dir.join("ca.pem"),
+    )
+    .unwrap();
+    let health = || {
+        let channel = trainingkeys_shared::server::channel(
+            &service.url(),
+            Duration::from_secs(5),
+            Some(&client_tls),
+        )
+        .unwrap();
+        async move {
+            tonic_health::pb::health_client::HealthClient::new(channel)
+                .check(tonic_health::pb::HealthCheckRequest::default())
+                .await
+                .is_ok()
+        }
+    };
+    assert!(!health().await, "a client of another CA was served");
+
+    std::fs::write(&live_key, &leaf.key_pem).unwrap();
+    std::fs::write(&live_cert, &leaf.cert_pem).unwrap();
+    std::fs::write(&live_ca, new_ca.cert_pem()).unwrap();
+    assert!(
+        trainingkeys_tests::eventually(Duration::from_secs(10), health).await,
+        "the new certificate was never served"
+    );
+    service.stop().await;
+}
+
+/// The attack from the review: a caller who read a (key, redemption) pair
+/// from ListKeys calls ReleaseKey to make a redeemed single-use key usable
+/// again. Only the redemption service's certificate may; an operator's
+/// token, another service's certificate and no credential are refused, and
+/// the key stays redeemed.
+#[tokio::test]
+async fn only_the_redemption_service_may_release_a_key_use() {
+    let app = TestApp::start(1).await;
+    let org = org();
+    let class = app.class(&org, 5).await;
+    let key = app.class_keys(&class.class_id, 1).await.remove(0);
+    let user = app.users(&org, 1).await.remove(0);
+    app.redeem(
+        0,
+        trainingkeys_tests::as_user(&key.code, &user, &trainingkeys_tests::idem()),
+    )
+    .await
+    .unwrap();
+    let used = app.get_key(&key.key_id).await;
+    let redemption_id = used.redemptions[0].redemption_id.clone();
+    let release = pb::ReleaseKeyRequest {
+        key_id: key.key_id.clone(),
+        redemption_id: redemption_id.clone(),
+        generation: 0,
+    };
+    assert_status(
+        app.keys_client().release_key(release.clone()).await,
+        Code::PermissionDenied,
+        "PERMISSION_DENIED",
+    );
+    let as_keys = KeyIssuanceServiceClient::new(app.keys_service.channel_as("key-issuance"))
+        .release_key(release.clone())
+        .await;
+    assert_status(as_keys, Code::PermissionDenied, "PERMISSION_DENIED");
+    let anonymous = KeyIssuanceServiceClient::new(app.keys_service.channel_as("test-client"))
+        .release_key(release)
+        .await;
+    assert_status(anonymous, Code::Unauthenticated, "UNAUTHENTICATED");
+    assert_eq!(
+        app.get_key(&key.key_id).await.uses,
+        1,
+        "the use was released"
+    );
+}
+
+/// A client certificate from another CA proves nothing: its connection is
+/// refused in the handshake.
+#[tokio::test]
+async fn a_client_certificate_of_another_ca_is_refused() {
+    let app = TestApp::start(0).await;
+    let rogue = Ca::new("rogue").unwrap();
+    let leaf = rogue.service("redemption").unwrap();
+    let dir = std::env::temp_dir().join(format!("tk-rogue-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("cert.pem"), &leaf.cert_pem).unwrap();
+    std::fs::write(dir.join("key.pem"), &leaf.key_pem).unwrap();
+    // It trusts the real CA, so only the server can refuse it.
+    let tls = trainingkeys_shared::tls::Tls::from_files(
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        pki().ca_file(),
+    )
+    .unwrap();
+    let channel = trainingkeys_shared::server::channel(
+        &app.keys_service.url(),
+        Duration::from_secs(5),
+        Some(&tls),
+    )
+    .unwrap();
+    let answer = KeyIssuanceServiceClient::new(channel)
+        .release_key(pb::ReleaseKeyRequest::default())
+        .await;
+    // Refused in the handshake: a transport failure, never an answer of the
+    // service (which would carry an ErrorInfo reason).
+    let status = answer.expect_err("a rogue certificate got through");
+    assert!(
+        matches!(status.code(), Code::Unavailable | Code::Unknown)
+            && trainingkeys_shared::error::reason(&status).is_none(),
+        "{status:?}"
+    );
+}
