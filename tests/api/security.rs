@@ -494,3 +494,461 @@ async fn a_client_certificate_of_another_ca_is_refused() {
         "{status:?}"
     );
 }
+
+/// Org A's resources, seeded by the harness.
+struct Seeded {
+    org: String,
+    class_id: String,
+    user_id: String,
+    profile_id: String,
+    pool_id: String,
+    enrollment_id: String,
+    subscription_key: pb::Key,
+    class_key: pb::Key,
+    event_key: pb::Key,
+}
+
+async fn seed(app: &TestApp) -> Seeded {
+    let org = org();
+    let class = app.class(&org, 50).await;
+    let users = app.users(&org, 2).await;
+    let enrollment = app.enroll(&class.class_id, &users[1]).await.unwrap();
+    let (pool, keys) = app.subscription_pool(&org, 3, None).await;
+    let class_key = app.class_keys(&class.class_id, 3).await.remove(0);
+    let event_key = app.event_key(&class.class_id, false).await;
+    Seeded {
+        profile_id: pool.profile_id.clone(),
+        pool_id: pool.pool_id.clone(),
+        enrollment_id: enrollment.enrollment.unwrap().enrollment_id,
+        subscription_key: keys[0].clone(),
+        class_key,
+        event_key,
+        class_id: class.class_id,
+        user_id: users[0].clone(),
+        org,
+    }
+}
+
+/// The answer to `method` for a caller with `role` in `orgs`, on org A's
+/// resources `s`: OK, or the status code and reason.
+async fn call_as(
+    app: &TestApp,
+    s: &Seeded,
+    method: &str,
+    role: Role,
+    orgs: &[&str],
+) -> Result<(), (Code, String)> {
+    use trainingkeys_proto::v1::redemption_service_client::RedemptionServiceClient;
+    // A student's subject is org A's user; everyone else's a name.
+    let sub = if role == Role::Student {
+        s.user_id.as_str()
+    } else {
+        "staff"
+    };
+    let auth = TestAuth::as_role(sub, &[role], orgs);
+    let mut e = EnrollmentServiceClient::with_interceptor(
+        app.enrollment_service.channel_as("test-client"),
+        auth.clone(),
+    );
+    let mut k = KeyIssuanceServiceClient::with_interceptor(
+        app.keys_service.channel_as("test-client"),
+        auth.clone(),
+    );
+    let mut r =
+        RedemptionServiceClient::with_interceptor(app.replicas[0].channel_as("test-client"), auth);
+    let email = format!("{}@example.com", uuid::Uuid::new_v4().simple());
+    // The key of a kind this role sees (for GetKey, RevokeKey).
+    let key_for_role = match role {
+        Role::OperationsManager => &s.class_key,
+        Role::Instructor => &s.event_key,
+        _ => &s.subscription_key,
+    };
+    let scope_for_role = match role {
+        Role::SiteAdministrator => pb::list_keys_request::Scope::PoolId(s.pool_id.clone()),
+        _ => pb::list_keys_request::Scope::ClassId(s.class_id.clone()),
+    };
+    let status = |r: Result<(), tonic::Status>| {
+        r.map_err(|s| {
+            let reason = trainingkeys_shared::error::reason(&s).unwrap_or_default();
+            (s.code(), reason)
+        })
+    };
+    let answer = match method {
+        "RegisterUser" => e
+            .register_user(pb::RegisterUserRequest {
+                organization_id: s.org.clone(),
+                email,
+                display_name: "N".into(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        "GetUser" => e
+            .get_user(pb::GetUserRequest {
+                user_id: s.user_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        "CreateClass" => e
+            .create_class(trainingkeys_tests::class_request(&s.org, 3))
+            .await
+            .map(|_| ()),
+        "GetClass" => e
+            .get_class(pb::GetClassRequest {
+                class_id: s.class_id.clone(),
+            })
+            .await
+            .map(|_| ()),
+        "UpdateClass" => e
+            .update_class(pb::UpdateClassRequest {
+                class_id: s.class_id.clone(),
+                title: Some("Renamed".into()),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        "CreateSubscriptionProfile" => e
+            .create_subscription_profile(pb::CreateSubscriptionProfileRequest {
+                organization_id: s.org.clone(),
+                name: "P".into(),
+                course_ids: vec!["C".into()],
+                duration_days: 5,
+            })
+            .await
+            .map(|_| ()),
+        "GetSubscriptionProfile" => e
+            .get_subscription_profile(pb::GetSubscriptionProfileRequest {
+                profile_id: s.profile_id.clone(),
+            })
+            .await
+            .map(|_| ()),
+        "Enroll" => e
+            .enroll(pb::EnrollRequest {
+                class_id: s.class_id.clone(),
+                user_id: s.user_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        "CancelEnrollment" => e
+            .cancel_enrollment(pb::CancelEnrollmentRequest {
+                enrollment_id: s.enrollment_id.clone(),
+            })
+            .await
+            .map(|_| ()),
+        "ListEnrollments" => e
+            .list_enrollments(pb::ListEnrollmentsRequest {
+                class_id: s.class_id.clone(),
+                page_size: 10,
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        "AssignSubscription" => e
+            .assign_subscription(pb::AssignSubscriptionRequest {
+                profile_id: s.profile_id.clone(),
+                user_id: s.user_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        "ListSubscriptions" => e
+            .list_subscriptions(pb::ListSubscriptionsRequest {
+                user_id: s.user_id.clone(),
+                page_size: 10,
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        "GenerateSubscriptionKeys" => k
+            .generate_subscription_keys(pb::GenerateSubscriptionKeysRequest {
+                profile_id: s.profile_id.clone(),
+                count: 1,
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        "GenerateClassEnrollmentKeys" => k
+            .generate_class_enrollment_keys(pb::GenerateClassEnrollmentKeysRequest {
+                class_id: s.class_id.clone(),
+                count: 1,
+            })
+            .await
+            .map(|_| ()),
+        "SetEventKey" => k
+            .set_event_key(pb::SetEventKeyRequest {
+                class_id: s.class_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        "DisableEventKey" => k
+            .disable_event_key(pb::DisableEventKeyRequest {
+                class_id: s.class_id.clone(),
+            })
+            .await
+            .map(|_| ()),
+        "GetKey" => k
+            .get_key(pb::GetKeyRequest {
+                selector: Some(pb::get_key_request::Selector::KeyId(
+                    key_for_role.key_id.clone(),
+                )),
+            })
+            .await
+            .map(|_| ()),
+        "ListKeys" => k
+            .list_keys(pb::ListKeysRequest {
+                scope: Some(scope_for_role),
+                page_size: 10,
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        "ExportKeys" => {
+            let scope = match role {
+                Role::SiteAdministrator => {
+                    pb::export_keys_request::Scope::PoolId(s.pool_id.clone())
+                }
+                _ => pb::export_keys_request::Scope::ClassId(s.class_id.clone()),
+            };
+            match k
+                .export_keys(pb::ExportKeysRequest {
+                    scope: Some(scope),
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(stream) => {
+                    let mut stream = stream.into_inner();
+                    let mut result = Ok(());
+                    while let Some(chunk) = stream.message().await.transpose() {
+                        if let Err(e) = chunk {
+                            result = Err(e);
+                            break;
+                        }
+                    }
+                    result
+                }
+                Err(e) => Err(e),
+            }
+        }
+        "RevokeKey" => k
+            .revoke_key(pb::RevokeKeyRequest {
+                key_id: key_for_role.key_id.clone(),
+            })
+            .await
+            .map(|_| ()),
+        "RenderNotification" => k
+            .render_notification(pb::RenderNotificationRequest {
+                class_id: s.class_id.clone(),
+                template: "{{ClassTitle}}".into(),
+            })
+            .await
+            .map(|_| ()),
+        "ValidateKey" => {
+            let answer = r
+                .validate_key(pb::ValidateKeyRequest {
+                    code: s.event_key.code.clone(),
+                    user_id: s.user_id.clone(),
+                })
+                .await;
+            // Validation answers with a reason rather than a status.
+            match answer {
+                Ok(v) if v.get_ref().reason == "KEY_NOT_FOUND" => {
+                    Err(trainingkeys_shared::error::status(
+                        Code::NotFound,
+                        "KEY_NOT_FOUND",
+                        "no such key",
+                    ))
+                }
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            }
+        }
+        "RedeemKey" => r
+            .redeem_key(trainingkeys_tests::as_user(
+                &s.event_key.code,
+                &s.user_id,
+                &trainingkeys_tests::idem(),
+            ))
+            .await
+            .map(|_| ()),
+        other => panic!("no request for {other}"),
+    };
+    status(answer)
+}
+
+/// Every method, for every role it allows, against a resource of the
+/// caller's own organization (served) and of another (NOT_FOUND exactly as
+/// a missing resource, or PERMISSION_DENIED for a write into an
+/// organization the token does not name).
+#[tokio::test]
+async fn another_organizations_resources_answer_as_missing_ones() {
+    let started = Instant::now();
+    let app = TestApp::start(1).await;
+    let other = org();
+    let mut calls = 0;
+    for rule in POLICY.iter().filter(|r| !r.is_internal()) {
+        for (role, _) in rule.roles {
+            // Fresh resources per call: revocations, disables and the like
+            // must not change the next call's answer.
+            let s = seed(&app).await;
+            let own = call_as(&app, &s, rule.method(), *role, &[&s.org]).await;
+            assert!(
+                own.is_ok(),
+                "{} as {role:?} in its own organization: {own:?}",
+                rule.method()
+            );
+            let foreign = call_as(&app, &s, rule.method(), *role, &[&other]).await;
+            let (code, reason) = foreign.expect_err(&format!(
+                "{} as {role:?} from another organization was served",
+                rule.method()
+            ));
+            let creates = matches!(
+                rule.method(),
+                "RegisterUser" | "CreateClass" | "CreateSubscriptionProfile"
+            );
+            if creates {
+                assert_eq!(
+                    (code, reason.as_str()),
+                    (Code::PermissionDenied, "ORGANIZATION_NOT_ALLOWED"),
+                    "{}",
+                    rule.method()
+                );
+            } else {
+                assert_eq!(
+                    code,
+                    Code::NotFound,
+                    "{} as {role:?} from another organization: {reason}",
+                    rule.method()
+                );
+                assert!(
+                    reason.ends_with("_NOT_FOUND"),
+                    "{}: {reason}",
+                    rule.method()
+                );
+            }
+            calls += 2;
+        }
+    }
+    println!(
+        "tenant matrix: {calls} calls in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// Class enrollment keys are visible to operations managers only; site
+/// administrators see subscription and event keys; instructors event keys.
+/// A key of a kind the role may not see answers KEY_NOT_FOUND, and a
+/// class's list shows each role only its kinds.
+#[tokio::test]
+async fn each_role_sees_only_its_kinds_of_key() {
+    let app = TestApp::start(0).await;
+    let s = seed(&app).await;
+    let client = |role: Role| {
+        KeyIssuanceServiceClient::with_interceptor(
+            app.keys_service.channel_as("test-client"),
+            TestAuth::as_role("staff", &[role], &[&s.org]),
+        )
+    };
+    let get = |role: Role, key: &pb::Key| {
+        let mut client = client(role);
+        let key_id = key.key_id.clone();
+        async move {
+            client
+                .get_key(pb::GetKeyRequest {
+                    selector: Some(pb::get_key_request::Selector::KeyId(key_id)),
+                })
+                .await
+                .map(|_| ())
+        }
+    };
+    let cases = [
+        (Role::SiteAdministrator, &s.subscription_key, true),
+        (Role::SiteAdministrator, &s.event_key, true),
+        (Role::SiteAdministrator, &s.class_key, false),
+        (Role::OperationsManager, &s.class_key, true),
+        (Role::OperationsManager, &s.event_key, false),
+        (Role::OperationsManager, &s.subscription_key, false),
+        (Role::Instructor, &s.event_key, true),
+        (Role::Instructor, &s.class_key, false),
+        (Role::Instructor, &s.subscription_key, false),
+    ];
+    for (role, key, sees) in cases {
+        let answer = get(role, key).await;
+        if sees {
+            assert!(answer.is_ok(), "{role:?} {:?}: {answer:?}", key.kind());
+        } else {
+            assert_status(answer, Code::NotFound, "KEY_NOT_FOUND");
+        }
+    }
+    for (role, kinds) in [
+        (Role::OperationsManager, vec![pb::KeyKind::ClassEnrollment]),
+        (Role::Instructor, vec![pb::KeyKind::Event]),
+        (Role::SiteAdministrator, vec![pb::KeyKind::Event]),
+    ] {
+        let listed = client(role)
+            .list_keys(pb::ListKeysRequest {
+                scope: Some(pb::list_keys_request::Scope::ClassId(s.class_id.clone())),
+                page_size: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .keys;
+        let mut seen: Vec<_> = listed.iter().map(|k| k.kind()).collect();
+        seen.dedup();
+        assert_eq!(seen, kinds, "{role:?}");
+    }
+    // A site administrator cannot export a class's enrollment keys.
+    let export = client(Role::SiteAdministrator)
+        .export_keys(pb::ExportKeysRequest {
+            scope: Some(pb::export_keys_request::Scope::ClassId(s.class_id.clone())),
+            ..Default::default()
+        })
+        .await
+        .map(|_| ());
+    assert_status(export, Code::NotFound, "CLASS_NOT_FOUND");
+}
+
+/// A student redeems and validates only as themselves: another user's id,
+/// or a new account, is refused with OWN_SUBJECT_ONLY.
+#[tokio::test]
+async fn a_student_redeems_only_as_themselves() {
+    use trainingkeys_proto::v1::redemption_service_client::RedemptionServiceClient;
+    let app = TestApp::start(1).await;
+    let s = seed(&app).await;
+    let mut student = RedemptionServiceClient::with_interceptor(
+        app.replicas[0].channel_as("test-client"),
+        TestAuth::as_role(&s.user_id, &[Role::Student], &[&s.org]),
+    );
+    // users() registers student0, student1, ...: the seed made the first two.
+    let other = app.users(&s.org, 3).await.remove(2);
+    assert_ne!(other, s.user_id);
+    let as_other =
+        trainingkeys_tests::as_user(&s.event_key.code, &other, &trainingkeys_tests::idem());
+    assert_status(
+        student.redeem_key(as_other).await,
+        Code::PermissionDenied,
+        "OWN_SUBJECT_ONLY",
+    );
+    let as_new = trainingkeys_tests::as_new(&s.event_key.code, &s.org, "x@example.com", "X");
+    assert_status(
+        student.redeem_key(as_new).await,
+        Code::PermissionDenied,
+        "OWN_SUBJECT_ONLY",
+    );
+    let validate_other = student
+        .validate_key(pb::ValidateKeyRequest {
+            code: s.event_key.code.clone(),
+            user_id: other.clone(),
+        })
+        .await;
+    assert_status(validate_other, Code::PermissionDenied, "OWN_SUBJECT_ONLY");
+    let own =
+        trainingkeys_tests::as_user(&s.event_key.code, &s.user_id, &trainingkeys_tests::idem());
+    student.redeem_key(own).await.unwrap();
+    assert_eq!(app.get_class(&s.class_id).await.enrolled_count, 2);
+}

@@ -21,11 +21,16 @@ pub enum Error {
     ProfileNotFound(Uuid),
     #[error("enrollment {0} not found")]
     EnrollmentNotFound(Uuid),
-    #[error("the user belongs to organization {user_org}, not {target_org}")]
+    /// The user is of another organization than the class or profile
+    /// (the message names neither: organization ids are not for every caller).
+    #[error("the user belongs to another organization than the class or profile")]
     OrganizationMismatch {
         user_org: String,
         target_org: String,
     },
+    /// The caller's token does not name the organization it asked to write in.
+    #[error("the caller may not act in this organization")]
+    OrganizationNotAllowed,
     #[error("class {0} is full")]
     ClassFull(Uuid),
     /// The redemption failed and was voided: nothing may be granted for it.
@@ -55,6 +60,9 @@ impl From<Error> for Status {
             }
             Error::OrganizationMismatch { .. } => {
                 status(Code::FailedPrecondition, "ORGANIZATION_MISMATCH", message)
+            }
+            Error::OrganizationNotAllowed => {
+                status(Code::PermissionDenied, "ORGANIZATION_NOT_ALLOWED", message)
             }
             Error::ClassFull(id) => status_with_id(
                 Code::ResourceExhausted,

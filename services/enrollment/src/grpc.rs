@@ -4,6 +4,7 @@
 use tonic::{Request, Response, Status};
 use trainingkeys_proto::v1 as pb;
 use trainingkeys_proto::v1::enrollment_service_server::EnrollmentService;
+use trainingkeys_shared::auth::Caller;
 use trainingkeys_shared::{page, validate};
 
 use crate::domain::{ClassChange, NewClass, NewProfile, NewUser};
@@ -24,6 +25,61 @@ impl EnrollmentGrpc {
 
 type Reply<T> = Result<Response<T>, Status>;
 
+/// Tenant isolation: a resource of an organization the caller may not act
+/// in answers exactly as a missing one (`missing`), so ids reveal nothing.
+/// Internal services act for every organization.
+fn visible<T>(caller: &Caller, org: &str, found: T, missing: Error) -> Result<T, Error> {
+    if caller.in_org(org) {
+        Ok(found)
+    } else {
+        Err(missing)
+    }
+}
+
+/// A write into `org` by a caller who may not act there is refused.
+fn may_write(caller: &Caller, org: &str) -> Result<(), Error> {
+    if caller.in_org(org) {
+        Ok(())
+    } else {
+        Err(Error::OrganizationNotAllowed)
+    }
+}
+
+impl EnrollmentGrpc {
+    /// The class, if the caller may see it.
+    async fn class_for(
+        &self,
+        caller: &Caller,
+        class_id: uuid::Uuid,
+    ) -> Result<crate::domain::Class, Error> {
+        let class = self.store.get_class(class_id).await?;
+        let org = class.organization_id.clone();
+        visible(caller, &org, class, Error::ClassNotFound(class_id))
+    }
+
+    /// The user, if the caller may see it.
+    async fn user_for(
+        &self,
+        caller: &Caller,
+        user_id: uuid::Uuid,
+    ) -> Result<crate::domain::User, Error> {
+        let user = self.store.get_user(user_id).await?;
+        let org = user.organization_id.clone();
+        visible(caller, &org, user, Error::UserNotFound(user_id))
+    }
+
+    /// The profile, if the caller may see it.
+    async fn profile_for(
+        &self,
+        caller: &Caller,
+        profile_id: uuid::Uuid,
+    ) -> Result<crate::domain::Profile, Error> {
+        let profile = self.store.get_profile(profile_id).await?;
+        let org = profile.organization_id.clone();
+        visible(caller, &org, profile, Error::ProfileNotFound(profile_id))
+    }
+}
+
 fn reply<T>(message: T) -> Reply<T> {
     Ok(Response::new(message))
 }
@@ -34,7 +90,9 @@ impl EnrollmentService for EnrollmentGrpc {
         &self,
         request: Request<pb::RegisterUserRequest>,
     ) -> Reply<pb::RegisterUserResponse> {
+        let caller = Caller::of(&request);
         let new = NewUser::try_from(request.into_inner()).map_err(Error::from)?;
+        may_write(&caller, &new.organization_id)?;
         let (user, created) = self.store.register_user(new).await?;
         reply(pb::RegisterUserResponse {
             user: Some(user.into()),
@@ -43,18 +101,20 @@ impl EnrollmentService for EnrollmentGrpc {
     }
 
     async fn get_user(&self, request: Request<pb::GetUserRequest>) -> Reply<pb::GetUserResponse> {
+        let caller = Caller::of(&request);
         let r = request.get_ref();
         let user = if r.user_id.is_empty() && !r.email.is_empty() {
             let org = validate::organization_id("organization_id", &r.organization_id)
                 .map_err(Error::from)?;
             let email = validate::email("email", &r.email).map_err(Error::from)?;
+            visible(&caller, &org, (), Error::UserNotFoundByEmail)?;
             self.store
                 .find_user(&org, &email)
                 .await?
                 .ok_or(Error::UserNotFoundByEmail)?
         } else {
             let user_id = validate::id("user_id", &r.user_id).map_err(Error::from)?;
-            self.store.get_user(user_id).await?
+            self.user_for(&caller, user_id).await?
         };
         reply(pb::GetUserResponse {
             user: Some(user.into()),
@@ -65,7 +125,9 @@ impl EnrollmentService for EnrollmentGrpc {
         &self,
         request: Request<pb::CreateClassRequest>,
     ) -> Reply<pb::CreateClassResponse> {
+        let caller = Caller::of(&request);
         let new = NewClass::try_from(request.into_inner()).map_err(Error::from)?;
+        may_write(&caller, &new.organization_id)?;
         let class = self.store.create_class(new).await?;
         reply(pb::CreateClassResponse {
             class: Some(class.into()),
@@ -78,7 +140,7 @@ impl EnrollmentService for EnrollmentGrpc {
     ) -> Reply<pb::GetClassResponse> {
         let class_id =
             validate::id("class_id", &request.get_ref().class_id).map_err(Error::from)?;
-        let class = self.store.get_class(class_id).await?;
+        let class = self.class_for(&Caller::of(&request), class_id).await?;
         reply(pb::GetClassResponse {
             class: Some(class.into()),
         })
@@ -88,7 +150,9 @@ impl EnrollmentService for EnrollmentGrpc {
         &self,
         request: Request<pb::UpdateClassRequest>,
     ) -> Reply<pb::UpdateClassResponse> {
+        let caller = Caller::of(&request);
         let change = ClassChange::try_from(request.into_inner()).map_err(Error::from)?;
+        self.class_for(&caller, change.class_id).await?;
         let class = self.store.update_class(change).await?;
         reply(pb::UpdateClassResponse {
             class: Some(class.into()),
@@ -99,7 +163,9 @@ impl EnrollmentService for EnrollmentGrpc {
         &self,
         request: Request<pb::CreateSubscriptionProfileRequest>,
     ) -> Reply<pb::CreateSubscriptionProfileResponse> {
+        let caller = Caller::of(&request);
         let new = NewProfile::try_from(request.into_inner()).map_err(Error::from)?;
+        may_write(&caller, &new.organization_id)?;
         let profile = self.store.create_profile(new).await?;
         reply(pb::CreateSubscriptionProfileResponse {
             profile: Some(profile.into()),
@@ -112,7 +178,7 @@ impl EnrollmentService for EnrollmentGrpc {
     ) -> Reply<pb::GetSubscriptionProfileResponse> {
         let profile_id =
             validate::id("profile_id", &request.get_ref().profile_id).map_err(Error::from)?;
-        let profile = self.store.get_profile(profile_id).await?;
+        let profile = self.profile_for(&Caller::of(&request), profile_id).await?;
         reply(pb::GetSubscriptionProfileResponse {
             profile: Some(profile.into()),
         })
@@ -126,6 +192,11 @@ impl EnrollmentService for EnrollmentGrpc {
             validate::optional_id("source_key_id", &r.source_key_id).map_err(Error::from)?;
         let redemption_id =
             validate::optional_id("redemption_id", &r.redemption_id).map_err(Error::from)?;
+        let caller = Caller::of(&request);
+        if !caller.is_internal() {
+            self.class_for(&caller, class_id).await?;
+            self.user_for(&caller, user_id).await?;
+        }
         let (enrollment, already_enrolled) = self
             .store
             .enroll(class_id, user_id, source_key_id, redemption_id)
@@ -142,6 +213,11 @@ impl EnrollmentService for EnrollmentGrpc {
     ) -> Reply<pb::CancelEnrollmentResponse> {
         let id =
             validate::id("enrollment_id", &request.get_ref().enrollment_id).map_err(Error::from)?;
+        let caller = Caller::of(&request);
+        if !caller.is_internal() {
+            let org = self.store.enrollment_organization(id).await?;
+            visible(&caller, &org, (), Error::EnrollmentNotFound(id))?;
+        }
         let (enrollment, already_cancelled) = self.store.cancel_enrollment(id).await?;
         reply(pb::CancelEnrollmentResponse {
             enrollment: Some(enrollment.into()),
@@ -158,6 +234,10 @@ impl EnrollmentService for EnrollmentGrpc {
         let user_id = validate::optional_id("user_id", &r.user_id).map_err(Error::from)?;
         let limit = page::page_size(r.page_size).map_err(Error::from)?;
         let after = page::decode(&r.page_token).map_err(Error::from)?;
+        let caller = Caller::of(&request);
+        if !caller.is_internal() {
+            self.class_for(&caller, class_id).await?;
+        }
         let rows = self
             .store
             .list_enrollments(class_id, user_id, r.include_cancelled, after, limit)
@@ -183,6 +263,11 @@ impl EnrollmentService for EnrollmentGrpc {
             validate::optional_id("source_key_id", &r.source_key_id).map_err(Error::from)?;
         let redemption_id =
             validate::optional_id("redemption_id", &r.redemption_id).map_err(Error::from)?;
+        let caller = Caller::of(&request);
+        if !caller.is_internal() {
+            self.profile_for(&caller, profile_id).await?;
+            self.user_for(&caller, user_id).await?;
+        }
         let (subscription, already_assigned) = self
             .store
             .assign_subscription(profile_id, user_id, source_key_id, redemption_id)
@@ -201,6 +286,10 @@ impl EnrollmentService for EnrollmentGrpc {
         let user_id = validate::id("user_id", &r.user_id).map_err(Error::from)?;
         let limit = page::page_size(r.page_size).map_err(Error::from)?;
         let before = page::decode(&r.page_token).map_err(Error::from)?;
+        let caller = Caller::of(&request);
+        if !caller.is_internal() {
+            self.user_for(&caller, user_id).await?;
+        }
         let rows = self
             .store
             .list_subscriptions(user_id, before, limit)

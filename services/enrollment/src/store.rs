@@ -496,6 +496,18 @@ impl Store {
 
     /// Cancels an enrollment and frees its seat in one transaction. Only the
     /// call that flips `cancelled_at` frees a seat, so repeats change nothing.
+    /// The organization of the class an enrollment is in.
+    pub async fn enrollment_organization(&self, enrollment_id: Uuid) -> Result<String, Error> {
+        sqlx::query_scalar(
+            "SELECT c.organization_id FROM enrollments e JOIN classes c USING (class_id)
+             WHERE e.enrollment_id = $1",
+        )
+        .bind(enrollment_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(Error::EnrollmentNotFound(enrollment_id))
+    }
+
     pub async fn cancel_enrollment(
         &self,
         enrollment_id: Uuid,

@@ -512,6 +512,8 @@ impl From<KeyUse> for pb::KeyRedemption {
 pub struct ClassInfo {
     /// The class.
     pub class_id: Uuid,
+    /// The organization it belongs to (and so do its keys).
+    pub organization_id: String,
     /// Title, for notifications.
     pub title: String,
     /// Start, for notifications.
@@ -636,6 +638,7 @@ mod tests {
         let now = Utc::now();
         let class = ClassInfo {
             class_id: Uuid::now_v7(),
+            organization_id: "org".into(),
             title: "t".into(),
             start_time: now - Duration::days(3),
             end_time: now - Duration::days(1),

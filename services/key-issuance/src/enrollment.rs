@@ -64,6 +64,7 @@ impl Enrollment {
         };
         Ok(ClassInfo {
             class_id,
+            organization_id: class.organization_id,
             title: class.title,
             start_time: time(class.start_time.as_ref())?,
             end_time: time(class.end_time.as_ref())?,
@@ -72,8 +73,8 @@ impl Enrollment {
         })
     }
 
-    /// Succeeds when the profile exists.
-    pub async fn check_profile(&self, profile_id: Uuid) -> Result<(), Error> {
+    /// The organization of the profile; fails when it does not exist.
+    pub async fn profile_organization(&self, profile_id: Uuid) -> Result<String, Error> {
         let request = pb::GetSubscriptionProfileRequest {
             profile_id: profile_id.to_string(),
         };
@@ -83,8 +84,14 @@ impl Enrollment {
             async move { client.get_subscription_profile(request).await }
         })
         .await
-        .map_err(|s| convert(s, "PROFILE_NOT_FOUND", Error::ProfileNotFound(profile_id)))?;
-        Ok(())
+        .map_err(|s| convert(s, "PROFILE_NOT_FOUND", Error::ProfileNotFound(profile_id)))?
+        .profile
+        .map(|p| p.organization_id)
+        .ok_or_else(|| {
+            Error::Enrollment(tonic::Status::internal(
+                "GetSubscriptionProfile returned no profile",
+            ))
+        })
     }
 }
 

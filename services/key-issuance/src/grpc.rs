@@ -12,6 +12,8 @@ use crate::domain::{self, GenerateClassKeys, GenerateSubscription, Scope, SetEve
 use crate::error::Error;
 use crate::export::ExportStream;
 use crate::service::KeyService;
+use crate::tenancy::Tenant;
+use trainingkeys_proto::v1::KeyKind;
 
 /// `KeyIssuanceService` over a [`KeyService`].
 pub struct KeyIssuanceGrpc {
@@ -57,7 +59,9 @@ impl KeyIssuanceService for KeyIssuanceGrpc {
         &self,
         request: Request<pb::GenerateSubscriptionKeysRequest>,
     ) -> Reply<pb::GenerateSubscriptionKeysResponse> {
+        let tenant = Tenant::of(&request, "GenerateSubscriptionKeys");
         let cmd = GenerateSubscription::try_from(request.into_inner()).map_err(invalid)?;
+        tenant.check_profile(&self.service, cmd.profile_id).await?;
         reply(self.service.generate_subscription_keys(cmd).await?)
     }
 
@@ -65,7 +69,12 @@ impl KeyIssuanceService for KeyIssuanceGrpc {
         &self,
         request: Request<pb::GenerateClassEnrollmentKeysRequest>,
     ) -> Reply<pb::GenerateClassEnrollmentKeysResponse> {
+        let tenant = Tenant::of(&request, "GenerateClassEnrollmentKeys");
         let cmd = GenerateClassKeys::try_from(request.into_inner()).map_err(invalid)?;
+        let class = Scope::Class(cmd.class_id);
+        tenant
+            .check_scope(&self.service, class, &[KeyKind::ClassEnrollment])
+            .await?;
         reply(self.service.generate_class_keys(cmd).await?)
     }
 
@@ -73,7 +82,12 @@ impl KeyIssuanceService for KeyIssuanceGrpc {
         &self,
         request: Request<pb::SetEventKeyRequest>,
     ) -> Reply<pb::SetEventKeyResponse> {
+        let tenant = Tenant::of(&request, "SetEventKey");
         let cmd = SetEventKey::try_from(request.into_inner()).map_err(invalid)?;
+        let class = Scope::Class(cmd.class_id);
+        tenant
+            .check_scope(&self.service, class, &[KeyKind::Event])
+            .await?;
         reply(self.service.set_event_key(cmd).await?)
     }
 
@@ -82,18 +96,30 @@ impl KeyIssuanceService for KeyIssuanceGrpc {
         request: Request<pb::DisableEventKeyRequest>,
     ) -> Reply<pb::DisableEventKeyResponse> {
         let class_id = validate::id("class_id", &request.get_ref().class_id).map_err(invalid)?;
+        Tenant::of(&request, "DisableEventKey")
+            .check_scope(&self.service, Scope::Class(class_id), &[KeyKind::Event])
+            .await?;
         reply(self.service.disable_event_key(class_id).await?)
     }
 
     async fn get_key(&self, request: Request<pb::GetKeyRequest>) -> Reply<pb::GetKeyResponse> {
+        let tenant = Tenant::of(&request, "GetKey");
         let key = match &request.get_ref().selector {
             Some(Selector::KeyId(id)) => {
                 let key_id = validate::id("key_id", id).map_err(invalid)?;
-                self.service.get_key_by_id(key_id).await?
+                let key = self.service.get_key_by_id(key_id).await?;
+                tenant
+                    .check_key(&self.service, &key, Error::KeyNotFound(key_id))
+                    .await?;
+                key
             }
             Some(Selector::Code(code)) => {
                 let normalized = domain::typed_code("code", code)?;
-                self.service.get_key_by_code(&normalized).await?
+                let key = self.service.get_key_by_code(&normalized).await?;
+                tenant
+                    .check_key(&self.service, &key, Error::CodeNotFound)
+                    .await?;
+                key
             }
             None => {
                 return Err(
@@ -113,7 +139,17 @@ impl KeyIssuanceService for KeyIssuanceGrpc {
         let status = domain::status_filter(r.status).map_err(invalid)?;
         let limit = page::page_size(r.page_size).map_err(invalid)?;
         let after = page::decode(&r.page_token).map_err(invalid)?;
-        reply(self.service.list_keys(scope, status, after, limit).await?)
+        let tenant = Tenant::of(&request, "ListKeys");
+        let kinds = [
+            KeyKind::Subscription,
+            KeyKind::ClassEnrollment,
+            KeyKind::Event,
+        ];
+        tenant.check_scope(&self.service, scope, &kinds).await?;
+        let mut page = self.service.list_keys(scope, status, after, limit).await?;
+        // A page may come back shorter than asked: the token still goes on.
+        page.keys.retain(|key| tenant.sees_kind(key.kind()));
+        reply(page)
     }
 
     type ExportKeysStream = ExportStream;
@@ -125,6 +161,15 @@ impl KeyIssuanceService for KeyIssuanceGrpc {
         let r = request.get_ref();
         let scope = export_scope(r.scope.as_ref()).map_err(invalid)?;
         let status = domain::status_filter(r.status).map_err(invalid)?;
+        // A class's export is its class enrollment keys' (operations
+        // managers); a pool's, its subscription keys' (site administrators).
+        let kind = match scope {
+            Scope::Class(_) => KeyKind::ClassEnrollment,
+            Scope::Pool(_) => KeyKind::Subscription,
+        };
+        Tenant::of(&request, "ExportKeys")
+            .check_scope(&self.service, scope, &[kind])
+            .await?;
         reply(self.service.export(scope, status).await?)
     }
 
@@ -133,6 +178,11 @@ impl KeyIssuanceService for KeyIssuanceGrpc {
         request: Request<pb::RevokeKeyRequest>,
     ) -> Reply<pb::RevokeKeyResponse> {
         let key_id = validate::id("key_id", &request.get_ref().key_id).map_err(invalid)?;
+        let tenant = Tenant::of(&request, "RevokeKey");
+        let key = self.service.get_key_by_id(key_id).await?;
+        tenant
+            .check_key(&self.service, &key, Error::KeyNotFound(key_id))
+            .await?;
         reply(self.service.revoke_key(key_id).await?)
     }
 
@@ -142,6 +192,9 @@ impl KeyIssuanceService for KeyIssuanceGrpc {
     ) -> Reply<pb::RenderNotificationResponse> {
         let r = request.get_ref();
         let class_id = validate::id("class_id", &r.class_id).map_err(invalid)?;
+        Tenant::of(&request, "RenderNotification")
+            .check_scope(&self.service, Scope::Class(class_id), &[KeyKind::Event])
+            .await?;
         if r.template.chars().count() > domain::MAX_TEMPLATE {
             let message = format!("must be at most {} characters", domain::MAX_TEMPLATE);
             return Err(invalid(InvalidField::new("template", message)).into());

@@ -17,6 +17,7 @@ pub mod render;
 pub mod secrets;
 pub mod service;
 pub mod store;
+pub mod tenancy;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

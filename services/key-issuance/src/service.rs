@@ -76,7 +76,7 @@ impl KeyService {
         &self,
         cmd: GenerateSubscription,
     ) -> Result<pb::GenerateSubscriptionKeysResponse, Error> {
-        self.enrollment.check_profile(cmd.profile_id).await?;
+        self.enrollment.profile_organization(cmd.profile_id).await?;
         let (mut tx, pool) = self
             .store
             .begin_generation(cmd.profile_id, &cmd.pool)
@@ -198,6 +198,22 @@ impl KeyService {
             None => None,
         };
         Ok(pb::DisableEventKeyResponse { key })
+    }
+
+    /// The organization of class `class_id` (and of its keys).
+    pub async fn class_organization(&self, class_id: Uuid) -> Result<String, Error> {
+        Ok(self.enrollment.class(class_id).await?.organization_id)
+    }
+
+    /// The organization of profile `profile_id`.
+    pub async fn profile_organization(&self, profile_id: Uuid) -> Result<String, Error> {
+        self.enrollment.profile_organization(profile_id).await
+    }
+
+    /// The organization of pool `pool_id` (its profile's, as of its keys).
+    pub async fn pool_organization(&self, pool_id: Uuid) -> Result<String, Error> {
+        let pool = self.store.pool(pool_id).await?;
+        self.enrollment.profile_organization(pool.profile_id).await
     }
 
     /// GetKey by id.

@@ -48,6 +48,10 @@ pub struct RedeemCommand {
     /// UUID in capitals, is the same request; anything else is a reuse of
     /// the idempotency key.
     pub request: Vec<u8>,
+    /// The organizations whose keys the caller may redeem (its token's);
+    /// `None` for no restriction. Another organization's key answers
+    /// KEY_NOT_FOUND, exactly as a missing one.
+    pub orgs: Option<std::collections::BTreeSet<String>>,
 }
 
 /// Namespace of redemption ids derived from idempotency keys.
@@ -132,6 +136,7 @@ impl TryFrom<pb::RedeemKeyRequest> for RedeemCommand {
             who,
             idempotency_key: key.to_owned(),
             request: meaning.encode_to_vec(),
+            orgs: None,
         })
     }
 }

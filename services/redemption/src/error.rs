@@ -45,6 +45,9 @@ pub enum Error {
     InProgress,
     #[error("user not found")]
     UserNotFound,
+    /// A student's token redeems and validates only for its own subject.
+    #[error("a student may redeem and validate only as themselves (user_id = the token's subject)")]
+    OwnSubjectOnly,
     #[error("the user belongs to another organization than the key's class or profile")]
     OrganizationMismatch,
     #[error("{0} is unavailable")]
@@ -95,6 +98,7 @@ impl Error {
             Error::IdempotencyKeyReused => (Code::InvalidArgument, "IDEMPOTENCY_KEY_REUSED"),
             Error::InProgress => (Code::Aborted, "REDEMPTION_IN_PROGRESS"),
             Error::UserNotFound => (Code::NotFound, "USER_NOT_FOUND"),
+            Error::OwnSubjectOnly => (Code::PermissionDenied, "OWN_SUBJECT_ONLY"),
             Error::OrganizationMismatch => (Code::FailedPrecondition, "ORGANIZATION_MISMATCH"),
             Error::Unavailable(_) => (Code::Unavailable, statuses::UNAVAILABLE),
             Error::Upstream { .. } | Error::Database(_) | Error::Internal(_) => {
@@ -160,6 +164,7 @@ impl From<Error> for Status {
             | Error::IdempotencyKeyReused
             | Error::InProgress
             | Error::UserNotFound
+            | Error::OwnSubjectOnly
             | Error::OrganizationMismatch
             | Error::Replayed { .. } => status(code, &reason, e.to_string()),
         }

@@ -51,6 +51,13 @@ impl Redeemer {
         let kind = domain::kind(&key)?;
         let key_id = peer_id("key_id", &key.key_id)?;
         let target = self.target(kind, &key).await?;
+        if cmd
+            .orgs
+            .as_ref()
+            .is_some_and(|orgs| !orgs.contains(&target.organization_id))
+        {
+            return Err(Error::KeyNotFound);
+        }
         let mut identity = self.identify(&cmd.who, &target).await?;
         let resolved = match identity.user {
             // A student with no account yet has used nothing.

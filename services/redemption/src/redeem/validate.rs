@@ -19,6 +19,7 @@ impl Redeemer {
         code: &str,
         user_id: Option<Uuid>,
         caller: &str,
+        orgs: &std::collections::BTreeSet<String>,
     ) -> Result<pb::ValidateKeyResponse, Error> {
         let mut counters = vec![caller_key(caller)];
         counters.extend(user_id.map(|u| user_key(&Who::Existing(u).scope())));
@@ -50,8 +51,16 @@ impl Redeemer {
             key_id: key.key_id.clone(),
             ..Default::default()
         };
+        // Another organization's key answers as a missing one.
+        let not_found = || pb::ValidateKeyResponse {
+            reason: Error::KeyNotFound.reason().to_owned(),
+            ..Default::default()
+        };
         let (class, seats_left) = if kind == pb::KeyKind::Subscription {
             let profile = self.profile(&key.profile_id).await?;
+            if !orgs.contains(&profile.organization_id) {
+                return Ok(not_found());
+            }
             response.grant = Some(pb::validate_key_response::Grant::Subscription(
                 pb::SubscriptionGrant {
                     profile_id: profile.profile_id.clone(),
@@ -70,6 +79,9 @@ impl Redeemer {
             (None, None)
         } else {
             let class = self.class(&key.class_id).await?;
+            if !orgs.contains(&class.organization_id) {
+                return Ok(not_found());
+            }
             if let Some(user) = user_id {
                 response.already_held_by_user =
                     self.clients.seat(&class.class_id, user).await?.is_some();
