@@ -106,7 +106,8 @@ else
   servers=""
   for i in $(seq 1 "$REPLICAS"); do
     port="${replica_ports[$((i - 1))]}"
-    REDEMPTION_LISTEN_ADDR="127.0.0.1:$port" "$BIN/redemption" & pids+=($!)
+    # haproxy (on this host) adds x-forwarded-for: believe it, and only it.
+    TRUSTED_PROXIES=127.0.0.1 REDEMPTION_LISTEN_ADDR="127.0.0.1:$port" "$BIN/redemption" & pids+=($!)
     servers+="  server r$i 127.0.0.1:$port ssl verify required ca-file $PWD/$DEV/ca.pem alpn h2 check"$'\n'
   done
   cat > .run/haproxy.cfg <<CFG

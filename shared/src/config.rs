@@ -15,8 +15,10 @@ pub enum LogFormat {
 /// Settings every service shares.
 #[derive(Clone, Debug, clap::Args)]
 pub struct CommonConfig {
-    /// PostgreSQL connection URL. Each service keeps its tables in its own schema.
-    #[arg(long, env = "DATABASE_URL")]
+    /// PostgreSQL connection URL. Each service keeps its tables in its own
+    /// schema. `?sslmode=verify-full&sslrootcert=<CA file>` for TLS. Its
+    /// value (credentials included) is never shown by `--help`.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
 
     /// Most PostgreSQL connections this process opens.

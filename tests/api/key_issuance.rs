@@ -524,8 +524,11 @@ async fn event_keys_are_set_replaced_and_disabled() {
         .unwrap();
     assert_eq!(again.replaced_key_id, second_key.key_id);
 
+    // Fewer than 6 symbols: guessable (see the README's guessing math).
     for bad in [
         "abc",
+        "ABCD",
+        "AB-CDE",
         "has space",
         "ünïcode",
         "----",

@@ -952,3 +952,77 @@ async fn a_student_redeems_only_as_themselves() {
     student.redeem_key(own).await.unwrap();
     assert_eq!(app.get_class(&s.class_id).await.enrolled_count, 2);
 }
+
+/// `x-forwarded-for` is believed only from a trusted proxy (none by
+/// default): an attacker who rotates it, and the user it names, from one
+/// address is still one caller, and is stopped at the limit.
+#[tokio::test]
+async fn a_rotated_forwarded_for_header_buys_no_guesses() {
+    let app = TestApp::start_with(1, |c| {
+        c.guess_limit = 3;
+        c.redis_timeout_ms = 5000;
+    })
+    .await;
+    let org = org();
+    let users = app.users(&org, 12).await;
+    let mut refused = 0;
+    for (i, user) in users.iter().enumerate() {
+        let mut request = tonic::Request::new(trainingkeys_tests::as_user(
+            &format!("GUESS-{i}"),
+            user,
+            &trainingkeys_tests::idem(),
+        ));
+        request
+            .metadata_mut()
+            .insert("x-forwarded-for", format!("203.0.113.{i}").parse().unwrap());
+        match app.redemption_client(0).redeem_key(request).await {
+            Err(s) if s.code() == Code::ResourceExhausted => refused += 1,
+            Err(s) if s.code() == Code::NotFound => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(refused, 12 - 3, "rotating the header bought guesses");
+}
+
+/// Behind a trusted proxy, the right-most address it did not add is the
+/// caller: two students behind one proxy are limited separately, and an
+/// address a client prepended itself is ignored.
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_right_most_untrusted_hop_is_the_caller() {
+    let app = TestApp::start_with(1, |c| {
+        c.guess_limit = 2;
+        c.redis_timeout_ms = 5000;
+        c.trusted_proxies = "127.0.0.1/32".into();
+    })
+    .await;
+    let org = org();
+    let users = app.users(&org, 8).await;
+    let guess = |user: &str, i: usize, forwarded: &str| {
+        let mut request = tonic::Request::new(trainingkeys_tests::as_user(
+            &format!("GUESS-{i}"),
+            user,
+            &trainingkeys_tests::idem(),
+        ));
+        request
+            .metadata_mut()
+            .insert("x-forwarded-for", forwarded.parse().unwrap());
+        let mut client = app.redemption_client(0);
+        async move { client.redeem_key(request).await.unwrap_err().code() }
+    };
+    // Student A (198.51.100.1) uses up its two guesses, whatever it claims
+    // to the left of what the proxy saw.
+    assert_eq!(
+        guess(&users[0], 0, "10.9.9.1, 198.51.100.1").await,
+        Code::NotFound
+    );
+    assert_eq!(
+        guess(&users[1], 1, "10.9.9.2, 198.51.100.1").await,
+        Code::NotFound
+    );
+    assert_eq!(
+        guess(&users[2], 2, "10.9.9.3, 198.51.100.1").await,
+        Code::ResourceExhausted
+    );
+    // Student B, another address behind the same proxy, is not held back.
+    assert_eq!(guess(&users[3], 3, "198.51.100.2").await, Code::NotFound);
+}

@@ -117,3 +117,32 @@ fn configs_for_tests_take_the_binaries_defaults() {
     assert_eq!(config.common.database_max_connections, 20);
     assert_eq!(config.listen_addr.port(), 0);
 }
+
+/// `--help` never prints the values of settings that carry credentials
+/// (it prints the environment's value of other settings).
+#[test]
+fn help_never_shows_credential_values() {
+    use clap::Args as _;
+    let redemption =
+        trainingkeys_redemption::Config::augment_args(clap::Command::new("redemption"));
+    let keys = trainingkeys_key_issuance::Config::augment_args(clap::Command::new("key-issuance"));
+    let secret = [
+        (&redemption, "database_url"),
+        (&redemption, "redis_url"),
+        (&keys, "database_url"),
+        (&keys, "key_hmac_secret"),
+        (&keys, "key_hmac_old_secrets"),
+        (&keys, "key_encryption_key"),
+        (&keys, "key_encryption_old_keys"),
+    ];
+    for (command, id) in secret {
+        let arg = command
+            .get_arguments()
+            .find(|a| a.get_id() == id)
+            .unwrap_or_else(|| panic!("no setting {id}"));
+        assert!(
+            arg.is_hide_env_values_set(),
+            "--help would print {id}'s value"
+        );
+    }
+}

@@ -21,8 +21,12 @@ pub const KEY_LEN: usize = 16;
 const DATA_LEN: usize = KEY_LEN - 1;
 /// The check modulus: prime, and the alphabet size.
 const MODULUS: u32 = 31;
-/// Shortest custom event code.
+/// Shortest custom event code looked up (codes set before the 6-symbol
+/// rule keep working).
 pub const CUSTOM_MIN: usize = 4;
+/// Fewest symbols (letters, digits, underscores) a new custom event code
+/// must hold: 37^6 ≈ 2.6 billion codes (the README's guessing math).
+pub const CUSTOM_NEW_MIN: usize = 6;
 /// Longest custom event code.
 pub const CUSTOM_MAX: usize = 64;
 
@@ -114,7 +118,7 @@ pub fn parse_typed(input: &str) -> Typed {
 pub enum CustomCodeError {
     /// Not 4-64 of `A-Z a-z 0-9 - _`.
     Charset,
-    /// Fewer than 4 symbols once hyphens are dropped.
+    /// Fewer than 6 symbols once hyphens are dropped.
     TooShort,
     /// 16 letters and digits: the shape of generated keys.
     KeyShaped,
@@ -125,7 +129,7 @@ impl CustomCodeError {
     pub fn message(self) -> &'static str {
         match self {
             Self::Charset => "must be 4-64 of A-Z a-z 0-9 - _",
-            Self::TooShort => "must hold at least 4 letters, digits or underscores",
+            Self::TooShort => "must hold at least 6 letters, digits or underscores",
             Self::KeyShaped => {
                 "16 letters and digits (ignoring hyphens) are reserved for generated keys"
             }
@@ -143,7 +147,7 @@ pub fn custom(code: &str) -> Result<String, CustomCodeError> {
         return Err(CustomCodeError::Charset);
     }
     let n = normalize(code);
-    if n.len() < CUSTOM_MIN {
+    if n.len() < CUSTOM_NEW_MIN {
         return Err(CustomCodeError::TooShort);
     }
     if is_key_shaped(&n) {
@@ -284,6 +288,8 @@ mod tests {
         assert_eq!(custom("abc"), Err(CustomCodeError::Charset));
         assert_eq!(custom("ab c"), Err(CustomCodeError::Charset));
         assert_eq!(custom("ab---"), Err(CustomCodeError::TooShort));
+        assert_eq!(custom("abcde"), Err(CustomCodeError::TooShort));
+        assert_eq!(custom("abc-def").unwrap(), "ABCDEF");
         assert_eq!(
             custom("ABCD-EFGH-JKMN-PQRS"),
             Err(CustomCodeError::KeyShaped)

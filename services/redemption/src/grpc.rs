@@ -1,7 +1,10 @@
 //! The gRPC transport of RedemptionService: validates the request, works out
 //! who the caller is (for the guessing limits), calls the flow.
 
+use std::net::IpAddr;
 use std::sync::Arc;
+
+use ipnet::IpNet;
 
 use tonic::{Request, Response, Status};
 use trainingkeys_proto::v1 as pb;
@@ -18,27 +21,66 @@ use crate::redeem::Redeemer;
 /// `RedemptionService` over a [`Redeemer`].
 pub struct RedemptionGrpc {
     redeemer: Arc<Redeemer>,
+    trusted_proxies: Vec<IpNet>,
 }
 
 impl RedemptionGrpc {
-    /// The service over `redeemer`.
-    pub fn new(redeemer: Arc<Redeemer>) -> Self {
-        Self { redeemer }
+    /// The service over `redeemer`, believing `x-forwarded-for` only from
+    /// `trusted_proxies`.
+    pub fn new(redeemer: Arc<Redeemer>, trusted_proxies: Vec<IpNet>) -> Self {
+        Self {
+            redeemer,
+            trusted_proxies,
+        }
+    }
+
+    /// The caller's address, for the guessing limits: the connection's
+    /// peer; when the peer is a trusted proxy, the right-most address of
+    /// `x-forwarded-for` that is not a trusted proxy (the addresses to its
+    /// left were written by the client, and prove nothing).
+    fn caller<T>(&self, request: &Request<T>) -> String {
+        let trusted = |ip: &IpAddr| self.trusted_proxies.iter().any(|net| net.contains(ip));
+        let Some(peer) = request.remote_addr().map(|a| a.ip()) else {
+            return "unknown".to_owned();
+        };
+        if !trusted(&peer) {
+            return peer.to_string();
+        }
+        let forwarded = request
+            .metadata()
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .collect::<Vec<_>>();
+        let mut caller = peer;
+        for hop in forwarded.iter().rev() {
+            match hop.parse::<IpAddr>() {
+                Ok(ip) if trusted(&ip) => caller = ip,
+                Ok(ip) => return ip.to_string(),
+                // Garbage where an address should be: stop believing.
+                Err(_) => break,
+            }
+        }
+        caller.to_string()
     }
 }
 
-/// The caller for guessing limits: the first `x-forwarded-for` address (set by
-/// the load balancer), else the peer address.
-fn caller<T>(request: &Request<T>) -> String {
-    request
-        .metadata()
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
-        .map(|v| v.trim().to_owned())
+/// Parses `TRUSTED_PROXIES`: comma-separated IPs or CIDR blocks.
+pub fn trusted_proxies(value: &str) -> anyhow::Result<Vec<IpNet>> {
+    value
+        .split(',')
+        .map(str::trim)
         .filter(|v| !v.is_empty())
-        .or_else(|| request.remote_addr().map(|a| a.ip().to_string()))
-        .unwrap_or_else(|| "unknown".to_owned())
+        .map(|v| {
+            v.parse::<IpNet>()
+                .or_else(|_| v.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    anyhow::anyhow!("TRUSTED_PROXIES: {v:?} is not an IP address or CIDR block")
+                })
+        })
+        .collect()
 }
 
 /// What a caller may redeem or validate for: a redemption front, any user
@@ -68,7 +110,7 @@ impl RedemptionService for RedemptionGrpc {
         request: Request<pb::ValidateKeyRequest>,
     ) -> Result<Response<pb::ValidateKeyResponse>, Status> {
         let who = Caller::of(&request);
-        let caller = caller(&request);
+        let caller = self.caller(&request);
         let r = request.into_inner();
         let code = domain::code(&r.code).map_err(Error::from)?;
         let user_id = validate::optional_id("user_id", &r.user_id).map_err(Error::from)?;
@@ -85,7 +127,7 @@ impl RedemptionService for RedemptionGrpc {
         request: Request<pb::RedeemKeyRequest>,
     ) -> Result<Response<pb::RedeemKeyResponse>, Status> {
         let who = Caller::of(&request);
-        let caller = caller(&request);
+        let caller = self.caller(&request);
         let answer = match RedeemCommand::try_from(request.into_inner()) {
             Ok(mut cmd) => {
                 let (user, new) = match &cmd.who {

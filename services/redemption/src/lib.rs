@@ -54,7 +54,14 @@ pub struct Config {
 
     /// Redis for the admission gate and the guessing limits. Redemption keeps
     /// working (PostgreSQL guard only) while it is unreachable.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
+    /// `rediss://` for TLS. Its value (a password included) is never shown
+    /// by `--help`.
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/",
+        hide_env_values = true
+    )]
     pub redis_url: String,
 
     /// Milliseconds before a Redis command gives up. It counts from when the
@@ -81,6 +88,13 @@ pub struct Config {
     /// per window before being locked out.
     #[arg(long, env = "GUESS_LIMIT", default_value_t = 10)]
     pub guess_limit: u32,
+
+    /// Addresses (IPs or CIDR blocks, comma-separated) of the proxies whose
+    /// `x-forwarded-for` is believed: the caller is the right-most address
+    /// in it that is not one of them. Empty (the default): the header is
+    /// ignored and the caller is the connection's peer.
+    #[arg(long, env = "TRUSTED_PROXIES", default_value = "")]
+    pub trusted_proxies: String,
 
     /// Seconds of the failed-attempt window; the lock-out doubles with each
     /// further failure.
@@ -179,6 +193,7 @@ impl Config {
 pub struct Application {
     prepared: Prepared,
     redeemer: Arc<redeem::Redeemer>,
+    trusted_proxies: Vec<ipnet::IpNet>,
     config: Config,
 }
 
@@ -206,6 +221,7 @@ impl trainingkeys_shared::cli::Service for Application {
             config.recovery_after_seconds,
             config.redemption_timeout_seconds
         );
+        let trusted_proxies = grpc::trusted_proxies(&config.trusted_proxies)?;
         let security = server::security(&config.common)?;
         let clients = clients::Clients::new(
             &config.enrollment_url,
@@ -256,6 +272,7 @@ impl trainingkeys_shared::cli::Service for Application {
         Ok(Self {
             prepared,
             redeemer,
+            trusted_proxies,
             config,
         })
     }
@@ -274,7 +291,7 @@ impl trainingkeys_shared::cli::Service for Application {
             shutdown.clone(),
         ));
         let routes = tonic::service::Routes::new(RedemptionServiceServer::new(
-            grpc::RedemptionGrpc::new(redeemer),
+            grpc::RedemptionGrpc::new(redeemer, self.trusted_proxies),
         ));
         let options = ServeOptions::new(SERVICE_NAME, self.prepared, &self.config.common);
         let served = server::serve(routes, options, shutdown).await;
