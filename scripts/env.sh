@@ -103,13 +103,28 @@ start_postgres() {
   if [ ! -f "$dir/data/PG_VERSION" ]; then
     as_pg "$PG_BIN/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 >/dev/null
   fi
+  # TLS too (plain connections stay possible): a self-signed certificate for
+  # 127.0.0.1, which the tests trust to prove the services' TLS to
+  # PostgreSQL (sslmode=verify-full).
+  if [ ! -f "$dir/data/server.key" ]; then
+    local t="$dir/data"
+    as_pg openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+      -subj "/CN=Training Keys test PostgreSQL CA" -days 3650 \
+      -keyout "$t/test-ca.key" -out "$t/test-ca.crt" >/dev/null 2>&1
+    as_pg openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+      -subj /CN=127.0.0.1 -keyout "$t/server.key" -out "$t/server.csr" >/dev/null 2>&1
+    as_pg sh -c "printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > '$t/server.ext'"
+    as_pg openssl x509 -req -in "$t/server.csr" -CA "$t/test-ca.crt" -CAkey "$t/test-ca.key" \
+      -CAcreateserial -days 3650 -extfile "$t/server.ext" -out "$t/server.crt" >/dev/null 2>&1
+    as_pg chmod 600 "$t/server.key" "$t/test-ca.key"
+  fi
   # A port below the ephemeral range; should another server take it between
   # the choice and the bind, try another (unless PG_PORT names one).
   local port tries=0
   while :; do
     port="${PG_PORT:-$(pick_ports 1)}"
     if as_pg "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/log" -w -t 60 start \
-      -o "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=600 -c shared_buffers=256MB -c fsync=${PG_FSYNC:-on} -c synchronous_commit=${PG_SYNC_COMMIT:-on} -c max_wal_size=256MB -c checkpoint_timeout=60s" >/dev/null; then
+      -o "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=600 -c shared_buffers=256MB -c fsync=${PG_FSYNC:-on} -c synchronous_commit=${PG_SYNC_COMMIT:-on} -c max_wal_size=256MB -c checkpoint_timeout=60s -c ssl=on" >/dev/null; then
       break
     fi
     tries=$((tries + 1))
@@ -167,6 +182,11 @@ case "${1:-up}" in
     dir="$(pg_home)"
     if [ -f "$dir/port" ] && [[ "$DATABASE_URL" == *":$(cat "$dir/port")/"* ]]; then
       printf 'export TEST_PG_RESTART=%q\n' "$(printf '%q' "$PWD/scripts/env.sh") restart-pg" >> "$RUN_DIR/env"
+      # Its TLS certificate, for the test of the services' TLS to PostgreSQL.
+      if as_pg test -f "$dir/data/test-ca.crt"; then
+        as_pg cat "$dir/data/test-ca.crt" > "$RUN_DIR/pg-ca.pem"
+        printf 'export TEST_PG_CA=%q\n' "$RUN_DIR/pg-ca.pem" >> "$RUN_DIR/env"
+      fi
     fi
     ;;
   drop-test-dbs)

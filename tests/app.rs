@@ -227,7 +227,7 @@ impl TestApp {
         .await
     }
 
-    async fn create_class(&self, request: pb::CreateClassRequest) -> pb::Class {
+    pub async fn create_class(&self, request: pb::CreateClassRequest) -> pb::Class {
         self.enrollment_client()
             .create_class(request)
             .await
@@ -323,7 +323,16 @@ impl TestApp {
         user_id: &str,
         redemption_id: &str,
     ) -> Result<pb::EnrollResponse, Status> {
-        self.enrollment_client()
+        // Only the redemption service names a redemption.
+        let mut client = if redemption_id.is_empty() {
+            EnrollmentServiceClient::new(self.enrollment_service.channel().await)
+        } else {
+            EnrollmentServiceClient::with_interceptor(
+                self.enrollment_service.channel_as("redemption"),
+                crate::pki::TestAuth::none(),
+            )
+        };
+        client
             .enroll(pb::EnrollRequest {
                 class_id: class_id.into(),
                 user_id: user_id.into(),
@@ -794,6 +803,7 @@ pub fn class_request(org: &str, max: i32) -> pb::CreateClassRequest {
         end_time: Some(to_timestamp(start + chrono::Duration::days(2))),
         max_students: max,
         lab_access_days: 7,
+        instructor_ids: Vec::new(),
     }
 }
 

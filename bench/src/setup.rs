@@ -45,6 +45,7 @@ impl Admin {
                 end_time: Some(to_timestamp(start + Duration::days(1))),
                 max_students: max,
                 lab_access_days: 0,
+                instructor_ids: Vec::new(),
             })
             .await?
             .into_inner()

@@ -132,6 +132,18 @@ impl Caller {
         self.roles.contains(&role)
     }
 
+    /// What the caller's roles may reach through the method at `path`
+    /// (the policy's scopes of its roles there).
+    pub fn reaches(&self, path: &str) -> Vec<crate::policy::Scope> {
+        let Some(rule) = crate::policy::rule(path) else {
+            return Vec::new();
+        };
+        self.roles
+            .iter()
+            .filter_map(|role| rule.scope(*role))
+            .collect()
+    }
+
     /// Whether the caller may act in `organization`: an internal service
     /// always, anyone else only in the organizations its token names.
     pub fn in_org(&self, organization: &str) -> bool {
@@ -220,7 +232,10 @@ fn read_jwks(path: &PathBuf) -> anyhow::Result<(Vec<u8>, JwkSet)> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let set: JwkSet = serde_json::from_slice(&bytes)
         .with_context(|| format!("{} is not a JSON Web Key Set", path.display()))?;
-    anyhow::ensure!(!set.keys.is_empty(), "{} holds no key", path.display());
+    if set.keys.is_empty() {
+        // A legitimate way to revoke every signing key at once.
+        tracing::warn!(path = %path.display(), "the JWKS holds no key: no bearer token is valid");
+    }
     Ok((bytes, set))
 }
 
@@ -329,19 +344,25 @@ impl Authenticator {
                 "a bearer token is required (authorization: Bearer <JWT>)".into(),
             ));
         }
-        let allowed = caller.service.is_some_and(|s| rule.services.contains(&s))
-            || rule
-                .roles
-                .iter()
-                .any(|(role, _)| caller.roles.contains(role));
-        if allowed {
+        let as_service = caller.service.is_some_and(|s| rule.services.contains(&s));
+        let as_role = rule
+            .roles
+            .iter()
+            .any(|(role, _)| caller.roles.contains(role));
+        if !as_service {
+            // A service certificate counts only where the policy lists that
+            // service: elsewhere the call is its token's, scoped like any other.
+            caller.service = None;
+        }
+        if as_service || as_role {
             Ok(caller)
         } else {
             Err(Refusal::Denied)
         }
     }
 
-    fn service_of<B>(&self, request: &http::Request<B>) -> Option<Internal> {
+    /// The service of this project a request's client certificate proves, if any.
+    pub fn service_of<B>(&self, request: &http::Request<B>) -> Option<Internal> {
         let info =
             request
                 .extensions()

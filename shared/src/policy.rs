@@ -12,7 +12,8 @@ pub enum Role {
     /// Generates, views and exports class enrollment keys (the only role
     /// that sees them).
     OperationsManager,
-    /// Sees the event key of classes in their organizations.
+    /// Sees the classes they teach (listed as an instructor), their rosters
+    /// and their event keys.
     Instructor,
     /// A platform service that creates users, classes and profiles and
     /// enrolls or assigns directly, in the organizations its token names.
@@ -83,10 +84,13 @@ pub enum Scope {
     OrgAdminKeys,
     /// Like `Org`, and only class enrollment keys.
     OrgClassKeys,
-    /// Like `Org`, and only event keys.
-    OrgEventKeys,
     /// Only for the token's own subject, as an existing user.
     OwnSubject,
+    /// Like `Org`, and only classes that list the token's subject as an
+    /// instructor.
+    Taught,
+    /// Like `Taught`, and only their event keys.
+    TaughtEventKeys,
 }
 
 impl Scope {
@@ -96,8 +100,9 @@ impl Scope {
             Scope::Org => "own organizations",
             Scope::OrgAdminKeys => "own organizations; subscription and event keys",
             Scope::OrgClassKeys => "own organizations; class enrollment keys",
-            Scope::OrgEventKeys => "own organizations; event keys",
             Scope::OwnSubject => "own subject only",
+            Scope::Taught => "own organizations; classes they teach",
+            Scope::TaughtEventKeys => "own organizations; event keys of classes they teach",
         }
     }
 }
@@ -145,7 +150,7 @@ use Internal::{KeyIssuance, Redemption};
 use Role::{
     Instructor, OperationsManager, ProvisioningService, RedemptionFront, SiteAdministrator, Student,
 };
-use Scope::{Org, OrgAdminKeys, OrgClassKeys, OrgEventKeys, OwnSubject};
+use Scope::{Org, OrgAdminKeys, OrgClassKeys, OwnSubject, Taught, TaughtEventKeys};
 
 macro_rules! rule {
     ($service:ident / $method:literal, [$($role:ident : $scope:ident),*], [$($internal:ident),*]) => {
@@ -164,7 +169,7 @@ pub static POLICY: &[Rule] = &[
     rule!(EnrollmentService / "CreateClass", [ProvisioningService: Org], []),
     rule!(
         EnrollmentService / "GetClass",
-        [ProvisioningService: Org, SiteAdministrator: Org, OperationsManager: Org, Instructor: Org],
+        [ProvisioningService: Org, SiteAdministrator: Org, OperationsManager: Org, Instructor: Taught],
         [Redemption, KeyIssuance]
     ),
     rule!(EnrollmentService / "UpdateClass", [ProvisioningService: Org], []),
@@ -182,7 +187,7 @@ pub static POLICY: &[Rule] = &[
     rule!(EnrollmentService / "CancelEnrollment", [ProvisioningService: Org], []),
     rule!(
         EnrollmentService / "ListEnrollments",
-        [ProvisioningService: Org, OperationsManager: Org, Instructor: Org],
+        [ProvisioningService: Org, OperationsManager: Org, Instructor: Taught],
         [Redemption]
     ),
     rule!(EnrollmentService / "AssignSubscription", [ProvisioningService: Org], [Redemption]),
@@ -198,12 +203,12 @@ pub static POLICY: &[Rule] = &[
     rule!(KeyIssuanceService / "DisableEventKey", [SiteAdministrator: Org], []),
     rule!(
         KeyIssuanceService / "GetKey",
-        [SiteAdministrator: OrgAdminKeys, OperationsManager: OrgClassKeys, Instructor: OrgEventKeys],
+        [SiteAdministrator: OrgAdminKeys, OperationsManager: OrgClassKeys, Instructor: TaughtEventKeys],
         []
     ),
     rule!(
         KeyIssuanceService / "ListKeys",
-        [SiteAdministrator: OrgAdminKeys, OperationsManager: OrgClassKeys, Instructor: OrgEventKeys],
+        [SiteAdministrator: OrgAdminKeys, OperationsManager: OrgClassKeys, Instructor: TaughtEventKeys],
         []
     ),
     rule!(
@@ -218,7 +223,7 @@ pub static POLICY: &[Rule] = &[
     ),
     rule!(
         KeyIssuanceService / "RenderNotification",
-        [SiteAdministrator: Org, Instructor: Org],
+        [SiteAdministrator: Org, Instructor: Taught],
         []
     ),
     rule!(KeyIssuanceService / "ResolveKey", [], [Redemption]),

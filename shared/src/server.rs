@@ -220,7 +220,10 @@ pub async fn serve(
         tracing::info!(%addr, "health checks (plaintext, for probes)");
     }
     auth.watch(options.reload_every, shutdown.clone());
-    let mut builder = Server::builder().trace_fn(crate::telemetry::server_span);
+    let trace_auth = auth.clone();
+    let mut builder = Server::builder().trace_fn(move |request| {
+        crate::telemetry::server_span(request, trace_auth.service_of(request).is_some())
+    });
     if let Some(age) = options.max_connection_age {
         builder = builder.max_connection_age(jitter(age));
     }

@@ -106,16 +106,28 @@ pub fn init_for_tests() {
     }
 }
 
-/// The span of one incoming gRPC call, named `{service}/{method}`, whose
-/// parent is the remote span in the call's `traceparent` header.
-pub fn server_span(request: &http::Request<()>) -> tracing::Span {
+/// The span of one incoming gRPC call, named `{service}/{method}`. From
+/// one of this project's services (`trusted`: proved by its client
+/// certificate) the remote span in the call's `traceparent` header is its
+/// parent, so a redemption is one trace. From anyone else it is only a
+/// link: an untrusted caller cannot graft our spans onto a trace of its
+/// choosing (or force them to be sampled).
+pub fn server_span(request: &http::Request<()>, trusted: bool) -> tracing::Span {
+    use opentelemetry::trace::TraceContextExt as _;
     let path = request.uri().path().trim_start_matches('/');
     let span =
         tracing::info_span!("grpc", otel.name = %path, rpc.system = "grpc", otel.kind = "server");
-    let parent = opentelemetry::global::get_text_map_propagator(|p| {
+    let remote = opentelemetry::global::get_text_map_propagator(|p| {
         p.extract(&HeaderExtractor(request.headers()))
     });
-    let _ = span.set_parent(parent);
+    if trusted {
+        let _ = span.set_parent(remote);
+    } else {
+        let linked = remote.span().span_context().clone();
+        if linked.is_valid() {
+            span.add_link(linked);
+        }
+    }
     span
 }
 

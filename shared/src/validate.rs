@@ -62,7 +62,23 @@ pub fn text(
             "must not contain control characters",
         ));
     }
+    if value.chars().any(is_bidi_control) {
+        return Err(InvalidField::new(
+            field,
+            "must not contain bidirectional formatting characters",
+        ));
+    }
     Ok(value.to_owned())
+}
+
+/// Unicode's bidirectional formatting characters (embeddings, overrides,
+/// isolates and marks): in a class title or a name they can make text read
+/// differently from what it is (a notification e-mail, a roster, a CSV).
+pub fn is_bidi_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+    )
 }
 
 /// A required timestamp.
@@ -92,7 +108,11 @@ pub fn optional_time(
 pub fn email(field: &'static str, value: &str) -> Result<String, InvalidField> {
     let email = value.trim().to_lowercase();
     let bad = || InvalidField::new(field, "must be an email address like name@example.com");
-    if email.len() > 254 || email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if email.len() > 254
+        || email
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || is_bidi_control(c))
+    {
         return Err(bad());
     }
     let (local, domain) = email.split_once('@').ok_or_else(bad)?;
@@ -143,6 +163,64 @@ mod tests {
             "ada@-x.com",
         ] {
             assert!(email("email", bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn bidirectional_overrides_are_refused_in_text_and_emails() {
+        for bad in ["Rust \u{202E}101", "\u{2066}x\u{2069}", "a\u{200F}"] {
+            let e = text("title", bad, 200, true).unwrap_err();
+            assert_eq!(e.field, "title", "{bad:?}");
+            assert!(email("email", &format!("{bad}@example.com")).is_err());
+        }
+        assert_eq!(
+            text("title", "Grüße, 東京 101", 200, true).unwrap(),
+            "Grüße, 東京 101"
+        );
+    }
+
+    proptest::proptest! {
+        /// Every parser answers any input with a value or a precise
+        /// InvalidField naming its field, and never panics.
+        #[test]
+        fn parsers_never_panic(s in "\\PC{0,80}|.{0,80}", seconds in proptest::num::i64::ANY, nanos in proptest::num::i32::ANY, size in proptest::num::i32::ANY) {
+            let check = |r: Result<(), InvalidField>, field: &str| match r {
+                Ok(()) => Ok(()),
+                Err(e) if e.field == field => Ok(()),
+                Err(e) => Err(proptest::test_runner::TestCaseError::fail(format!("{e:?} names the wrong field"))),
+            };
+            check(id("user_id", &s).map(|_| ()), "user_id")?;
+            check(optional_id("user_id", &s).map(|_| ()), "user_id")?;
+            check(organization_id("organization_id", &s).map(|_| ()), "organization_id")?;
+            check(email("email", &s).map(|_| ()), "email")?;
+            check(crate::page::decode(&s).map(|_| ()), "page_token")?;
+            check(crate::page::page_size(size).map(|_| ()), "page_size")?;
+            let ts = Timestamp { seconds, nanos };
+            check(optional_time("start_time", Some(&ts)).map(|_| ()), "start_time")?;
+            if let Ok(t) = text("title", &s, 50, false) {
+                proptest::prop_assert!(t.chars().count() <= 50);
+                proptest::prop_assert!(!t.chars().any(|c| c.is_control() || is_bidi_control(c)));
+            }
+            let n = normalize_code(&s);
+            proptest::prop_assert_eq!(normalize_code(&n), n.clone());
+        }
+
+        /// An id parses exactly when it is a UUID, in any case.
+        #[test]
+        fn ids_are_exactly_uuids(u in proptest::num::u128::ANY, upper in proptest::bool::ANY) {
+            let text = Uuid::from_u128(u).to_string();
+            let text = if upper { text.to_uppercase() } else { text };
+            proptest::prop_assert_eq!(id("class_id", &text).unwrap(), Uuid::from_u128(u));
+        }
+
+        /// Page tokens survive the round trip.
+        #[test]
+        fn page_tokens_round_trip(secs in 0i64..4_000_000_000, id in proptest::num::u128::ANY) {
+            let time = chrono::DateTime::from_timestamp(secs, 0).unwrap();
+            let cursor = crate::page::Cursor { time, id: Uuid::from_u128(id) };
+            let back = crate::page::decode(&crate::page::encode(cursor)).unwrap().unwrap();
+            proptest::prop_assert_eq!(back.time, time);
+            proptest::prop_assert_eq!(back.id, Uuid::from_u128(id));
         }
     }
 

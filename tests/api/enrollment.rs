@@ -272,7 +272,9 @@ async fn enroll_cancel_and_roster() {
     let bob = app.user(&org, "bob@example.com").await;
     let key_id = uuid();
 
-    let first = e
+    // Grants naming a key are the redemption service's.
+    let first = app
+        .internal_enrollment_client()
         .enroll(pb::EnrollRequest {
             class_id: class.class_id.clone(),
             user_id: ada.user_id.clone(),
@@ -534,7 +536,8 @@ async fn profiles_and_subscriptions() {
         ..Default::default()
     };
     let key = uuid();
-    let first = e
+    let first = app
+        .internal_enrollment_client()
         .assign_subscription(assign(&key))
         .await
         .unwrap()

@@ -626,9 +626,16 @@ async fn records_from_before_canonical_requests_still_replay() {
     let user = app.users(&org, 1).await.remove(0);
     let attempt = idem();
     let as_sent = as_user(&key.code.to_lowercase(), &user.to_uppercase(), &attempt);
+    // As every recorded answer, it names the user (and so the organization
+    // it may be replayed to).
     let answer = pb::RedeemKeyResponse {
         redemption_id: idem(),
         key_id: key.key_id.clone(),
+        user: Some(pb::User {
+            user_id: user.clone(),
+            organization_id: org.clone(),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let mut db = app.db().await;
@@ -694,7 +701,7 @@ async fn redemptions_from_before_the_upgrade_are_finished_and_audited() {
     // In flight: consumed and enrolled by the old code, not yet completed.
     let (r1, r2) = (idem(), idem());
     app.consume(&keys[0].key_id, &ids[0], &r1, 0).await.unwrap();
-    app.enrollment_client()
+    app.internal_enrollment_client()
         .enroll(pb::EnrollRequest {
             class_id: class.class_id.clone(),
             user_id: ids[0].clone(),
@@ -764,7 +771,7 @@ async fn the_audit_keeps_the_use_of_a_seat_an_old_twin_took() {
         })
         .await
         .unwrap();
-    app.enrollment_client()
+    app.internal_enrollment_client()
         .enroll(pb::EnrollRequest {
             class_id: class.class_id.clone(),
             user_id: ids[0].clone(),
@@ -877,7 +884,7 @@ async fn a_take_over_whose_student_is_gone_fails_and_gives_the_use_back() {
     let key = app.class_keys(&class.class_id, 1).await.remove(0);
     let created_by = idem();
     let user = app
-        .enrollment_client()
+        .internal_enrollment_client()
         .register_user(pb::RegisterUserRequest {
             organization_id: org.clone(),
             email: "gone@example.com".into(),
@@ -933,7 +940,7 @@ async fn a_direct_grant_naming_the_key_is_held_before_not_taken() {
         .await
         .remove(0);
     let user = app.users(&org, 1).await.remove(0);
-    app.enrollment_client()
+    app.internal_enrollment_client()
         .assign_subscription(pb::AssignSubscriptionRequest {
             profile_id: profile.profile_id,
             user_id: user.clone(),

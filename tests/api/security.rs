@@ -344,6 +344,16 @@ async fn signing_keys_rotate_through_the_jwks_file_without_a_restart() {
         "the EC key removed from the JWKS was still trusted"
     );
     assert_eq!(call(&rsa).await, Some(Code::NotFound));
+
+    // An empty set revokes every signing key at once.
+    std::fs::write(&file, r#"{"keys":[]}"#).unwrap();
+    assert!(
+        trainingkeys_tests::eventually(Duration::from_secs(10), || async {
+            call(&rsa).await == Some(Code::Unauthenticated)
+        })
+        .await,
+        "an empty JWKS left a key trusted"
+    );
     service.stop().await;
 }
 
@@ -498,6 +508,8 @@ async fn a_client_certificate_of_another_ca_is_refused() {
 /// Org A's resources, seeded by the harness.
 struct Seeded {
     org: String,
+    /// Teaches the class.
+    instructor: String,
     class_id: String,
     user_id: String,
     profile_id: String,
@@ -510,8 +522,13 @@ struct Seeded {
 
 async fn seed(app: &TestApp) -> Seeded {
     let org = org();
-    let class = app.class(&org, 50).await;
-    let users = app.users(&org, 2).await;
+    let users = app.users(&org, 3).await;
+    let class = app
+        .create_class(pb::CreateClassRequest {
+            instructor_ids: vec![users[2].clone()],
+            ..trainingkeys_tests::class_request(&org, 50)
+        })
+        .await;
     let enrollment = app.enroll(&class.class_id, &users[1]).await.unwrap();
     let (pool, keys) = app.subscription_pool(&org, 3, None).await;
     let class_key = app.class_keys(&class.class_id, 3).await.remove(0);
@@ -525,6 +542,7 @@ async fn seed(app: &TestApp) -> Seeded {
         event_key,
         class_id: class.class_id,
         user_id: users[0].clone(),
+        instructor: users[2].clone(),
         org,
     }
 }
@@ -539,11 +557,12 @@ async fn call_as(
     orgs: &[&str],
 ) -> Result<(), (Code, String)> {
     use trainingkeys_proto::v1::redemption_service_client::RedemptionServiceClient;
-    // A student's subject is org A's user; everyone else's a name.
-    let sub = if role == Role::Student {
-        s.user_id.as_str()
-    } else {
-        "staff"
+    // A student's subject is org A's user, an instructor's the class's
+    // instructor; everyone else's a name.
+    let sub = match role {
+        Role::Student => s.user_id.as_str(),
+        Role::Instructor => s.instructor.as_str(),
+        _ => "staff",
     };
     let auth = TestAuth::as_role(sub, &[role], orgs);
     let mut e = EnrollmentServiceClient::with_interceptor(
@@ -849,7 +868,7 @@ async fn each_role_sees_only_its_kinds_of_key() {
     let client = |role: Role| {
         KeyIssuanceServiceClient::with_interceptor(
             app.keys_service.channel_as("test-client"),
-            TestAuth::as_role("staff", &[role], &[&s.org]),
+            TestAuth::as_role(&s.instructor, &[role], &[&s.org]),
         )
     };
     let get = |role: Role, key: &pb::Key| {
@@ -1025,4 +1044,265 @@ async fn behind_a_trusted_proxy_the_right_most_untrusted_hop_is_the_caller() {
     );
     // Student B, another address behind the same proxy, is not held back.
     assert_eq!(guess(&users[3], 3, "198.51.100.2").await, Code::NotFound);
+}
+
+/// Nobody can lock a student out by failing in their name: a caller with
+/// no token is refused before anything is counted, and a student's token
+/// names only its own subject, so ten bad codes "as the victim" count
+/// against no one; the victim then redeems at once.
+#[tokio::test]
+async fn no_one_can_lock_a_victim_out() {
+    use trainingkeys_proto::v1::redemption_service_client::RedemptionServiceClient;
+    let app = TestApp::start_with(1, |c| {
+        c.guess_limit = 3;
+        c.redis_timeout_ms = 5000;
+    })
+    .await;
+    let org = org();
+    let users = app.users(&org, 2).await;
+    let (victim, attacker) = (&users[0], &users[1]);
+    let class = app.class(&org, 5).await;
+    let key = app.event_key(&class.class_id, false).await;
+    let client = |auth: TestAuth| {
+        RedemptionServiceClient::with_interceptor(app.replicas[0].channel_as("test-client"), auth)
+    };
+    let mut anonymous = client(TestAuth::none());
+    let mut other_student = client(TestAuth::as_role(attacker, &[Role::Student], &[&org]));
+    for i in 0..10 {
+        let guess =
+            trainingkeys_tests::as_user(&format!("GUESS-{i}"), victim, &trainingkeys_tests::idem());
+        assert_status(
+            anonymous.redeem_key(guess.clone()).await,
+            Code::Unauthenticated,
+            "UNAUTHENTICATED",
+        );
+        assert_status(
+            other_student.redeem_key(guess).await,
+            Code::PermissionDenied,
+            "OWN_SUBJECT_ONLY",
+        );
+    }
+    let mut me = client(TestAuth::as_role(victim, &[Role::Student], &[&org]));
+    me.redeem_key(trainingkeys_tests::as_user(
+        &key.code,
+        victim,
+        &trainingkeys_tests::idem(),
+    ))
+    .await
+    .expect("the victim was locked out");
+}
+
+/// An instructor sees the classes they teach (listed as an instructor),
+/// their rosters and event keys, and nothing of another class of the same
+/// organization: NOT_FOUND, as if it did not exist.
+#[tokio::test]
+async fn instructors_see_only_the_classes_they_teach() {
+    let app = TestApp::start(0).await;
+    let taught = seed(&app).await;
+    let other = app.class(&taught.org, 5).await;
+    let other_key = app.event_key(&other.class_id, false).await;
+    let auth = TestAuth::as_role(&taught.instructor, &[Role::Instructor], &[&taught.org]);
+    let mut e = EnrollmentServiceClient::with_interceptor(
+        app.enrollment_service.channel_as("test-client"),
+        auth.clone(),
+    );
+    let mut k = KeyIssuanceServiceClient::with_interceptor(
+        app.keys_service.channel_as("test-client"),
+        auth,
+    );
+    let get_class = |id: &str| pb::GetClassRequest {
+        class_id: id.into(),
+    };
+    let roster = |id: &str| pb::ListEnrollmentsRequest {
+        class_id: id.into(),
+        page_size: 10,
+        ..Default::default()
+    };
+    let key = |id: &str| pb::GetKeyRequest {
+        selector: Some(pb::get_key_request::Selector::KeyId(id.into())),
+    };
+    let shown = e
+        .get_class(get_class(&taught.class_id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        shown.class.unwrap().instructor_ids,
+        vec![taught.instructor.clone()]
+    );
+    e.list_enrollments(roster(&taught.class_id)).await.unwrap();
+    k.get_key(key(&taught.event_key.key_id)).await.unwrap();
+
+    assert_status(
+        e.get_class(get_class(&other.class_id)).await,
+        Code::NotFound,
+        "CLASS_NOT_FOUND",
+    );
+    assert_status(
+        e.list_enrollments(roster(&other.class_id)).await,
+        Code::NotFound,
+        "CLASS_NOT_FOUND",
+    );
+    assert_status(
+        k.get_key(key(&other_key.key_id)).await,
+        Code::NotFound,
+        "KEY_NOT_FOUND",
+    );
+    let render = k
+        .render_notification(pb::RenderNotificationRequest {
+            class_id: other.class_id.clone(),
+            template: "{{EventTrainingKey}}".into(),
+        })
+        .await;
+    assert_status(render, Code::NotFound, "CLASS_NOT_FOUND");
+
+    // Replacing the instructors takes effect at once.
+    app.enrollment_client()
+        .update_class(pb::UpdateClassRequest {
+            class_id: other.class_id.clone(),
+            instructors: Some(pb::Instructors {
+                user_ids: vec![taught.instructor.clone()],
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    k.get_key(key(&other_key.key_id)).await.unwrap();
+}
+
+/// Review finding: a redemption's id is derived from who redeems and an
+/// idempotency key, so a caller that could pass one to Enroll,
+/// AssignSubscription or RegisterUser could read or pre-empt another's
+/// redemption. Only the redemption service may set those fields.
+#[tokio::test]
+async fn only_the_redemption_service_names_redemptions() {
+    let app = TestApp::start(1).await;
+    let s = seed(&app).await;
+    let mut e = EnrollmentServiceClient::with_interceptor(
+        app.enrollment_service.channel_as("test-client"),
+        TestAuth::as_role("provisioner", &[Role::ProvisioningService], &[&s.org]),
+    );
+    let rid = trainingkeys_tests::uuid();
+    let field_of = |status: &tonic::Status| {
+        tonic_types::StatusExt::get_details_error_info(status)
+            .and_then(|i| i.metadata.get("field").cloned())
+            .unwrap_or_default()
+    };
+    let enroll = e
+        .enroll(pb::EnrollRequest {
+            class_id: s.class_id.clone(),
+            user_id: s.user_id.clone(),
+            redemption_id: rid.clone(),
+            ..Default::default()
+        })
+        .await;
+    let status = assert_status(enroll, Code::PermissionDenied, "INTERNAL_FIELD");
+    assert_eq!(field_of(&status), "redemption_id");
+    let assign = e
+        .assign_subscription(pb::AssignSubscriptionRequest {
+            profile_id: s.profile_id.clone(),
+            user_id: s.user_id.clone(),
+            source_key_id: s.subscription_key.key_id.clone(),
+            ..Default::default()
+        })
+        .await;
+    let status = assert_status(assign, Code::PermissionDenied, "INTERNAL_FIELD");
+    assert_eq!(field_of(&status), "source_key_id");
+    let register = e
+        .register_user(pb::RegisterUserRequest {
+            organization_id: s.org.clone(),
+            email: "new@example.com".into(),
+            display_name: "New".into(),
+            user_id: trainingkeys_tests::uuid(),
+            ..Default::default()
+        })
+        .await;
+    let status = assert_status(register, Code::PermissionDenied, "INTERNAL_FIELD");
+    assert_eq!(field_of(&status), "user_id");
+}
+
+/// Review finding: a recorded answer is replayed only to a caller of its
+/// organization. Another organization's redemption front repeating a
+/// request it learned (user and idempotency key) gets KEY_NOT_FOUND, and
+/// naming another organization's user gets USER_NOT_FOUND, as if missing.
+#[tokio::test]
+async fn another_organizations_redemptions_are_not_replayed() {
+    use trainingkeys_proto::v1::redemption_service_client::RedemptionServiceClient;
+    let app = TestApp::start(1).await;
+    let a = seed(&app).await;
+    let b = seed(&app).await;
+    let front = |org: &str| {
+        RedemptionServiceClient::with_interceptor(
+            app.replicas[0].channel_as("test-client"),
+            TestAuth::as_role("front", &[Role::RedemptionFront], &[org]),
+        )
+    };
+    let request =
+        trainingkeys_tests::as_user(&a.event_key.code, &a.user_id, &trainingkeys_tests::idem());
+    front(&a.org).redeem_key(request.clone()).await.unwrap();
+    assert_status(
+        front(&b.org).redeem_key(request).await,
+        Code::NotFound,
+        "KEY_NOT_FOUND",
+    );
+    // Org B's own key, for org A's user.
+    let cross =
+        trainingkeys_tests::as_user(&b.event_key.code, &a.user_id, &trainingkeys_tests::idem());
+    assert_status(
+        front(&b.org).redeem_key(cross).await,
+        Code::NotFound,
+        "USER_NOT_FOUND",
+    );
+}
+
+/// Review finding: a service certificate counts only where the policy
+/// lists that service. Key-issuance's certificate with another
+/// organization's administrator token is scoped like the token alone.
+#[tokio::test]
+async fn a_service_certificate_does_not_widen_a_token() {
+    let app = TestApp::start(0).await;
+    let a = seed(&app).await;
+    let other = org();
+    let mut k = KeyIssuanceServiceClient::with_interceptor(
+        app.keys_service.channel_as("key-issuance"),
+        TestAuth::as_role("admin", &[Role::SiteAdministrator], &[&other]),
+    );
+    let get = k
+        .get_key(pb::GetKeyRequest {
+            selector: Some(pb::get_key_request::Selector::KeyId(
+                a.subscription_key.key_id.clone(),
+            )),
+        })
+        .await;
+    assert_status(get, Code::NotFound, "KEY_NOT_FOUND");
+}
+
+/// Review finding: an operations manager's export of a class holds its
+/// class enrollment keys only, never its event key.
+#[tokio::test]
+async fn a_class_export_holds_no_event_key() {
+    let app = TestApp::start(0).await;
+    let s = seed(&app).await;
+    let mut k = KeyIssuanceServiceClient::with_interceptor(
+        app.keys_service.channel_as("test-client"),
+        TestAuth::as_role("ops", &[Role::OperationsManager], &[&s.org]),
+    );
+    let mut stream = k
+        .export_keys(pb::ExportKeysRequest {
+            scope: Some(pb::export_keys_request::Scope::ClassId(s.class_id.clone())),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut csv = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        csv.extend(chunk.chunk);
+    }
+    let csv = String::from_utf8(csv).unwrap();
+    assert!(csv.contains(&s.class_key.code), "{csv}");
+    assert!(
+        !csv.contains(&s.event_key.code),
+        "the event key was exported: {csv}"
+    );
 }

@@ -72,3 +72,62 @@ async fn a_redemption_is_one_trace_across_the_three_services() {
         );
     }
 }
+
+/// A `traceparent` from an untrusted caller (a bearer token, no service
+/// certificate) is not the parent of our spans, only a link: the server
+/// span starts a trace of its own.
+#[tokio::test]
+async fn an_outside_traceparent_is_linked_not_adopted() {
+    /// A finished span: name, trace, and the traces it links to.
+    type Finished = (String, TraceId, Vec<TraceId>);
+    #[derive(Debug, Clone, Default)]
+    struct Links(Arc<Mutex<Vec<Finished>>>);
+    impl SpanExporter for Links {
+        fn export(&self, batch: Vec<SpanData>) -> impl Future<Output = OTelSdkResult> + Send {
+            self.0.lock().unwrap().extend(batch.into_iter().map(|s| {
+                let links = s.links.iter().map(|l| l.span_context.trace_id()).collect();
+                (s.name.to_string(), s.span_context.trace_id(), links)
+            }));
+            std::future::ready(Ok(()))
+        }
+    }
+    let recorder = Links::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(recorder.clone())
+        .build();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("tests")));
+    tracing::subscriber::set_global_default(subscriber)
+        .expect("the test process's only subscriber");
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
+    let app = TestApp::start(1).await;
+    let org = org();
+    let class = app.class(&org, 5).await;
+    let key = app.event_key(&class.class_id, false).await;
+    let user = app.users(&org, 1).await.remove(0);
+    let outside = "0af7651916cd43dd8448eb211c80319c";
+    let mut request = tonic::Request::new(as_user(&key.code, &user, &idem()));
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{outside}-b7ad6b7169203331-01").parse().unwrap(),
+    );
+    app.redemption_client(0).redeem_key(request).await.unwrap();
+    let _ = provider.force_flush();
+    let outside = TraceId::from_hex(outside).unwrap();
+    let spans = recorder.0.lock().unwrap().clone();
+    let redeem = spans
+        .iter()
+        .find(|(name, _, _)| name.ends_with("RedeemKey"))
+        .expect("a RedeemKey span");
+    assert_ne!(redeem.1, outside, "the outside trace was adopted");
+    assert_eq!(redeem.2, vec![outside], "the outside trace is not linked");
+    // Inside, the trace still spans the services (redemption is trusted).
+    assert!(
+        spans
+            .iter()
+            .any(|(name, trace, _)| name.ends_with("ResolveKey") && *trace == redeem.1),
+        "key-issuance's span is not in the redemption's trace"
+    );
+}

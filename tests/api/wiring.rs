@@ -146,3 +146,48 @@ fn help_never_shows_credential_values() {
         );
     }
 }
+
+/// The services reach PostgreSQL over TLS when `DATABASE_URL` asks for it
+/// (`sslmode=verify-full` with the server's CA): the pool's connections are
+/// encrypted (pg_stat_ssl), and a CA that did not sign the server's
+/// certificate is refused. `make test`'s PostgreSQL serves TLS; an external
+/// one (no TEST_PG_CA) is not ours to check.
+#[tokio::test]
+async fn the_services_reach_postgresql_over_verified_tls() {
+    use sqlx::Connection as _;
+    let Ok(ca) = std::env::var("TEST_PG_CA") else {
+        eprintln!("skipped: DATABASE_URL is not make test's own PostgreSQL");
+        return;
+    };
+    let plain = fresh_database().await;
+    let tls = format!("{plain}?sslmode=verify-full&sslrootcert={ca}");
+    let mut config = trainingkeys_enrollment::Config::for_tests(&tls).unwrap();
+    for_tests(&mut config.common, "enrollment");
+    let service = trainingkeys_tests::spawn::<trainingkeys_enrollment::Application>(config).await;
+    let org = trainingkeys_tests::org();
+    trainingkeys_proto::v1::enrollment_service_client::EnrollmentServiceClient::new(
+        service.channel().await,
+    )
+    .create_class(trainingkeys_tests::class_request(&org, 3))
+    .await
+    .expect("a class created over the TLS pool");
+    let mut check = sqlx::PgConnection::connect(&plain).await.unwrap();
+    let encrypted: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+         WHERE a.application_name = 'enrollment' AND a.datname = current_database() AND s.ssl",
+    )
+    .fetch_one(&mut check)
+    .await
+    .unwrap();
+    assert!(encrypted >= 1, "no TLS connection from the service");
+    let wrong_ca = trainingkeys_tests::pki::pki().ca_file();
+    let wrong = format!(
+        "{plain}?sslmode=verify-full&sslrootcert={}",
+        wrong_ca.display()
+    );
+    assert!(
+        sqlx::PgConnection::connect(&wrong).await.is_err(),
+        "a server certificate another CA signed was accepted"
+    );
+    service.stop().await;
+}

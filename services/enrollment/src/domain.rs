@@ -79,6 +79,29 @@ pub struct NewClass {
     pub end_time: DateTime<Utc>,
     pub max_students: i32,
     pub lab_access_days: i32,
+    pub instructor_ids: Vec<Uuid>,
+}
+
+/// Most instructors a class may list.
+const MAX_INSTRUCTORS: usize = 50;
+
+/// A list of instructor ids: UUIDs, at most 50, no repeats.
+fn instructors(field: &'static str, ids: &[String]) -> Result<Vec<Uuid>, InvalidField> {
+    if ids.len() > MAX_INSTRUCTORS {
+        return Err(InvalidField::new(
+            field,
+            format!("at most {MAX_INSTRUCTORS} instructors"),
+        ));
+    }
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        let id = validate::id(field, id)?;
+        if out.contains(&id) {
+            return Err(InvalidField::new(field, "lists a user twice"));
+        }
+        out.push(id);
+    }
+    Ok(out)
 }
 
 impl TryFrom<pb::CreateClassRequest> for NewClass {
@@ -92,6 +115,7 @@ impl TryFrom<pb::CreateClassRequest> for NewClass {
             end_time: validate::time("end_time", r.end_time.as_ref())?,
             max_students: max_students(r.max_students)?,
             lab_access_days: lab_access_days(r.lab_access_days)?,
+            instructor_ids: instructors("instructor_ids", &r.instructor_ids)?,
         };
         schedule(class.start_time, class.end_time)?;
         Ok(class)
@@ -154,6 +178,7 @@ pub struct ClassChange {
     pub end_time: Option<DateTime<Utc>>,
     pub max_students: Option<i32>,
     pub lab_access_days: Option<i32>,
+    pub instructor_ids: Option<Vec<Uuid>>,
 }
 
 impl TryFrom<pb::UpdateClassRequest> for ClassChange {
@@ -173,6 +198,10 @@ impl TryFrom<pb::UpdateClassRequest> for ClassChange {
             end_time: validate::optional_time("end_time", r.end_time.as_ref())?,
             max_students: r.max_students.map(max_students).transpose()?,
             lab_access_days: r.lab_access_days.map(lab_access_days).transpose()?,
+            instructor_ids: r
+                .instructors
+                .map(|i| instructors("instructors.user_ids", &i.user_ids))
+                .transpose()?,
         })
     }
 }
@@ -191,6 +220,9 @@ impl ClassChange {
         schedule(class.start_time, class.end_time)?;
         if let Some(d) = self.lab_access_days {
             class.lab_access_days = d;
+        }
+        if let Some(ids) = self.instructor_ids {
+            class.instructor_ids = ids;
         }
         if let Some(max) = self.max_students {
             if max < class.enrolled_count {
@@ -219,6 +251,16 @@ pub struct Class {
     pub enrolled_count: i32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    pub instructor_ids: Vec<Uuid>,
+}
+
+impl Class {
+    /// Whether `subject` (a token's `sub`) teaches this class.
+    pub fn taught_by(&self, subject: Option<&str>) -> bool {
+        subject
+            .and_then(|s| Uuid::parse_str(s).ok())
+            .is_some_and(|id| self.instructor_ids.contains(&id))
+    }
 }
 
 impl From<Class> for pb::Class {
@@ -243,6 +285,7 @@ impl From<Class> for pb::Class {
             lab_access_end_time: Some(to_timestamp(lab_access_end)),
             created_at: Some(to_timestamp(c.created_at)),
             updated_at: Some(to_timestamp(c.updated_at)),
+            instructor_ids: c.instructor_ids.iter().map(Uuid::to_string).collect(),
         }
     }
 }
@@ -368,6 +411,46 @@ impl From<Subscription> for pb::Subscription {
             course_ids: s.course_ids,
             active: Utc::now() < s.expires_at,
             redemption_id: s.redemption_id.map(|r| r.to_string()).unwrap_or_default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    proptest::proptest! {
+        /// Enrollment's requests of any content convert or name their
+        /// field, never panic, and what converts is within its limits.
+        #[test]
+        fn any_request_converts_or_names_its_field(
+            org in ".{0,140}", text in "\\PC{0,250}|.{0,60}", max in proptest::num::i32::ANY,
+            days in proptest::num::i32::ANY, s in proptest::num::i64::ANY, n in proptest::num::i32::ANY,
+        ) {
+            let ts = Some(trainingkeys_proto::prost_types::Timestamp { seconds: s, nanos: n });
+            let class = NewClass::try_from(pb::CreateClassRequest {
+                organization_id: org.clone(), title: text.clone(), course_id: text.clone(),
+                start_time: ts, end_time: ts, max_students: max, lab_access_days: days,
+                instructor_ids: vec![text.clone()],
+            });
+            match class {
+                Ok(c) => proptest::prop_assert!(c.max_students > 0 && c.end_time > c.start_time),
+                Err(e) => proptest::prop_assert!(
+                    ["organization_id", "title", "course_id", "start_time", "end_time",
+                     "max_students", "lab_access_days", "instructor_ids"].contains(&e.field), "{e:?}"),
+            }
+            let user = NewUser::try_from(pb::RegisterUserRequest {
+                organization_id: org.clone(), email: text.clone(), display_name: text.clone(), ..Default::default()
+            });
+            if let Err(e) = user {
+                proptest::prop_assert!(["organization_id", "email", "display_name", "user_id", "redemption_id"].contains(&e.field), "{e:?}");
+            }
+            let profile = NewProfile::try_from(pb::CreateSubscriptionProfileRequest {
+                organization_id: org, name: text.clone(), course_ids: vec![text], duration_days: days,
+            });
+            if let Err(e) = profile {
+                proptest::prop_assert!(["organization_id", "name", "course_ids", "duration_days"].contains(&e.field), "{e:?}");
+            }
         }
     }
 }

@@ -28,6 +28,10 @@ pub enum Error {
         user_org: String,
         target_org: String,
     },
+    /// A field only the redemption service may set (a redemption's id, the
+    /// key it used, the id to give a new account).
+    #[error("{0} is set only by the redemption service")]
+    InternalField(&'static str),
     /// The caller's token does not name the organization it asked to write in.
     #[error("the caller may not act in this organization")]
     OrganizationNotAllowed,
@@ -61,6 +65,12 @@ impl From<Error> for Status {
             Error::OrganizationMismatch { .. } => {
                 status(Code::FailedPrecondition, "ORGANIZATION_MISMATCH", message)
             }
+            Error::InternalField(field) => trainingkeys_shared::error::status_with(
+                Code::PermissionDenied,
+                "INTERNAL_FIELD",
+                message,
+                std::collections::HashMap::from([("field".to_owned(), field.to_owned())]),
+            ),
             Error::OrganizationNotAllowed => {
                 status(Code::PermissionDenied, "ORGANIZATION_NOT_ALLOWED", message)
             }

@@ -5,6 +5,7 @@ use tonic::{Request, Response, Status};
 use trainingkeys_proto::v1 as pb;
 use trainingkeys_proto::v1::enrollment_service_server::EnrollmentService;
 use trainingkeys_shared::auth::Caller;
+use trainingkeys_shared::policy::Scope as Reach;
 use trainingkeys_shared::{page, validate};
 
 use crate::domain::{ClassChange, NewClass, NewProfile, NewUser};
@@ -36,6 +37,16 @@ fn visible<T>(caller: &Caller, org: &str, found: T, missing: Error) -> Result<T,
     }
 }
 
+/// Fields only the redemption service sets: anyone else naming a
+/// redemption (whose id is derived from who redeems and an idempotency
+/// key) could read or pre-empt another's redemption.
+fn internal_only(caller: &Caller, fields: &[(&'static str, bool)]) -> Result<(), Error> {
+    match fields.iter().find(|(_, set)| *set) {
+        Some((field, _)) if !caller.is_internal() => Err(Error::InternalField(field)),
+        _ => Ok(()),
+    }
+}
+
 /// A write into `org` by a caller who may not act there is refused.
 fn may_write(caller: &Caller, org: &str) -> Result<(), Error> {
     if caller.in_org(org) {
@@ -46,15 +57,31 @@ fn may_write(caller: &Caller, org: &str) -> Result<(), Error> {
 }
 
 impl EnrollmentGrpc {
-    /// The class, if the caller may see it.
+    /// The class, if the caller may reach it through `method`: in its
+    /// organizations, and, for a role that reaches only the classes it
+    /// teaches (instructors), listed as one of its instructors.
     async fn class_for(
         &self,
         caller: &Caller,
+        method: &str,
         class_id: uuid::Uuid,
     ) -> Result<crate::domain::Class, Error> {
         let class = self.store.get_class(class_id).await?;
         let org = class.organization_id.clone();
-        visible(caller, &org, class, Error::ClassNotFound(class_id))
+        let class = visible(caller, &org, class, Error::ClassNotFound(class_id))?;
+        let path = format!("/trainingkeys.v1.EnrollmentService/{method}");
+        let reaches = caller.is_internal()
+            || caller.reaches(&path).into_iter().any(|scope| match scope {
+                Reach::Taught | Reach::TaughtEventKeys => {
+                    class.taught_by(caller.subject.as_deref())
+                }
+                _ => true,
+            });
+        if reaches {
+            Ok(class)
+        } else {
+            Err(Error::ClassNotFound(class_id))
+        }
     }
 
     /// The user, if the caller may see it.
@@ -92,6 +119,13 @@ impl EnrollmentService for EnrollmentGrpc {
     ) -> Reply<pb::RegisterUserResponse> {
         let caller = Caller::of(&request);
         let new = NewUser::try_from(request.into_inner()).map_err(Error::from)?;
+        internal_only(
+            &caller,
+            &[
+                ("user_id", new.user_id.is_some()),
+                ("redemption_id", new.redemption_id.is_some()),
+            ],
+        )?;
         may_write(&caller, &new.organization_id)?;
         let (user, created) = self.store.register_user(new).await?;
         reply(pb::RegisterUserResponse {
@@ -140,7 +174,9 @@ impl EnrollmentService for EnrollmentGrpc {
     ) -> Reply<pb::GetClassResponse> {
         let class_id =
             validate::id("class_id", &request.get_ref().class_id).map_err(Error::from)?;
-        let class = self.class_for(&Caller::of(&request), class_id).await?;
+        let class = self
+            .class_for(&Caller::of(&request), "GetClass", class_id)
+            .await?;
         reply(pb::GetClassResponse {
             class: Some(class.into()),
         })
@@ -152,7 +188,8 @@ impl EnrollmentService for EnrollmentGrpc {
     ) -> Reply<pb::UpdateClassResponse> {
         let caller = Caller::of(&request);
         let change = ClassChange::try_from(request.into_inner()).map_err(Error::from)?;
-        self.class_for(&caller, change.class_id).await?;
+        self.class_for(&caller, "UpdateClass", change.class_id)
+            .await?;
         let class = self.store.update_class(change).await?;
         reply(pb::UpdateClassResponse {
             class: Some(class.into()),
@@ -193,8 +230,15 @@ impl EnrollmentService for EnrollmentGrpc {
         let redemption_id =
             validate::optional_id("redemption_id", &r.redemption_id).map_err(Error::from)?;
         let caller = Caller::of(&request);
+        internal_only(
+            &caller,
+            &[
+                ("source_key_id", source_key_id.is_some()),
+                ("redemption_id", redemption_id.is_some()),
+            ],
+        )?;
         if !caller.is_internal() {
-            self.class_for(&caller, class_id).await?;
+            self.class_for(&caller, "Enroll", class_id).await?;
             self.user_for(&caller, user_id).await?;
         }
         let (enrollment, already_enrolled) = self
@@ -236,7 +280,7 @@ impl EnrollmentService for EnrollmentGrpc {
         let after = page::decode(&r.page_token).map_err(Error::from)?;
         let caller = Caller::of(&request);
         if !caller.is_internal() {
-            self.class_for(&caller, class_id).await?;
+            self.class_for(&caller, "ListEnrollments", class_id).await?;
         }
         let rows = self
             .store
@@ -264,6 +308,13 @@ impl EnrollmentService for EnrollmentGrpc {
         let redemption_id =
             validate::optional_id("redemption_id", &r.redemption_id).map_err(Error::from)?;
         let caller = Caller::of(&request);
+        internal_only(
+            &caller,
+            &[
+                ("source_key_id", source_key_id.is_some()),
+                ("redemption_id", redemption_id.is_some()),
+            ],
+        )?;
         if !caller.is_internal() {
             self.profile_for(&caller, profile_id).await?;
             self.user_for(&caller, user_id).await?;

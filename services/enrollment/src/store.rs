@@ -12,7 +12,7 @@ use crate::domain::{
 use crate::error::Error;
 
 const CLASS_COLUMNS: &str = "class_id, organization_id, title, course_id, start_time, end_time, \
-     max_students, lab_access_days, enrolled_count, created_at, updated_at";
+     max_students, lab_access_days, enrolled_count, created_at, updated_at, instructor_ids";
 const ENROLLMENT_COLUMNS: &str =
     "enrollment_id, class_id, user_id, source_key_id, enrolled_at, cancelled_at, redemption_id";
 const SUBSCRIPTION_COLUMNS: &str = "subscription_id, profile_id, user_id, source_key_id, starts_at, \
@@ -99,8 +99,8 @@ impl Store {
     /// A new class with no students.
     pub async fn create_class(&self, new: NewClass) -> Result<Class, Error> {
         let sql = format!(
-            "INSERT INTO classes (class_id, organization_id, title, course_id, start_time, end_time, max_students, lab_access_days)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {CLASS_COLUMNS}"
+            "INSERT INTO classes (class_id, organization_id, title, course_id, start_time, end_time, max_students, lab_access_days, instructor_ids)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {CLASS_COLUMNS}"
         );
         Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(Uuid::now_v7())
@@ -111,6 +111,7 @@ impl Store {
             .bind(new.end_time)
             .bind(new.max_students)
             .bind(new.lab_access_days)
+            .bind(new.instructor_ids)
             .fetch_one(&self.pool)
             .await?)
     }
@@ -138,7 +139,7 @@ impl Store {
         let next = change.apply(current)?;
         let sql = format!(
             "UPDATE classes SET title = $2, course_id = $3, start_time = $4, end_time = $5,
-                 max_students = $6, lab_access_days = $7, updated_at = now()
+                 max_students = $6, lab_access_days = $7, instructor_ids = $8, updated_at = now()
              WHERE class_id = $1 RETURNING {CLASS_COLUMNS}"
         );
         let updated: Class = sqlx::query_as(sqlx::AssertSqlSafe(sql))
@@ -149,6 +150,7 @@ impl Store {
             .bind(next.end_time)
             .bind(next.max_students)
             .bind(next.lab_access_days)
+            .bind(next.instructor_ids)
             .fetch_one(&mut *tx)
             .await?;
         tx.commit().await?;

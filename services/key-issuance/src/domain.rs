@@ -514,6 +514,8 @@ pub struct ClassInfo {
     pub class_id: Uuid,
     /// The organization it belongs to (and so do its keys).
     pub organization_id: String,
+    /// The users (ids) who teach it.
+    pub instructor_ids: Vec<String>,
     /// Title, for notifications.
     pub title: String,
     /// Start, for notifications.
@@ -601,6 +603,28 @@ mod tests {
 
     use super::*;
 
+    proptest::proptest! {
+        /// Key-issuance requests of any content convert or name their field.
+        #[test]
+        fn any_request_converts_or_names_its_field(
+            id in ".{0,50}", custom in ".{0,80}", count in proptest::num::i32::ANY,
+            generation in proptest::num::i64::ANY, typed in ".{0,100}",
+        ) {
+            let field = |e: &InvalidField| e.field;
+            let g = GenerateSubscription::try_from(pb::GenerateSubscriptionKeysRequest {
+                profile_id: id.clone(), count, pool_id: id.clone(), ..Default::default()
+            });
+            if let Err(e) = g { proptest::prop_assert!(["profile_id", "count", "pool_id", "pool_name", "valid_from", "valid_until", "max_uses"].contains(&field(&e)), "{e:?}"); }
+            let c = GenerateClassKeys::try_from(pb::GenerateClassEnrollmentKeysRequest { class_id: id.clone(), count });
+            if let Err(e) = c { proptest::prop_assert!(["class_id", "count"].contains(&field(&e)), "{e:?}"); }
+            let s = SetEventKey::try_from(pb::SetEventKeyRequest { class_id: id.clone(), custom_code: custom, ..Default::default() });
+            if let Err(e) = s { proptest::prop_assert!(["class_id", "custom_code"].contains(&field(&e)), "{e:?}"); }
+            let u = UseOfKey::try_from(pb::ConsumeKeyRequest { key_id: id.clone(), user_id: id.clone(), redemption_id: id, generation });
+            if let Err(e) = u { proptest::prop_assert!(["key_id", "user_id", "redemption_id", "generation"].contains(&field(&e)), "{e:?}"); }
+            let _ = typed_code("code", &typed);
+        }
+    }
+
     fn row(kind: Kind) -> KeyRow {
         KeyRow {
             key_id: Uuid::now_v7(),
@@ -639,6 +663,7 @@ mod tests {
         let class = ClassInfo {
             class_id: Uuid::now_v7(),
             organization_id: "org".into(),
+            instructor_ids: Vec::new(),
             title: "t".into(),
             start_time: now - Duration::days(3),
             end_time: now - Duration::days(1),

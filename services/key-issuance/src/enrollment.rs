@@ -65,6 +65,7 @@ impl Enrollment {
         Ok(ClassInfo {
             class_id,
             organization_id: class.organization_id,
+            instructor_ids: class.instructor_ids,
             title: class.title,
             start_time: time(class.start_time.as_ref())?,
             end_time: time(class.end_time.as_ref())?,

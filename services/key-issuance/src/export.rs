@@ -89,6 +89,9 @@ pub struct Source {
     pub window: ScopeWindow,
     pub columns: Columns,
     pub status: Option<Status>,
+    /// A kind of key the caller may not see (an operations manager's
+    /// export of a class leaves its event key out).
+    pub hidden: Option<crate::domain::Kind>,
 }
 
 /// Starts streaming an export.
@@ -116,9 +119,13 @@ type Sender = mpsc::Sender<Result<pb::ExportKeysResponse, tonic::Status>>;
 async fn write(source: &Source, sender: &Sender) -> Result<Option<u64>, Error> {
     let mut csv = writer();
     csv.write_record(CSV_HEADER)?;
-    let mut rows = source
-        .store
-        .export_rows(source.scope, source.window, source.status, Utc::now());
+    let mut rows = source.store.export_rows(
+        source.scope,
+        source.window,
+        source.status,
+        source.hidden,
+        Utc::now(),
+    );
     let mut count = 0u64;
     while let Some(row) = rows.try_next().await? {
         record(source, &row, &mut csv)?;

@@ -145,10 +145,11 @@ impl KeyIssuanceService for KeyIssuanceGrpc {
             KeyKind::ClassEnrollment,
             KeyKind::Event,
         ];
-        tenant.check_scope(&self.service, scope, &kinds).await?;
+        let class = tenant.check_scope(&self.service, scope, &kinds).await?;
         let mut page = self.service.list_keys(scope, status, after, limit).await?;
         // A page may come back shorter than asked: the token still goes on.
-        page.keys.retain(|key| tenant.sees_kind(key.kind()));
+        page.keys
+            .retain(|key| tenant.sees(key.kind(), class.as_ref()));
         reply(page)
     }
 
@@ -167,10 +168,11 @@ impl KeyIssuanceService for KeyIssuanceGrpc {
             Scope::Class(_) => KeyKind::ClassEnrollment,
             Scope::Pool(_) => KeyKind::Subscription,
         };
-        Tenant::of(&request, "ExportKeys")
-            .check_scope(&self.service, scope, &[kind])
-            .await?;
-        reply(self.service.export(scope, status).await?)
+        let tenant = Tenant::of(&request, "ExportKeys");
+        let class = tenant.check_scope(&self.service, scope, &[kind]).await?;
+        // A class's event key only to those who may see it.
+        let hidden = (!tenant.sees(KeyKind::Event, class.as_ref())).then_some(domain::Kind::Event);
+        reply(self.service.export(scope, status, hidden).await?)
     }
 
     async fn revoke_key(

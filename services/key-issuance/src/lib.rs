@@ -52,7 +52,11 @@ pub struct Config {
     pub listen_addr: SocketAddr,
 
     /// URL of the enrollment service, asked about classes and profiles.
-    #[arg(long, env = "ENROLLMENT_URL", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "ENROLLMENT_URL",
+        default_value = "https://127.0.0.1:50051"
+    )]
     pub enrollment_url: String,
 
     /// Seconds a call to the enrollment service may take.

@@ -88,6 +88,18 @@ mod tests {
 
     use super::*;
 
+    proptest::proptest! {
+        /// Any template parses or is refused with an error, never a panic;
+        /// rendering what parsed keeps its literal text.
+        #[test]
+        fn any_template_parses_or_is_refused(template in "\\PC{0,200}|[{} a-zA-Z]{0,60}") {
+            if let Ok(pieces) = parse(&template) {
+                let text = render(&pieces, |_| String::new());
+                proptest::prop_assert!(text.len() <= template.len());
+            }
+        }
+    }
+
     #[test]
     fn fills_known_placeholders() {
         let pieces = parse("Hi! Key {{EventTrainingKey}} for {{ ClassTitle }}.").unwrap();

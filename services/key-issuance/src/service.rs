@@ -200,9 +200,10 @@ impl KeyService {
         Ok(pb::DisableEventKeyResponse { key })
     }
 
-    /// The organization of class `class_id` (and of its keys).
-    pub async fn class_organization(&self, class_id: Uuid) -> Result<String, Error> {
-        Ok(self.enrollment.class(class_id).await?.organization_id)
+    /// Class `class_id` as enrollment has it now (its organization owns
+    /// its keys).
+    pub async fn class(&self, class_id: Uuid) -> Result<crate::domain::ClassInfo, Error> {
+        self.enrollment.class(class_id).await
     }
 
     /// The organization of profile `profile_id`.
@@ -247,6 +248,7 @@ impl KeyService {
         &self,
         scope: Scope,
         status: Option<Status>,
+        hidden: Option<crate::domain::Kind>,
     ) -> Result<export::ExportStream, Error> {
         let (window, columns) = match scope {
             Scope::Class(class_id) => {
@@ -265,6 +267,7 @@ impl KeyService {
             window,
             columns,
             status,
+            hidden,
         };
         Ok(export::start(source))
     }

@@ -458,13 +458,15 @@ impl Store {
         .await?)
     }
 
-    /// Every key of a scope, in list order, as a stream straight from the
-    /// database (rows arrive as the consumer reads them: memory stays flat).
+    /// Every key of a scope (but those of kind `hidden`, one the caller may
+    /// not see), in list order, as a stream straight from the database (rows
+    /// arrive as the consumer reads them: memory stays flat).
     pub fn export_rows(
         &self,
         scope: Scope,
         window: ScopeWindow,
         status: Option<Status>,
+        hidden: Option<Kind>,
         now: DateTime<Utc>,
     ) -> BoxStream<'_, Result<ExportRow, sqlx::Error>> {
         let (column, id) = match scope {
@@ -487,6 +489,7 @@ impl Store {
                                                {uses}) END AS redeemed_at
              FROM keys k
              WHERE k.{column} = $5 AND ($6::smallint IS NULL OR {STATUS_SQL} = $6)
+               AND ($8::smallint IS NULL OR k.kind <> $8)
              ORDER BY k.created_at, k.key_id"
         );
         sqlx::query_as(sqlx::AssertSqlSafe(sql))
@@ -497,6 +500,7 @@ impl Store {
             .bind(id)
             .bind(status.map(Status::code))
             .bind(MAX_REDEMPTIONS_SHOWN)
+            .bind(hidden.map(Kind::code))
             .fetch(&self.pool)
     }
 

@@ -6,61 +6,53 @@
 //! - resources of the organizations its token names: another
 //!   organization's class, pool, profile or key answers NOT_FOUND exactly
 //!   as a missing one does;
-//! - the kinds of key its roles may see for the method (the policy table's
-//!   scope): site administrators subscription and event keys, operations
-//!   managers class enrollment keys, instructors event keys. A key of
-//!   another kind is NOT_FOUND too.
+//! - what its roles reach for the method (the policy table's scope): site
+//!   administrators subscription and event keys, operations managers class
+//!   enrollment keys, instructors the event keys of the classes they teach.
+//!   Anything else is NOT_FOUND too.
 
 use trainingkeys_proto::v1::KeyKind;
 use trainingkeys_shared::auth::Caller;
-use trainingkeys_shared::policy::{self, Scope as Reach};
+use trainingkeys_shared::policy::Scope as Reach;
 use uuid::Uuid;
 
-use crate::domain::Scope;
+use crate::domain::{ClassInfo, Scope};
 use crate::error::Error;
 use crate::service::KeyService;
 
 /// A call's caller, and the method it called (for the policy's scopes).
 pub struct Tenant {
     caller: Caller,
-    method: &'static str,
+    reaches: Vec<Reach>,
 }
 
 impl Tenant {
     /// The caller of `request`, calling `method` (`"GetKey"`).
     pub fn of<T>(request: &tonic::Request<T>, method: &'static str) -> Self {
-        Self {
-            caller: Caller::of(request),
-            method,
-        }
+        let caller = Caller::of(request);
+        let reaches = caller.reaches(&format!("/trainingkeys.v1.KeyIssuanceService/{method}"));
+        Self { caller, reaches }
     }
 
-    /// What the caller's roles may reach through this method.
-    fn reaches(&self) -> impl Iterator<Item = Reach> + '_ {
-        let path = format!("/trainingkeys.v1.KeyIssuanceService/{}", self.method);
-        let rule = policy::rule(&path);
-        self.caller
-            .roles
-            .iter()
-            .filter_map(move |role| rule.and_then(|r| r.scope(*role)))
-    }
-
-    /// Whether the caller may see keys of `kind` here.
-    pub fn sees_kind(&self, kind: KeyKind) -> bool {
+    /// Whether the caller may see a key of `kind` of `class` (none for a
+    /// pool's keys) here.
+    pub fn sees(&self, kind: KeyKind, class: Option<&ClassInfo>) -> bool {
+        let taught = || {
+            let subject = self.caller.subject.as_deref();
+            class.is_some_and(|c| subject.is_some_and(|s| c.instructor_ids.iter().any(|i| i == s)))
+        };
         self.caller.is_internal()
-            || self.reaches().any(|reach| match reach {
+            || self.reaches.iter().any(|reach| match reach {
                 Reach::Org => true,
-                Reach::OrgAdminKeys => {
-                    matches!(kind, KeyKind::Subscription | KeyKind::Event)
-                }
+                Reach::OrgAdminKeys => matches!(kind, KeyKind::Subscription | KeyKind::Event),
                 Reach::OrgClassKeys => kind == KeyKind::ClassEnrollment,
-                Reach::OrgEventKeys => kind == KeyKind::Event,
+                Reach::Taught => taught(),
+                Reach::TaughtEventKeys => kind == KeyKind::Event && taught(),
                 Reach::OwnSubject => false,
             })
     }
 
-    /// `found` if the caller may act in `org`, else `missing`.
-    pub fn in_org(&self, org: &str, missing: Error) -> Result<(), Error> {
+    fn in_org(&self, org: &str, missing: Error) -> Result<(), Error> {
         if self.caller.in_org(org) {
             Ok(())
         } else {
@@ -68,30 +60,30 @@ impl Tenant {
         }
     }
 
-    /// Checks the caller may reach the class, pool or profile of `scope`,
-    /// and keys of at least one of `kinds` in it; NOT_FOUND as if missing.
+    /// Checks the caller may reach the class or pool of `scope`, and keys
+    /// of at least one of `kinds` in it; NOT_FOUND as if missing. Returns
+    /// the class (for a class scope), to filter what a listing shows.
     pub async fn check_scope(
         &self,
         service: &KeyService,
         scope: Scope,
         kinds: &[KeyKind],
-    ) -> Result<(), Error> {
+    ) -> Result<Option<ClassInfo>, Error> {
+        let (class, missing) = match scope {
+            Scope::Class(id) => (Some(service.class(id).await?), Error::ClassNotFound(id)),
+            Scope::Pool(id) => (None, Error::PoolNotFound(id)),
+        };
         if self.caller.is_internal() {
-            return Ok(());
+            return Ok(class);
         }
-        let (org, missing) = match scope {
-            Scope::Class(id) => (
-                service.class_organization(id).await?,
-                Error::ClassNotFound(id),
-            ),
-            Scope::Pool(id) => (
-                service.pool_organization(id).await?,
-                Error::PoolNotFound(id),
-            ),
+        let org = match (&class, scope) {
+            (Some(c), _) => c.organization_id.clone(),
+            (None, Scope::Pool(id)) => service.pool_organization(id).await?,
+            (None, Scope::Class(id)) => return Err(Error::ClassNotFound(id)),
         };
         self.in_org(&org, missing)?;
-        if kinds.iter().any(|kind| self.sees_kind(*kind)) {
-            Ok(())
+        if kinds.iter().any(|kind| self.sees(*kind, class.as_ref())) {
+            Ok(class)
         } else {
             Err(match scope {
                 Scope::Class(id) => Error::ClassNotFound(id),
@@ -109,7 +101,8 @@ impl Tenant {
         self.in_org(&org, Error::ProfileNotFound(profile_id))
     }
 
-    /// Checks the caller may see `key` (its organization and its kind).
+    /// Checks the caller may see `key` (its organization, its kind, and
+    /// for instructors its class); `missing` otherwise.
     pub async fn check_key(
         &self,
         service: &KeyService,
@@ -119,21 +112,20 @@ impl Tenant {
         if self.caller.is_internal() {
             return Ok(());
         }
-        if !self.sees_kind(key.kind()) {
-            return Err(missing);
-        }
-        let scope = match (
+        let (org, class) = match (
             Uuid::parse_str(&key.class_id),
             Uuid::parse_str(&key.pool_id),
         ) {
-            (Ok(class_id), _) => Scope::Class(class_id),
-            (_, Ok(pool_id)) => Scope::Pool(pool_id),
+            (Ok(class_id), _) => {
+                let class = service.class(class_id).await?;
+                (class.organization_id.clone(), Some(class))
+            }
+            (_, Ok(pool_id)) => (service.pool_organization(pool_id).await?, None),
             _ => return Err(missing),
         };
-        let org = match scope {
-            Scope::Class(id) => service.class_organization(id).await?,
-            Scope::Pool(id) => service.pool_organization(id).await?,
-        };
-        self.in_org(&org, missing)
+        if !self.caller.in_org(&org) || !self.sees(key.kind(), class.as_ref()) {
+            return Err(missing);
+        }
+        Ok(())
     }
 }

@@ -217,6 +217,41 @@ pub fn peer_id(what: &str, value: &str) -> Result<Uuid, Error> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    fn ts(seconds: i64, nanos: i32) -> trainingkeys_proto::prost_types::Timestamp {
+        trainingkeys_proto::prost_types::Timestamp { seconds, nanos }
+    }
+
+    proptest::proptest! {
+        /// RedeemKey requests of any content convert to a command or to a
+        /// precise InvalidField, never a panic; a converted command's code,
+        /// key and ids are within their limits.
+        #[test]
+        fn any_redeem_request_converts_or_names_its_field(
+            code in ".{0,200}", key in ".{0,300}", user in ".{0,60}", org in ".{0,140}",
+            email in ".{0,80}", name in ".{0,250}", new in proptest::bool::ANY,
+            s in proptest::num::i64::ANY, n in proptest::num::i32::ANY,
+        ) {
+            let redeemer = if new {
+                Redeemer::NewUser(pb::NewUser { organization_id: org, email, display_name: name })
+            } else {
+                Redeemer::UserId(user)
+            };
+            let request = pb::RedeemKeyRequest { code: code.clone(), redeemer: Some(redeemer), idempotency_key: key };
+            match RedeemCommand::try_from(request) {
+                Ok(cmd) => {
+                    proptest::prop_assert!(!cmd.code.is_empty());
+                    proptest::prop_assert!(!cmd.idempotency_key.chars().any(char::is_control));
+                }
+                Err(e) => proptest::prop_assert!(
+                    ["code", "idempotency_key", "user_id", "new_user.organization_id",
+                     "new_user.email", "new_user.display_name"].contains(&e.field),
+                    "{e:?}"
+                ),
+            }
+            let _ = ts(s, n);
+        }
+    }
     use chrono::Duration;
     use trainingkeys_proto::time::to_timestamp;
 

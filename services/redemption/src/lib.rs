@@ -41,14 +41,18 @@ pub struct Config {
     pub listen_addr: SocketAddr,
 
     /// The enrollment service.
-    #[arg(long, env = "ENROLLMENT_URL", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "ENROLLMENT_URL",
+        default_value = "https://127.0.0.1:50051"
+    )]
     pub enrollment_url: String,
 
     /// The key-issuance service.
     #[arg(
         long,
         env = "KEY_ISSUANCE_URL",
-        default_value = "http://127.0.0.1:50052"
+        default_value = "https://127.0.0.1:50052"
     )]
     pub key_issuance_url: String,
 

@@ -56,6 +56,8 @@ impl Redeemer {
             .as_ref()
             .is_some_and(|orgs| !orgs.contains(&target.organization_id))
         {
+            // Another organization's key: as a missing one, counted too.
+            self.limiter.record_failure(counters).await;
             return Err(Error::KeyNotFound);
         }
         let mut identity = self.identify(&cmd.who, &target).await?;
@@ -81,13 +83,7 @@ impl Redeemer {
         // whichever attempt created it, and no other.
         let redemption_id = cmd.redemption_id();
         let (user, user_created) = match self
-            .account(
-                &cmd.who,
-                &target,
-                &mut identity,
-                &mut admission,
-                redemption_id,
-            )
+            .account(cmd, &target, &mut identity, &mut admission, redemption_id)
             .await
         {
             Ok(account) => account,
@@ -206,7 +202,7 @@ impl Redeemer {
     /// request keeps that account, and is admitted under its id instead.
     async fn account(
         &self,
-        who: &Who,
+        cmd: &RedeemCommand,
         target: &Target,
         identity: &mut Identity,
         admission: &mut Admission,
@@ -215,9 +211,18 @@ impl Redeemer {
         if let Some(user) = identity.user.take() {
             return Ok((user, false));
         }
-        match who {
+        match &cmd.who {
             Who::Existing(user_id) => {
                 let user = self.clients.get_user(*user_id).await?;
+                // A user of an organization the caller may not act in is
+                // answered as a missing one.
+                if cmd
+                    .orgs
+                    .as_ref()
+                    .is_some_and(|orgs| !orgs.contains(&user.organization_id))
+                {
+                    return Err(Error::UserNotFound);
+                }
                 if user.organization_id != target.organization_id {
                     return Err(Error::OrganizationMismatch);
                 }

@@ -155,15 +155,32 @@ impl Redeemer {
     ) -> Result<pb::RedeemKeyResponse, Error> {
         let counters = [caller_key(caller), user_key(&cmd.who.scope())];
         self.limiter.check(&counters).await?;
-        if let Some(record) = self.store.find(&cmd.idempotency()).await? {
-            return self.replay(record, &cmd.request).await;
-        }
-        let outcome = self.join_or_start(cmd, counters)?;
-        match tokio::time::timeout(self.settings.timeout, outcome).await {
-            Ok(result) => result,
-            Err(_) => Err(Error::Unavailable(
-                "redemption (still running: retry with the same idempotency key)",
-            )),
+        let orgs = cmd.orgs.clone();
+        let answer = if let Some(record) = self.store.find(&cmd.idempotency()).await? {
+            self.replay(record, &cmd.request).await
+        } else {
+            let outcome = self.join_or_start(cmd, counters.clone())?;
+            match tokio::time::timeout(self.settings.timeout, outcome).await {
+                Ok(result) => result,
+                Err(_) => Err(Error::Unavailable(
+                    "redemption (still running: retry with the same idempotency key)",
+                )),
+            }
+        };
+        // A recorded or shared answer is for its own caller: one of another
+        // organization (a replay by someone who knows the user and the
+        // idempotency key) is answered as a missing key.
+        match (&answer, &orgs) {
+            (Ok(response), Some(orgs))
+                if !response
+                    .user
+                    .as_ref()
+                    .is_some_and(|u| orgs.contains(&u.organization_id)) =>
+            {
+                self.limiter.record_failure(&counters).await;
+                Err(Error::KeyNotFound)
+            }
+            _ => answer,
         }
     }
 
