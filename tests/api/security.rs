@@ -1306,3 +1306,86 @@ async fn a_class_export_holds_no_event_key() {
         "the event key was exported: {csv}"
     );
 }
+
+/// Counting and checking are one atomic step for a user: a burst of
+/// concurrent wrong guesses in one student's name (each its own attempt)
+/// cannot all be looked up before one is counted. With a limit of 5, at
+/// most 5 of 40 are looked up; the rest wait for those in flight (ABORTED,
+/// retry) or are locked out.
+#[tokio::test]
+async fn a_burst_of_concurrent_guesses_cannot_all_pass() {
+    let app = TestApp::start_with(1, |c| {
+        c.guess_limit = 5;
+        c.redis_timeout_ms = 5000;
+    })
+    .await;
+    let org = org();
+    let user = app.users(&org, 1).await.remove(0);
+    let answers = futures::future::join_all((0..40).map(|i| {
+        let mut client = app.redemption_client(0);
+        let request =
+            trainingkeys_tests::as_user(&format!("GUESS-{i}"), &user, &trainingkeys_tests::idem());
+        async move { client.redeem_key(request).await }
+    }))
+    .await;
+    let count = |code: Code| {
+        answers
+            .iter()
+            .filter(|a| matches!(a, Err(s) if s.code() == code))
+            .count()
+    };
+    let looked_up = count(Code::NotFound);
+    assert!(
+        looked_up <= 5,
+        "{looked_up} guesses were looked up, limit 5"
+    );
+    assert_eq!(
+        looked_up + count(Code::Aborted) + count(Code::ResourceExhausted),
+        40
+    );
+}
+
+/// The service-wide failure budget: once spent, an identity that has
+/// failed in the window is refused whatever user it names next, while a
+/// student with a clean record (another address, another user) still
+/// redeems. (An attacker who rotates both address and user gets at most one
+/// failure per fresh pair while the budget is spent; the metric
+/// `trainingkeys.redemption.limits.global_refused` is there to alert on.)
+#[tokio::test]
+async fn a_spent_global_budget_stops_rotating_users_not_students() {
+    let app = TestApp::start_with(1, |c| {
+        c.guess_limit = 10;
+        c.guess_global_limit = 5;
+        c.redis_timeout_ms = 5000;
+        c.trusted_proxies = "127.0.0.1/32".into();
+    })
+    .await;
+    let org = org();
+    let users = app.users(&org, 8).await;
+    let class = app.class(&org, 5).await;
+    let key = app.event_key(&class.class_id, false).await;
+    let from = |address: &str, code: &str, user: &str| {
+        let mut request = tonic::Request::new(trainingkeys_tests::as_user(
+            code,
+            user,
+            &trainingkeys_tests::idem(),
+        ));
+        request
+            .metadata_mut()
+            .insert("x-forwarded-for", address.parse().unwrap());
+        let mut client = app.redemption_client(0);
+        async move { client.redeem_key(request).await }
+    };
+    // One address fails once for each of five users: the budget is spent.
+    for (i, user) in users[..5].iter().enumerate() {
+        let answer = from("203.0.113.1", &format!("GUESS-{i}"), user).await;
+        assert_status(answer, Code::NotFound, "KEY_NOT_FOUND");
+    }
+    // That address is refused, whichever fresh user it names.
+    let next = from("203.0.113.1", "GUESS-X", &users[5]).await;
+    assert_status(next, Code::ResourceExhausted, "TOO_MANY_ATTEMPTS");
+    // A student with a clean record redeems.
+    from("198.51.100.7", &key.code, &users[6])
+        .await
+        .expect("a clean student was refused");
+}

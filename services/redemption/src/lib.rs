@@ -100,6 +100,14 @@ pub struct Config {
     #[arg(long, env = "TRUSTED_PROXIES", default_value = "")]
     pub trusted_proxies: String,
 
+    /// Failed attempts per window across the whole service: once spent,
+    /// any caller or user with a failure of its own in the window is
+    /// refused (students with a clean record go on), so rotating
+    /// identities does not buy unlimited guesses. A metric counts the
+    /// refusals.
+    #[arg(long, env = "GUESS_GLOBAL_LIMIT", default_value_t = 1000)]
+    pub guess_global_limit: u32,
+
     /// Seconds of the failed-attempt window; the lock-out doubles with each
     /// further failure.
     #[arg(long, env = "GUESS_WINDOW_SECONDS", default_value_t = 60)]
@@ -249,6 +257,9 @@ impl trainingkeys_shared::cli::Service for Application {
             config.guess_limit,
             Duration::from_secs(config.guess_window_seconds),
             Duration::from_secs(config.guess_max_lockout_seconds),
+            config.guess_global_limit,
+            // An attempt in flight lapses once no driver can still be on it.
+            Duration::from_secs(config.recovery_after_seconds),
         );
         let prepared = server::prepare(
             security,

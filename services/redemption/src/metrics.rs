@@ -24,6 +24,12 @@ pub struct Metrics {
     /// `trainingkeys.redemption.limits.bypassed`: attempts let through
     /// unchecked because the guessing limits' Redis was unreachable.
     pub limits_bypassed: Counter<u64>,
+    /// `trainingkeys.redemption.limits.failures`: failed look-ups (unknown or
+    /// mistyped codes) counted against the guessing limits.
+    pub limit_failures: Counter<u64>,
+    /// `trainingkeys.redemption.limits.global_refused`: attempts refused
+    /// because the service-wide failure budget is spent.
+    pub limit_global_refused: Counter<u64>,
     /// `trainingkeys.redemption.redeemed`: RedeemKey answers by `outcome`
     /// (`OK`, or the error's reason, e.g. `CLASS_FULL`).
     redeemed: Counter<u64>,
@@ -50,6 +56,14 @@ impl Metrics {
             limits_bypassed: counter(
                 "trainingkeys.redemption.limits.bypassed",
                 "Attempts not checked against the guessing limits (Redis unreachable)",
+            ),
+            limit_failures: counter(
+                "trainingkeys.redemption.limits.failures",
+                "Failed look-ups (unknown or mistyped codes) counted against the guessing limits",
+            ),
+            limit_global_refused: counter(
+                "trainingkeys.redemption.limits.global_refused",
+                "Attempts refused because the service-wide failure budget is spent",
             ),
             redeemed: counter(
                 "trainingkeys.redemption.redeemed",

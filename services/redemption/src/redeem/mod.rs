@@ -155,6 +155,19 @@ impl Redeemer {
     ) -> Result<pb::RedeemKeyResponse, Error> {
         let counters = [caller_key(caller), user_key(&cmd.who.scope())];
         self.limiter.check(&counters).await?;
+        let attempt = cmd.idempotency_key.clone();
+        self.limiter.reserve(&counters[1], &attempt).await?;
+        let answer = self.redeem_reserved(cmd, &counters).await;
+        self.limiter.release(&counters[1], &attempt).await;
+        answer
+    }
+
+    /// RedeemKey, once its attempt is reserved with the guessing limits.
+    async fn redeem_reserved(
+        self: &Arc<Self>,
+        cmd: RedeemCommand,
+        counters: &[String; 2],
+    ) -> Result<pb::RedeemKeyResponse, Error> {
         let orgs = cmd.orgs.clone();
         let answer = if let Some(record) = self.store.find(&cmd.idempotency()).await? {
             self.replay(record, &cmd.request).await
@@ -177,7 +190,7 @@ impl Redeemer {
                     .as_ref()
                     .is_some_and(|u| orgs.contains(&u.organization_id)) =>
             {
-                self.limiter.record_failure(&counters).await;
+                self.limiter.record_failure(counters).await;
                 Err(Error::KeyNotFound)
             }
             _ => answer,

@@ -25,10 +25,17 @@ impl Redeemer {
         counters.extend(user_id.map(|u| user_key(&Who::Existing(u).scope())));
         self.limiter.check(&counters).await?;
         let looked_up = match user_id {
-            Some(user) => match self.resolve(code, &counters).await {
-                Ok(r) => self.with_user(r, code, user, &counters).await,
-                Err(e) => Err(e),
-            },
+            Some(user) => {
+                // The look-up is the guess: reserved for this user first.
+                let attempt = Uuid::new_v4().to_string();
+                self.limiter.reserve(&counters[1], &attempt).await?;
+                let answer = match self.resolve(code, &counters).await {
+                    Ok(r) => self.with_user(r, code, user, &counters).await,
+                    Err(e) => Err(e),
+                };
+                self.limiter.release(&counters[1], &attempt).await;
+                answer
+            }
             None => self.resolve(code, &counters).await,
         };
         let resolved = match looked_up {
