@@ -19,12 +19,13 @@ use trainingkeys_shared::tls::Tls;
 pub type Authed = InterceptedService<Channel, TestAuth>;
 
 /// Names with a certificate: the services, a plain client, the load balancer.
-const NAMES: [&str; 5] = [
+const NAMES: [&str; 6] = [
     "enrollment",
     "key-issuance",
     "redemption",
     "test-client",
     "load-balancer",
+    "redis",
 ];
 
 /// The test process's CA, certificates and signing key.

@@ -40,6 +40,8 @@ impl Process {
 pub struct RedisServer {
     /// Its port.
     pub port: u16,
+    /// Serves TLS only (`rediss://`), with the test PKI's `redis` certificate.
+    tls: bool,
     process: Process,
 }
 
@@ -55,9 +57,19 @@ const START_ATTEMPTS: usize = 5;
 impl RedisServer {
     /// Starts one and waits until it answers.
     pub async fn start() -> Self {
+        Self::start_with(false).await
+    }
+
+    /// Starts one that speaks TLS only, and waits until it answers.
+    pub async fn start_tls() -> Self {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(tls: bool) -> Self {
         for _ in 0..START_ATTEMPTS {
             let server = Self {
                 port: free_port(),
+                tls,
                 process: Process::default(),
             };
             if server.start_process(false).await {
@@ -67,9 +79,10 @@ impl RedisServer {
         panic!("redis-server did not start");
     }
 
-    /// `redis://127.0.0.1:port/`.
+    /// `redis://127.0.0.1:port/` (`rediss://` for a TLS server).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}/", self.port)
     }
 
     /// Kills it with SIGKILL (all state is lost: it never persists).
@@ -120,17 +133,34 @@ impl RedisServer {
         let port = self.port.to_string();
         let dir = dir.to_string_lossy().into_owned();
         let file = self.snapshot_file();
-        let child = Command::new("redis-server")
-            .args([
+        let pki = crate::pki::pki();
+        let (cert, key) = pki.files("redis");
+        let (cert, key, ca) = (
+            cert.display().to_string(),
+            key.display().to_string(),
+            pki.ca_file().display().to_string(),
+        );
+        let listen: Vec<&str> = if self.tls {
+            vec![
                 "--port",
+                "0",
+                "--tls-port",
                 &port,
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
+                "--tls-cert-file",
+                &cert,
+                "--tls-key-file",
+                &key,
+                "--tls-ca-cert-file",
+                &ca,
+                "--tls-auth-clients",
                 "no",
-            ])
+            ]
+        } else {
+            vec!["--port", &port]
+        };
+        let child = Command::new("redis-server")
+            .args(listen)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--dir", &dir, "--dbfilename", &file])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -153,7 +183,18 @@ impl RedisServer {
 }
 
 async fn command<T: redis::FromRedisValue>(url: &str, args: &[&str]) -> redis::RedisResult<T> {
-    let client = redis::Client::open(url)?;
+    let client = if url.starts_with("rediss://") {
+        let ca = std::fs::read(crate::pki::pki().ca_file()).expect("the test CA");
+        redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca),
+            },
+        )?
+    } else {
+        redis::Client::open(url)?
+    };
     let mut conn = client.get_multiplexed_async_connection().await?;
     let mut cmd = redis::cmd(args[0]);
     for a in &args[1..] {

@@ -54,9 +54,20 @@ fn now_ms() -> u64 {
 
 impl Redis {
     /// A handle to Redis at `url`; nothing is connected yet. Each command
-    /// gives up after `timeout`.
-    pub fn new(url: &str, timeout: Duration) -> anyhow::Result<Self> {
-        let client = redis::Client::open(url)?;
+    /// gives up after `timeout`. A `rediss://` URL speaks TLS, verifying
+    /// the server against `ca_pem` (a PEM bundle) when given, else against
+    /// the public web roots.
+    pub fn new(url: &str, timeout: Duration, ca_pem: Option<Vec<u8>>) -> anyhow::Result<Self> {
+        let client = match ca_pem {
+            Some(root_cert) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            )?,
+            None => redis::Client::open(url)?,
+        };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))

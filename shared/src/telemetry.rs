@@ -59,12 +59,16 @@ pub fn init(service_name: &'static str, format: LogFormat) -> anyhow::Result<Tel
             let resource = opentelemetry_sdk::Resource::builder()
                 .with_service_name(service_name)
                 .build();
-            let spans = opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .build()?;
-            let metrics = opentelemetry_otlp::MetricExporter::builder()
-                .with_tonic()
-                .build()?;
+            use opentelemetry_otlp::WithTonicConfig as _;
+            let tls = otlp_tls(&endpoint)?;
+            let mut spans = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+            let mut metrics = opentelemetry_otlp::MetricExporter::builder().with_tonic();
+            if let Some(tls) = tls {
+                spans = spans.with_tls_config(tls.clone());
+                metrics = metrics.with_tls_config(tls);
+            }
+            let spans = spans.build()?;
+            let metrics = metrics.build()?;
             let meters = SdkMeterProvider::builder()
                 .with_periodic_exporter(metrics)
                 .with_resource(resource.clone())
@@ -91,6 +95,30 @@ pub fn init(service_name: &'static str, format: LogFormat) -> anyhow::Result<Tel
         tracing::info!("exporting traces and metrics over OTLP");
     }
     Ok(TelemetryGuard { provider, meters })
+}
+
+/// TLS for an `https://` OTLP endpoint: the collector is verified against
+/// the PEM bundle in `OTEL_EXPORTER_OTLP_CERTIFICATE` (the standard
+/// OpenTelemetry variable) when set, else against the public web roots.
+fn otlp_tls(endpoint: &str) -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
+    if !endpoint.starts_with("https://") {
+        return Ok(None);
+    }
+    let tls = tonic::transport::ClientTlsConfig::new();
+    Ok(Some(
+        match std::env::var_os("OTEL_EXPORTER_OTLP_CERTIFICATE") {
+            Some(path) => {
+                let pem = std::fs::read(&path).map_err(|e| {
+                    anyhow::anyhow!(
+                        "OTEL_EXPORTER_OTLP_CERTIFICATE {}: {e}",
+                        path.to_string_lossy()
+                    )
+                })?;
+                tls.ca_certificate(tonic::transport::Certificate::from_pem(pem))
+            }
+            None => tls.with_webpki_roots(),
+        },
+    ))
 }
 
 /// Installs a test subscriber that prints only when `TEST_LOG` is set.

@@ -191,3 +191,42 @@ async fn the_services_reach_postgresql_over_verified_tls() {
     );
     service.stop().await;
 }
+
+/// The gate and the guessing limits reach Redis over TLS (`rediss://`,
+/// verified against REDIS_CA_FILE): a redemption leaves its class's gate
+/// state in the TLS-only server, and without the CA the server is not
+/// trusted, so Redis is skipped (the PostgreSQL guard still answers).
+#[tokio::test]
+async fn redemption_reaches_redis_over_verified_tls() {
+    use trainingkeys_tests::servers::RedisServer;
+    let tls_redis = RedisServer::start_tls().await;
+    let url = tls_redis.url();
+    assert!(url.starts_with("rediss://"));
+    let ca = trainingkeys_tests::pki::pki().ca_file();
+    let app = trainingkeys_tests::TestApp::start_with(1, |c| {
+        c.redis_url = url.clone();
+        c.redis_ca_file = Some(ca.clone());
+    })
+    .await;
+    let org = trainingkeys_tests::org();
+    let class = app.class(&org, 5).await;
+    let key = app.event_key(&class.class_id, false).await;
+    let user = app.users(&org, 1).await.remove(0);
+    app.redeem(
+        0,
+        trainingkeys_tests::as_user(&key.code, &user, &trainingkeys_tests::idem()),
+    )
+    .await
+    .unwrap();
+    let keys: i64 = tls_redis.cmd(&["DBSIZE"]).await.unwrap();
+    assert!(keys > 0, "nothing reached the TLS Redis");
+
+    // Without the CA, the server's certificate is not trusted.
+    let untrusted =
+        trainingkeys_shared::redis::Redis::new(&url, std::time::Duration::from_secs(2), None)
+            .unwrap();
+    assert!(
+        untrusted.connection().await.is_err(),
+        "an unverified server was trusted"
+    );
+}

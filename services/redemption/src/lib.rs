@@ -68,6 +68,11 @@ pub struct Config {
     )]
     pub redis_url: String,
 
+    /// PEM CA bundle verifying a `rediss://` server (default: the public
+    /// web roots).
+    #[arg(long, env = "REDIS_CA_FILE")]
+    pub redis_ca_file: Option<std::path::PathBuf>,
+
     /// Milliseconds before a Redis command gives up. It counts from when the
     /// call is queued in this process, so under a herd the process's own CPU
     /// queue is part of it: too short, and a burst bypasses the gate just
@@ -241,9 +246,17 @@ impl trainingkeys_shared::cli::Service for Application {
             Duration::from_millis(config.peer_timeout_ms),
             security.tls.as_ref(),
         )?;
+        let redis_ca = match &config.redis_ca_file {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| anyhow::anyhow!("REDIS_CA_FILE {}: {e}", path.display()))?,
+            ),
+            None => None,
+        };
         let redis = Arc::new(trainingkeys_shared::redis::Redis::new(
             &config.redis_url,
             Duration::from_millis(config.redis_timeout_ms),
+            redis_ca,
         )?);
         let gate = gate::Gate::new(
             redis.clone(),
