@@ -1389,3 +1389,76 @@ async fn a_spent_global_budget_stops_rotating_users_not_students() {
         .await
         .expect("a clean student was refused");
 }
+
+/// Review finding: custom event codes are unique across organizations, so
+/// SetEventKey told anyone which codes were live. A caller who finds ten
+/// codes taken within the hour may not choose custom codes for a while
+/// (generated keys still work); codes that were free do not count.
+#[tokio::test]
+async fn set_event_key_is_no_oracle_for_live_codes() {
+    let app = TestApp::start(0).await;
+    let a = seed(&app).await;
+    let b = seed(&app).await;
+    let live = "SPRING-KICKOFF";
+    let admin_a = KeyIssuanceServiceClient::with_interceptor(
+        app.keys_service.channel_as("test-client"),
+        TestAuth::as_role("admin-a", &[Role::SiteAdministrator], &[&a.org]),
+    );
+    let mut admin_b = KeyIssuanceServiceClient::with_interceptor(
+        app.keys_service.channel_as("test-client"),
+        TestAuth::as_role("admin-b", &[Role::SiteAdministrator], &[&b.org]),
+    );
+    let set = |class: &str, code: &str| pb::SetEventKeyRequest {
+        class_id: class.into(),
+        custom_code: code.into(),
+        ..Default::default()
+    };
+    admin_a
+        .clone()
+        .set_event_key(set(&a.class_id, live))
+        .await
+        .unwrap();
+    // Free codes never count.
+    for i in 0..12 {
+        admin_b
+            .set_event_key(set(&b.class_id, &format!("FREE-CODE-{i}")))
+            .await
+            .unwrap();
+    }
+    for _ in 0..10 {
+        let taken = admin_b.set_event_key(set(&b.class_id, live)).await;
+        assert_status(taken, Code::AlreadyExists, "CODE_ALREADY_EXISTS");
+    }
+    let probe = admin_b.set_event_key(set(&b.class_id, live)).await;
+    assert_status(probe, Code::ResourceExhausted, "TOO_MANY_ATTEMPTS");
+    let fresh = admin_b
+        .set_event_key(set(&b.class_id, "NEVER-USED-1"))
+        .await;
+    assert_status(fresh, Code::ResourceExhausted, "TOO_MANY_ATTEMPTS");
+    admin_b
+        .set_event_key(set(&b.class_id, ""))
+        .await
+        .expect("a generated key is still allowed");
+}
+
+/// Review finding: naming another organization's pool when adding keys
+/// answers POOL_NOT_FOUND (it used to compare profiles and name theirs).
+#[tokio::test]
+async fn another_organizations_pool_answers_as_missing() {
+    let app = TestApp::start(0).await;
+    let a = seed(&app).await;
+    let b = seed(&app).await;
+    let mut admin_b = KeyIssuanceServiceClient::with_interceptor(
+        app.keys_service.channel_as("test-client"),
+        TestAuth::as_role("admin-b", &[Role::SiteAdministrator], &[&b.org]),
+    );
+    let answer = admin_b
+        .generate_subscription_keys(pb::GenerateSubscriptionKeysRequest {
+            profile_id: b.profile_id.clone(),
+            pool_id: a.pool_id.clone(),
+            count: 1,
+            ..Default::default()
+        })
+        .await;
+    assert_status(answer, Code::NotFound, "POOL_NOT_FOUND");
+}

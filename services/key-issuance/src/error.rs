@@ -62,6 +62,11 @@ pub enum Error {
     /// A custom code is already the code of an active key.
     #[error("the code is already in use by another key")]
     CodeTaken,
+    /// Too many custom codes found taken by this caller lately.
+    #[error(
+        "too many custom codes were already taken; try again within the hour, or let the service generate the key"
+    )]
+    TooManyTakenCodes,
     /// A template names a placeholder this service does not fill.
     #[error("unknown placeholder {{{{{0}}}}}")]
     UnknownPlaceholder(String),
@@ -148,6 +153,9 @@ impl From<Error> for Status {
                     ("unrevoked_keys".to_owned(), existing.to_string()),
                 ]),
             ),
+            Error::TooManyTakenCodes => {
+                status(Code::ResourceExhausted, "TOO_MANY_ATTEMPTS", message)
+            }
             Error::CodeTaken => status_with(
                 Code::AlreadyExists,
                 "CODE_ALREADY_EXISTS",

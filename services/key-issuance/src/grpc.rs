@@ -62,6 +62,17 @@ impl KeyIssuanceService for KeyIssuanceGrpc {
         let tenant = Tenant::of(&request, "GenerateSubscriptionKeys");
         let cmd = GenerateSubscription::try_from(request.into_inner()).map_err(invalid)?;
         tenant.check_profile(&self.service, cmd.profile_id).await?;
+        // Another organization's pool answers as a missing one (before its
+        // profile could be compared with this one).
+        if let domain::PoolChoice::Existing(pool_id) = cmd.pool {
+            tenant
+                .check_scope(
+                    &self.service,
+                    Scope::Pool(pool_id),
+                    &[KeyKind::Subscription],
+                )
+                .await?;
+        }
         reply(self.service.generate_subscription_keys(cmd).await?)
     }
 
@@ -88,7 +99,11 @@ impl KeyIssuanceService for KeyIssuanceGrpc {
         tenant
             .check_scope(&self.service, class, &[KeyKind::Event])
             .await?;
-        reply(self.service.set_event_key(cmd).await?)
+        reply(
+            self.service
+                .set_event_key_as(cmd, tenant.outside_subject())
+                .await?,
+        )
     }
 
     async fn disable_event_key(

@@ -217,6 +217,33 @@ impl KeyService {
         self.enrollment.profile_organization(pool.profile_id).await
     }
 
+    /// Most custom codes a caller may find taken per hour: beyond, it may not
+    /// choose custom codes for a while (uniqueness is global, so each taken
+    /// code tells that some organization uses it).
+    const TAKEN_CODES_PER_HOUR: i64 = 10;
+
+    /// SetEventKey for a caller outside the project (`subject`): a custom
+    /// code counts as an attempt, kept when the code was taken.
+    pub async fn set_event_key_as(
+        &self,
+        cmd: SetEventKey,
+        subject: Option<&str>,
+    ) -> Result<pb::SetEventKeyResponse, Error> {
+        let Some(subject) = subject.filter(|_| cmd.custom.is_some()) else {
+            return self.set_event_key(cmd).await;
+        };
+        let attempt = Uuid::new_v4();
+        if self.store.count_code_attempt(subject, attempt).await? > Self::TAKEN_CODES_PER_HOUR {
+            self.store.forget_code_attempt(attempt).await?;
+            return Err(Error::TooManyTakenCodes);
+        }
+        let answer = self.set_event_key(cmd).await;
+        if !matches!(answer, Err(Error::CodeTaken)) {
+            self.store.forget_code_attempt(attempt).await?;
+        }
+        answer
+    }
+
     /// GetKey by id.
     pub async fn get_key_by_id(&self, key_id: Uuid) -> Result<pb::Key, Error> {
         let row = self.store.key(key_id).await?;

@@ -458,6 +458,34 @@ impl Store {
         .await?)
     }
 
+    /// Counts one attempt at a custom code by `subject`, and how many of
+    /// its attempts in the last hour found the code taken (the ones not
+    /// forgotten by [`forget_code_attempt`](Self::forget_code_attempt)),
+    /// this one included.
+    pub async fn count_code_attempt(&self, subject: &str, attempt: Uuid) -> Result<i64, Error> {
+        sqlx::query("DELETE FROM custom_code_attempts WHERE at < now() - interval '1 hour'")
+            .execute(&self.pool)
+            .await?;
+        Ok(sqlx::query_scalar(
+            "WITH counted AS (INSERT INTO custom_code_attempts (attempt_id, subject) VALUES ($1, $2))
+             SELECT 1 + count(*) FROM custom_code_attempts
+             WHERE subject = $2 AND at > now() - interval '1 hour'",
+        )
+        .bind(attempt)
+        .bind(subject)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Forgets an attempt whose code was not taken.
+    pub async fn forget_code_attempt(&self, attempt: Uuid) -> Result<(), Error> {
+        sqlx::query("DELETE FROM custom_code_attempts WHERE attempt_id = $1")
+            .bind(attempt)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Every key of a scope (but those of kind `hidden`, one the caller may
     /// not see), in list order, as a stream straight from the database (rows
     /// arrive as the consumer reads them: memory stays flat).

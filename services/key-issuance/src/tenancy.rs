@@ -34,6 +34,15 @@ impl Tenant {
         Self { caller, reaches }
     }
 
+    /// The caller's token subject, unless it is one of this project's services.
+    pub fn outside_subject(&self) -> Option<&str> {
+        if self.caller.is_internal() {
+            None
+        } else {
+            self.caller.subject.as_deref()
+        }
+    }
+
     /// Whether the caller may see a key of `kind` of `class` (none for a
     /// pool's keys) here.
     pub fn sees(&self, kind: KeyKind, class: Option<&ClassInfo>) -> bool {
