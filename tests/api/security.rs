@@ -1388,6 +1388,9 @@ async fn a_spent_global_budget_stops_rotating_users_not_students() {
     from("198.51.100.7", &key.code, &users[6])
         .await
         .expect("a clean student was refused");
+    // The budget never locks out past its window.
+    let ttl: i64 = app.redis.cmd(&["PTTL", "attempts:global"]).await.unwrap();
+    assert!(ttl <= 60_000, "the global budget locks out for {ttl} ms");
 }
 
 /// Review finding: custom event codes are unique across organizations, so
@@ -1461,4 +1464,147 @@ async fn another_organizations_pool_answers_as_missing() {
         })
         .await;
     assert_status(answer, Code::NotFound, "POOL_NOT_FOUND");
+}
+
+/// A reservation lasts as long as its look-up can still happen: a client
+/// that hangs up at once does not free its slot while its redemption runs
+/// on (that would let cancelled guesses through without limit), and a
+/// duplicate of a running attempt never frees another's slot. With a limit
+/// of 3, twenty bad guesses each cancelled after 5 ms cost at most 3
+/// look-ups.
+#[tokio::test]
+async fn cancelled_guesses_do_not_free_their_slots_early() {
+    let app = TestApp::start_with(1, |c| {
+        c.guess_limit = 3;
+        c.redis_timeout_ms = 5000;
+    })
+    .await;
+    let org = org();
+    let user = app.users(&org, 1).await.remove(0);
+    for i in 0..20 {
+        let mut request = tonic::Request::new(trainingkeys_tests::as_user(
+            &format!("GUESS-{i}"),
+            &user,
+            &trainingkeys_tests::idem(),
+        ));
+        request.set_timeout(Duration::from_millis(5));
+        let _ = app.redemption_client(0).redeem_key(request).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The harness calls as a redemption front: its tally of this user.
+    let counter = format!("attempts:user:{{front:test-operator/user:{user}}}");
+    let failures: Option<i64> = app.redis.cmd(&["GET", &counter]).await.unwrap();
+    assert!(failures.unwrap_or(0) <= 3, "{failures:?} look-ups, limit 3");
+}
+
+/// A redemption front's failures in a student's name are its own tally of
+/// that student: another organization's front sending ten bad codes for
+/// the student locks only itself out, and the student redeems at once.
+#[tokio::test]
+async fn another_front_cannot_lock_a_student_out() {
+    use trainingkeys_proto::v1::redemption_service_client::RedemptionServiceClient;
+    let app = TestApp::start_with(1, |c| {
+        c.guess_limit = 3;
+        c.redis_timeout_ms = 5000;
+        // Each caller at its own address, as behind a load balancer.
+        c.trusted_proxies = "127.0.0.1/32".into();
+    })
+    .await;
+    let a = seed(&app).await;
+    let b = seed(&app).await;
+    let from = |address: &str, request: pb::RedeemKeyRequest| {
+        let mut request = tonic::Request::new(request);
+        request
+            .metadata_mut()
+            .insert("x-forwarded-for", address.parse().unwrap());
+        request
+    };
+    let mut front_b = RedemptionServiceClient::with_interceptor(
+        app.replicas[0].channel_as("test-client"),
+        TestAuth::as_role("front-b", &[Role::RedemptionFront], &[&b.org]),
+    );
+    for i in 0..10 {
+        let guess = trainingkeys_tests::as_user(
+            &format!("GUESS-{i}"),
+            &a.user_id,
+            &trainingkeys_tests::idem(),
+        );
+        let _ = front_b.redeem_key(from("203.0.113.9", guess)).await;
+    }
+    let mut student = RedemptionServiceClient::with_interceptor(
+        app.replicas[0].channel_as("test-client"),
+        TestAuth::as_role(&a.user_id, &[Role::Student], &[&a.org]),
+    );
+    let own =
+        trainingkeys_tests::as_user(&a.event_key.code, &a.user_id, &trainingkeys_tests::idem());
+    student
+        .redeem_key(from("198.51.100.3", own))
+        .await
+        .expect("the student was locked out by another organization's front");
+}
+
+/// ValidateKey counts like RedeemKey: another organization's real code is
+/// a failed guess (so the limit cannot tell it from a missing one), and a
+/// student validating without naming a user is counted in their own name.
+#[tokio::test]
+async fn validation_guesses_are_counted_and_limited() {
+    use trainingkeys_proto::v1::redemption_service_client::RedemptionServiceClient;
+    let app = TestApp::start_with(1, |c| {
+        c.guess_limit = 3;
+        c.redis_timeout_ms = 5000;
+    })
+    .await;
+    let a = seed(&app).await;
+    let b = seed(&app).await;
+    let mut student_b = RedemptionServiceClient::with_interceptor(
+        app.replicas[0].channel_as("test-client"),
+        TestAuth::as_role(&b.user_id, &[Role::Student], &[&b.org]),
+    );
+    let mut refused = 0;
+    for _ in 0..6 {
+        let answer = student_b
+            .validate_key(pb::ValidateKeyRequest {
+                code: a.event_key.code.clone(),
+                user_id: String::new(),
+            })
+            .await;
+        match answer {
+            Ok(v) => assert_eq!(v.into_inner().reason, "KEY_NOT_FOUND"),
+            Err(s) => {
+                assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(refused, 3, "another organization's code was not counted");
+}
+
+/// Look-ups by code are probes of the code space: a caller whose look-ups
+/// found nothing it may see ten times within the hour is refused for a
+/// while (another organization's code answers, and counts, as missing).
+#[tokio::test]
+async fn get_key_by_code_is_no_oracle_for_live_codes() {
+    let app = TestApp::start(0).await;
+    let a = seed(&app).await;
+    let b = seed(&app).await;
+    let mut admin_b = KeyIssuanceServiceClient::with_interceptor(
+        app.keys_service.channel_as("test-client"),
+        TestAuth::as_role("admin-b", &[Role::SiteAdministrator], &[&b.org]),
+    );
+    let by_code = |code: &str| pb::GetKeyRequest {
+        selector: Some(pb::get_key_request::Selector::Code(code.into())),
+    };
+    // Its own keys never count.
+    for _ in 0..12 {
+        admin_b
+            .get_key(by_code(&b.subscription_key.code))
+            .await
+            .unwrap();
+    }
+    for _ in 0..10 {
+        let miss = admin_b.get_key(by_code(&a.subscription_key.code)).await;
+        assert_status(miss, Code::NotFound, "KEY_NOT_FOUND");
+    }
+    let probe = admin_b.get_key(by_code(&a.subscription_key.code)).await;
+    assert_status(probe, Code::ResourceExhausted, "TOO_MANY_ATTEMPTS");
 }

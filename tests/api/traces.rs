@@ -11,24 +11,26 @@ use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use tracing_subscriber::layer::SubscriberExt as _;
 use trainingkeys_tests::{TestApp, as_user, idem, org};
 
-/// Keeps (span name, trace id) of every finished span.
+/// A finished span: its name, its trace, and the traces it links to.
+type Finished = (String, TraceId, Vec<TraceId>);
+
+/// Keeps every finished span.
 #[derive(Debug, Clone, Default)]
-struct Recorder(Arc<Mutex<Vec<(String, TraceId)>>>);
+struct Recorder(Arc<Mutex<Vec<Finished>>>);
 
 impl SpanExporter for Recorder {
     fn export(&self, batch: Vec<SpanData>) -> impl Future<Output = OTelSdkResult> + Send {
-        let mut spans = self.0.lock().unwrap();
-        spans.extend(
-            batch
-                .into_iter()
-                .map(|s| (s.name.to_string(), s.span_context.trace_id())),
-        );
+        self.0.lock().unwrap().extend(batch.into_iter().map(|s| {
+            let links = s.links.iter().map(|l| l.span_context.trace_id()).collect();
+            (s.name.to_string(), s.span_context.trace_id(), links)
+        }));
         std::future::ready(Ok(()))
     }
 }
 
-#[tokio::test]
-async fn a_redemption_is_one_trace_across_the_three_services() {
+/// Records this test process's spans (its only subscriber) and propagates
+/// W3C trace context.
+fn record_spans() -> (Recorder, SdkTracerProvider) {
     let recorder = Recorder::default();
     let provider = SdkTracerProvider::builder()
         .with_simple_exporter(recorder.clone())
@@ -40,6 +42,12 @@ async fn a_redemption_is_one_trace_across_the_three_services() {
     opentelemetry::global::set_text_map_propagator(
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
+    (recorder, provider)
+}
+
+#[tokio::test]
+async fn a_redemption_is_one_trace_across_the_three_services() {
+    let (recorder, provider) = record_spans();
 
     let app = TestApp::start(1).await;
     let org = org();
@@ -55,8 +63,8 @@ async fn a_redemption_is_one_trace_across_the_three_services() {
     let trace_of = |name: &str| {
         spans
             .iter()
-            .filter(|(n, _)| n.ends_with(name))
-            .map(|(_, t)| *t)
+            .filter(|(n, _, _)| n.ends_with(name))
+            .map(|(_, t, _)| *t)
             .collect::<Vec<_>>()
     };
     let redeem = trace_of("RedemptionService/RedeemKey");
@@ -78,30 +86,7 @@ async fn a_redemption_is_one_trace_across_the_three_services() {
 /// span starts a trace of its own.
 #[tokio::test]
 async fn an_outside_traceparent_is_linked_not_adopted() {
-    /// A finished span: name, trace, and the traces it links to.
-    type Finished = (String, TraceId, Vec<TraceId>);
-    #[derive(Debug, Clone, Default)]
-    struct Links(Arc<Mutex<Vec<Finished>>>);
-    impl SpanExporter for Links {
-        fn export(&self, batch: Vec<SpanData>) -> impl Future<Output = OTelSdkResult> + Send {
-            self.0.lock().unwrap().extend(batch.into_iter().map(|s| {
-                let links = s.links.iter().map(|l| l.span_context.trace_id()).collect();
-                (s.name.to_string(), s.span_context.trace_id(), links)
-            }));
-            std::future::ready(Ok(()))
-        }
-    }
-    let recorder = Links::default();
-    let provider = SdkTracerProvider::builder()
-        .with_simple_exporter(recorder.clone())
-        .build();
-    let subscriber = tracing_subscriber::registry()
-        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("tests")));
-    tracing::subscriber::set_global_default(subscriber)
-        .expect("the test process's only subscriber");
-    opentelemetry::global::set_text_map_propagator(
-        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
-    );
+    let (recorder, provider) = record_spans();
     let app = TestApp::start(1).await;
     let org = org();
     let class = app.class(&org, 5).await;

@@ -64,7 +64,7 @@ pub enum Error {
     CodeTaken,
     /// Too many custom codes found taken by this caller lately.
     #[error(
-        "too many custom codes were already taken; try again within the hour, or let the service generate the key"
+        "too many codes probed (custom codes found taken, look-ups by code that found nothing); try again within the hour"
     )]
     TooManyTakenCodes,
     /// A template names a placeholder this service does not fill.

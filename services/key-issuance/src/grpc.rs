@@ -130,11 +130,24 @@ impl KeyIssuanceService for KeyIssuanceGrpc {
             }
             Some(Selector::Code(code)) => {
                 let normalized = domain::typed_code("code", code)?;
-                let key = self.service.get_key_by_code(&normalized).await?;
-                tenant
-                    .check_key(&self.service, &key, Error::CodeNotFound)
-                    .await?;
-                key
+                // A look-up by code is a probe of the code space: misses
+                // (missing, or another organization's) are limited per caller.
+                let probe = match tenant.outside_subject() {
+                    Some(subject) => Some(self.service.start_probe(subject).await?),
+                    None => None,
+                };
+                let found = match self.service.get_key_by_code(&normalized).await {
+                    Ok(key) => tenant
+                        .check_key(&self.service, &key, Error::CodeNotFound)
+                        .await
+                        .map(|()| key),
+                    Err(e) => Err(e),
+                };
+                if let Some(probe) = probe {
+                    let missed = matches!(found, Err(Error::CodeNotFound));
+                    self.service.end_probe(probe, missed).await?;
+                }
+                found?
             }
             None => {
                 return Err(

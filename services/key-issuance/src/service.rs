@@ -217,9 +217,10 @@ impl KeyService {
         self.enrollment.profile_organization(pool.profile_id).await
     }
 
-    /// Most custom codes a caller may find taken per hour: beyond, it may not
-    /// choose custom codes for a while (uniqueness is global, so each taken
-    /// code tells that some organization uses it).
+    /// Most revealing probes of the code space a caller may make per hour
+    /// (custom codes found taken: uniqueness is global, so each tells that
+    /// some organization uses the code; look-ups by code that find nothing
+    /// the caller may see): beyond, it may do neither for a while.
     const TAKEN_CODES_PER_HOUR: i64 = 10;
 
     /// SetEventKey for a caller outside the project (`subject`): a custom
@@ -232,16 +233,34 @@ impl KeyService {
         let Some(subject) = subject.filter(|_| cmd.custom.is_some()) else {
             return self.set_event_key(cmd).await;
         };
-        let attempt = Uuid::new_v4();
-        if self.store.count_code_attempt(subject, attempt).await? > Self::TAKEN_CODES_PER_HOUR {
-            self.store.forget_code_attempt(attempt).await?;
+        let probe = self.start_probe(subject).await?;
+        let answer = self.set_event_key(cmd).await;
+        self.end_probe(probe, matches!(answer, Err(Error::CodeTaken)))
+            .await?;
+        answer
+    }
+
+    /// Starts a probe of the code space by a caller outside the project
+    /// (a custom code that may be taken, a look-up by code that may miss):
+    /// refused once `subject`'s revealing probes of the last hour reach the
+    /// limit.
+    pub async fn start_probe(&self, subject: &str) -> Result<Uuid, Error> {
+        let probe = Uuid::new_v4();
+        if self.store.count_code_attempt(subject, probe).await? > Self::TAKEN_CODES_PER_HOUR {
+            self.store.forget_code_attempt(probe).await?;
             return Err(Error::TooManyTakenCodes);
         }
-        let answer = self.set_event_key(cmd).await;
-        if !matches!(answer, Err(Error::CodeTaken)) {
-            self.store.forget_code_attempt(attempt).await?;
+        Ok(probe)
+    }
+
+    /// Ends a probe: kept (counted) when its answer revealed something
+    /// about codes the caller does not own.
+    pub async fn end_probe(&self, probe: Uuid, revealing: bool) -> Result<(), Error> {
+        if revealing {
+            Ok(())
+        } else {
+            self.store.forget_code_attempt(probe).await
         }
-        answer
     }
 
     /// GetKey by id.

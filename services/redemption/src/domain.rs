@@ -52,6 +52,11 @@ pub struct RedeemCommand {
     /// `None` for no restriction. Another organization's key answers
     /// KEY_NOT_FOUND, exactly as a missing one.
     pub orgs: Option<std::collections::BTreeSet<String>>,
+    /// Who the guessing limits count this user's failures for: empty for
+    /// the student themselves, `front:<subject>/` for a redemption front
+    /// naming them (so one front's failures never lock a student out of
+    /// another's).
+    pub counted_as: String,
 }
 
 /// Namespace of redemption ids derived from idempotency keys.
@@ -137,6 +142,7 @@ impl TryFrom<pb::RedeemKeyRequest> for RedeemCommand {
             idempotency_key: key.to_owned(),
             request: meaning.encode_to_vec(),
             orgs: None,
+            counted_as: String::new(),
         })
     }
 }

@@ -85,22 +85,42 @@ pub fn trusted_proxies(value: &str) -> anyhow::Result<Vec<IpNet>> {
 
 /// What a caller may redeem or validate for: a redemption front, any user
 /// of its organizations; a student (and nothing more), only themselves.
-/// Returns the organizations whose keys the caller may use.
+/// Returns the organizations whose keys the caller may use, and whom the
+/// guessing limits count the user's failures for (a front's own tally of
+/// the user, or the student's).
 fn access(
     caller: &Caller,
     user: Option<uuid::Uuid>,
     new_user: bool,
-) -> Result<std::collections::BTreeSet<String>, Error> {
-    if !caller.has(Role::RedemptionFront) {
-        let own = caller
-            .subject
-            .as_deref()
-            .and_then(|s| uuid::Uuid::parse_str(s).ok());
-        if new_user || (user.is_some() && user != own) {
-            return Err(Error::OwnSubjectOnly);
-        }
+) -> Result<(std::collections::BTreeSet<String>, String), Error> {
+    if caller.has(Role::RedemptionFront) {
+        let front = caller.subject.as_deref().unwrap_or_default();
+        return Ok((caller.orgs.clone(), format!("front:{front}/")));
     }
-    Ok(caller.orgs.clone())
+    let own = caller
+        .subject
+        .as_deref()
+        .and_then(|s| uuid::Uuid::parse_str(s).ok());
+    if new_user || (user.is_some() && user != own) {
+        return Err(Error::OwnSubjectOnly);
+    }
+    Ok((caller.orgs.clone(), String::new()))
+}
+
+/// The user a ValidateKey counts against: the one named, or a student
+/// validating without naming themselves (so a student's guesses are
+/// reserved and counted in their own name either way).
+fn validating_user(caller: &Caller, named: Option<uuid::Uuid>) -> Option<uuid::Uuid> {
+    named.or_else(|| {
+        (!caller.has(Role::RedemptionFront))
+            .then(|| {
+                caller
+                    .subject
+                    .as_deref()
+                    .and_then(|s| uuid::Uuid::parse_str(s).ok())
+            })
+            .flatten()
+    })
 }
 
 #[tonic::async_trait]
@@ -114,10 +134,11 @@ impl RedemptionService for RedemptionGrpc {
         let r = request.into_inner();
         let code = domain::code(&r.code).map_err(Error::from)?;
         let user_id = validate::optional_id("user_id", &r.user_id).map_err(Error::from)?;
-        let orgs = access(&who, user_id, false)?;
+        let (orgs, counted_as) = access(&who, user_id, false)?;
+        let user_id = validating_user(&who, user_id);
         Ok(Response::new(
             self.redeemer
-                .validate(&code, user_id, &caller, &orgs)
+                .validate(&code, user_id, &caller, &orgs, &counted_as)
                 .await?,
         ))
     }
@@ -135,8 +156,9 @@ impl RedemptionService for RedemptionGrpc {
                     domain::Who::New(_) => (None, true),
                 };
                 match access(&who, user, new) {
-                    Ok(orgs) => {
+                    Ok((orgs, counted_as)) => {
                         cmd.orgs = Some(orgs);
+                        cmd.counted_as = counted_as;
                         self.redeemer.redeem(cmd, &caller).await
                     }
                     Err(refused) => Err(refused),

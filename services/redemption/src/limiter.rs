@@ -181,12 +181,13 @@ impl Limiter {
     /// the service-wide budget.
     pub async fn record_failure(&self, counters: &[String]) {
         METRICS.limit_failures.add(1, &[]);
-        let global = (GLOBAL_KEY, self.global_limit);
-        for (counter, limit) in counters
+        // The global budget never locks out for longer than its window: it
+        // must not become a switch that shuts everyone out for an hour.
+        let per_identity = counters
             .iter()
-            .map(|c| (c.as_str(), self.limit))
-            .chain([global])
-        {
+            .map(|c| (c.as_str(), self.limit, self.max_lockout));
+        let global = (GLOBAL_KEY, self.global_limit, self.window);
+        for (counter, limit, longest) in per_identity.chain([global]) {
             let result = self
                 .redis
                 .run(|mut c| async move {
@@ -194,7 +195,7 @@ impl Limiter {
                         .key(counter)
                         .arg(limit)
                         .arg(self.window.as_millis() as u64)
-                        .arg(self.max_lockout.as_millis() as u64)
+                        .arg(longest.as_millis() as u64)
                         .invoke_async::<i64>(&mut c)
                         .await
                 })

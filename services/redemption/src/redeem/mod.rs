@@ -153,13 +153,25 @@ impl Redeemer {
         cmd: RedeemCommand,
         caller: &str,
     ) -> Result<pb::RedeemKeyResponse, Error> {
-        let counters = [caller_key(caller), user_key(&cmd.who.scope())];
+        let user = format!("{}{}", cmd.counted_as, cmd.who.scope());
+        let counters = [caller_key(caller), user_key(&user)];
         self.limiter.check(&counters).await?;
-        let attempt = cmd.idempotency_key.clone();
-        self.limiter.reserve(&counters[1], &attempt).await?;
-        let answer = self.redeem_reserved(cmd, &counters).await;
-        self.limiter.release(&counters[1], &attempt).await;
-        answer
+        let reserved = self.reserve(&counters[1]).await?;
+        self.redeem_reserved(cmd, &counters, reserved).await
+    }
+
+    /// Reserves an attempt of a user with the guessing limits; the
+    /// reservation ends when the guard is dropped. A new execution takes the
+    /// guard into its task, so it ends when the look-up can no longer
+    /// happen, not when the client hangs up.
+    async fn reserve(self: &Arc<Self>, user_key: &str) -> Result<Reserved, Error> {
+        let attempt = uuid::Uuid::new_v4().to_string();
+        self.limiter.reserve(user_key, &attempt).await?;
+        Ok(Reserved {
+            redeemer: self.clone(),
+            user_key: user_key.to_owned(),
+            attempt,
+        })
     }
 
     /// RedeemKey, once its attempt is reserved with the guessing limits.
@@ -167,12 +179,13 @@ impl Redeemer {
         self: &Arc<Self>,
         cmd: RedeemCommand,
         counters: &[String; 2],
+        reserved: Reserved,
     ) -> Result<pb::RedeemKeyResponse, Error> {
         let orgs = cmd.orgs.clone();
         let answer = if let Some(record) = self.store.find(&cmd.idempotency()).await? {
             self.replay(record, &cmd.request).await
         } else {
-            let outcome = self.join_or_start(cmd, counters.clone())?;
+            let outcome = self.join_or_start(cmd, counters.clone(), reserved)?;
             match tokio::time::timeout(self.settings.timeout, outcome).await {
                 Ok(result) => result,
                 Err(_) => Err(Error::Unavailable(
@@ -203,6 +216,7 @@ impl Redeemer {
         self: &Arc<Self>,
         cmd: RedeemCommand,
         counters: [String; 2],
+        reserved: Reserved,
     ) -> Result<SharedOutcome, Error> {
         let key = cmd.idempotency();
         let mut in_flight = self
@@ -226,6 +240,7 @@ impl Redeemer {
         let task = tokio::spawn(
             async move {
                 let _forget = forget;
+                let _reserved = reserved;
                 this.execute(&cmd, &counters).await
             }
             .instrument(tracing::Span::current()),
@@ -324,5 +339,21 @@ impl Redeemer {
                 |_| false,
             )
             .await
+    }
+}
+
+/// An attempt reserved with the guessing limits, released on drop.
+struct Reserved {
+    redeemer: Arc<Redeemer>,
+    user_key: String,
+    attempt: String,
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        let redeemer = self.redeemer.clone();
+        let user_key = std::mem::take(&mut self.user_key);
+        let attempt = std::mem::take(&mut self.attempt);
+        tokio::spawn(async move { redeemer.limiter.release(&user_key, &attempt).await });
     }
 }

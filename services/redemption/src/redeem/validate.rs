@@ -15,26 +15,26 @@ use crate::limiter::{caller_key, user_key};
 impl Redeemer {
     /// ValidateKey: what the key grants and whether it can be redeemed now.
     pub async fn validate(
-        &self,
+        self: &std::sync::Arc<Self>,
         code: &str,
         user_id: Option<Uuid>,
         caller: &str,
         orgs: &std::collections::BTreeSet<String>,
+        counted_as: &str,
     ) -> Result<pb::ValidateKeyResponse, Error> {
         let mut counters = vec![caller_key(caller)];
-        counters.extend(user_id.map(|u| user_key(&Who::Existing(u).scope())));
+        counters.extend(
+            user_id.map(|u| user_key(&format!("{counted_as}{}", Who::Existing(u).scope()))),
+        );
         self.limiter.check(&counters).await?;
         let looked_up = match user_id {
             Some(user) => {
                 // The look-up is the guess: reserved for this user first.
-                let attempt = Uuid::new_v4().to_string();
-                self.limiter.reserve(&counters[1], &attempt).await?;
-                let answer = match self.resolve(code, &counters).await {
+                let _reserved = self.reserve(&counters[1]).await?;
+                match self.resolve(code, &counters).await {
                     Ok(r) => self.with_user(r, code, user, &counters).await,
                     Err(e) => Err(e),
-                };
-                self.limiter.release(&counters[1], &attempt).await;
-                answer
+                }
             }
             None => self.resolve(code, &counters).await,
         };
@@ -66,6 +66,7 @@ impl Redeemer {
         let (class, seats_left) = if kind == pb::KeyKind::Subscription {
             let profile = self.profile(&key.profile_id).await?;
             if !orgs.contains(&profile.organization_id) {
+                self.limiter.record_failure(&counters).await;
                 return Ok(not_found());
             }
             response.grant = Some(pb::validate_key_response::Grant::Subscription(
@@ -87,6 +88,7 @@ impl Redeemer {
         } else {
             let class = self.class(&key.class_id).await?;
             if !orgs.contains(&class.organization_id) {
+                self.limiter.record_failure(&counters).await;
                 return Ok(not_found());
             }
             if let Some(user) = user_id {
