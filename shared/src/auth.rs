@@ -157,7 +157,14 @@ pub struct Authenticator {
     inner: Arc<Inner>,
 }
 
+/// Most verified tokens kept (a caller reuses its token for many calls; a
+/// signature check costs far more than the call). Full: forgotten at once.
+const VERIFIED_CACHE: usize = 10_000;
+
 struct Inner {
+    /// Tokens already verified, with their claims, until they expire. Emptied
+    /// whenever the JWKS changes, so a key taken out stops working at once.
+    verified: std::sync::Mutex<std::collections::HashMap<String, Claims>>,
     jwks_file: PathBuf,
     jwks: ArcSwap<(Vec<u8>, JwkSet)>,
     issuer: String,
@@ -214,6 +221,7 @@ impl AuthConfig {
         let jwks = read_jwks(&jwks_file)?;
         Ok(Authenticator {
             inner: Arc::new(Inner {
+                verified: std::sync::Mutex::new(std::collections::HashMap::new()),
                 jwks_file,
                 jwks: ArcSwap::from_pointee(jwks),
                 issuer: self.jwt_issuer.clone(),
@@ -253,6 +261,7 @@ impl Authenticator {
                 match read_jwks(&auth.inner.jwks_file) {
                     Ok(jwks) if jwks.0 != auth.inner.jwks.load().0 => {
                         auth.inner.jwks.store(Arc::new(jwks));
+                        auth.cache().clear();
                         tracing::info!("JWKS reloaded");
                     }
                     Ok(_) => {}
@@ -264,9 +273,36 @@ impl Authenticator {
         });
     }
 
+    fn cache(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Claims>> {
+        self.inner
+            .verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Verifies a bearer token: signature by a key of the JWKS (chosen by
-    /// `kid`), algorithm matching that key, `iss`, `aud`, `exp`, `nbf`.
+    /// `kid`), algorithm matching that key, `iss`, `aud`, `exp`, `nbf`. A
+    /// token verified before is answered from memory until it expires.
     pub fn verify(&self, token: &str) -> Result<Claims, Refusal> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        if let Some(claims) = self.cache().get(token)
+            && claims.exp + self.inner.leeway > now
+        {
+            return Ok(claims.clone());
+        }
+        let claims = self.verify_signature(token)?;
+        let mut cache = self.cache();
+        if cache.len() >= VERIFIED_CACHE {
+            cache.clear();
+        }
+        cache.insert(token.to_owned(), claims.clone());
+        Ok(claims)
+    }
+
+    fn verify_signature(&self, token: &str) -> Result<Claims, Refusal> {
         let bad = |why: &str| Refusal::Unauthenticated(format!("invalid bearer token: {why}"));
         let header = jsonwebtoken::decode_header(token).map_err(|_| bad("malformed"))?;
         if !ALGORITHMS.contains(&header.alg) {

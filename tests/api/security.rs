@@ -1608,3 +1608,30 @@ async fn get_key_by_code_is_no_oracle_for_live_codes() {
     let probe = admin_b.get_key(by_code(&a.subscription_key.code)).await;
     assert_status(probe, Code::ResourceExhausted, "TOO_MANY_ATTEMPTS");
 }
+
+/// Identical retries of one attempt share its reservation: a storm of 200
+/// at once for one student (limit 5) gets one answer, byte for byte, and
+/// no "in progress" refusals.
+#[tokio::test]
+async fn identical_retries_share_one_reservation() {
+    let app = TestApp::start_with(1, |c| {
+        c.guess_limit = 5;
+        c.redis_timeout_ms = 5000;
+    })
+    .await;
+    let org = org();
+    let class = app.class(&org, 5).await;
+    let key = app.event_key(&class.class_id, false).await;
+    let user = app.users(&org, 1).await.remove(0);
+    let same = trainingkeys_tests::as_user(&key.code, &user, &trainingkeys_tests::idem());
+    let answers = futures::future::join_all((0..200).map(|i| {
+        let mut client = app.redemption_client(i);
+        let request = same.clone();
+        async move { client.redeem_key(request).await.map(|r| r.into_inner()) }
+    }))
+    .await;
+    let first = answers[0].as_ref().expect("the first answer").clone();
+    for answer in &answers {
+        assert_eq!(answer.as_ref().ok(), Some(&first), "{answer:?}");
+    }
+}

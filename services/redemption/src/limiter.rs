@@ -28,6 +28,16 @@ pub struct Limiter {
     reserve: Script,
 }
 
+/// What [`Limiter::reserve`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reservation {
+    /// Reserved a slot: its maker releases it.
+    Made,
+    /// The same attempt was already in flight (or Redis is down): nothing
+    /// to release.
+    Joined,
+}
+
 /// The service-wide failure counter: the budget that rotating identities
 /// cannot multiply.
 const GLOBAL_KEY: &str = "attempts:global";
@@ -78,7 +88,7 @@ impl Limiter {
     /// TOO_MANY_ATTEMPTS when locked out, and with REDEMPTION_IN_PROGRESS
     /// (retry shortly) while the limit is taken by attempts in flight.
     /// Every reservation is [`release`](Self::release)d when its attempt ends.
-    pub async fn reserve(&self, user_key: &str, attempt: &str) -> Result<(), Error> {
+    pub async fn reserve(&self, user_key: &str, attempt: &str) -> Result<Reservation, Error> {
         let in_flight = in_flight_key(user_key);
         let result = self
             .redis
@@ -97,7 +107,8 @@ impl Limiter {
             })
             .await;
         match result {
-            Ok(1) => Ok(()),
+            Ok(1) => Ok(Reservation::Made),
+            Ok(2) => Ok(Reservation::Joined),
             Ok(0) => Err(Error::InProgress),
             Ok(wait) => Err(Error::TooManyAttempts {
                 retry_after: Duration::from_millis(wait.unsigned_abs()),
@@ -105,7 +116,7 @@ impl Limiter {
             Err(e) => {
                 tracing::warn!(error = %e, "guessing limits unavailable: allowing the attempt");
                 METRICS.limits_bypassed.add(1, &[]);
-                Ok(())
+                Ok(Reservation::Joined)
             }
         }
     }

@@ -156,7 +156,14 @@ impl Redeemer {
         let user = format!("{}{}", cmd.counted_as, cmd.who.scope());
         let counters = [caller_key(caller), user_key(&user)];
         self.limiter.check(&counters).await?;
-        let reserved = self.reserve(&counters[1]).await?;
+        // Identical retries share a reservation; another code with the same
+        // key is another guess.
+        let attempt = format!(
+            "{}\n{}",
+            cmd.idempotency_key,
+            trainingkeys_shared::validate::normalize_code(&cmd.code)
+        );
+        let reserved = self.reserve(&counters[1], attempt).await?;
         self.redeem_reserved(cmd, &counters, reserved).await
     }
 
@@ -164,13 +171,13 @@ impl Redeemer {
     /// reservation ends when the guard is dropped. A new execution takes the
     /// guard into its task, so it ends when the look-up can no longer
     /// happen, not when the client hangs up.
-    async fn reserve(self: &Arc<Self>, user_key: &str) -> Result<Reserved, Error> {
-        let attempt = uuid::Uuid::new_v4().to_string();
-        self.limiter.reserve(user_key, &attempt).await?;
+    async fn reserve(self: &Arc<Self>, user_key: &str, attempt: String) -> Result<Reserved, Error> {
+        let made = self.limiter.reserve(user_key, &attempt).await?;
         Ok(Reserved {
             redeemer: self.clone(),
             user_key: user_key.to_owned(),
             attempt,
+            owned: made == crate::limiter::Reservation::Made,
         })
     }
 
@@ -342,15 +349,20 @@ impl Redeemer {
     }
 }
 
-/// An attempt reserved with the guessing limits, released on drop.
+/// An attempt reserved with the guessing limits, released on drop by the
+/// one that made the reservation (an identical retry joins it).
 struct Reserved {
     redeemer: Arc<Redeemer>,
     user_key: String,
     attempt: String,
+    owned: bool,
 }
 
 impl Drop for Reserved {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let redeemer = self.redeemer.clone();
         let user_key = std::mem::take(&mut self.user_key);
         let attempt = std::mem::take(&mut self.attempt);

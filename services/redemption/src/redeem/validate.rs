@@ -30,7 +30,8 @@ impl Redeemer {
         let looked_up = match user_id {
             Some(user) => {
                 // The look-up is the guess: reserved for this user first.
-                let _reserved = self.reserve(&counters[1]).await?;
+                let attempt = Uuid::new_v4().to_string();
+                let _reserved = self.reserve(&counters[1], attempt).await?;
                 match self.resolve(code, &counters).await {
                     Ok(r) => self.with_user(r, code, user, &counters).await,
                     Err(e) => Err(e),
