@@ -7,7 +7,7 @@
 //!   and the client certificates its callers present. A client certificate
 //!   is optional (a platform service may authenticate with a bearer token
 //!   alone); when one is presented it must verify, and its DNS names are the
-//!   caller's service identity ([`peer_identity`]).
+//!   caller's service identity (`auth::Authenticator::service_of`).
 //! - The three files are re-read every `TLS_RELOAD_SECONDS`; a change takes
 //!   effect for new connections without a restart, and a bad file keeps the
 //!   previous certificates (and logs why).
@@ -104,11 +104,6 @@ impl TlsConfig {
             );
         };
         Tls::from_files(cert, key, ca).map(Some)
-    }
-
-    /// The URL scheme this configuration calls peers with.
-    pub fn scheme(&self) -> &'static str {
-        if self.plaintext { "http" } else { "https" }
     }
 }
 
@@ -239,24 +234,6 @@ impl Tls {
 /// Redis and OTLP clients, which use the process default). Idempotent.
 pub fn install_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-/// The service identity a verified client certificate proves: whether the
-/// certificate chain presented on this call's connection holds the DNS name
-/// `name` (the certificate was verified against TLS_CA_FILE in the handshake).
-pub fn peer_has_name<T>(request: &tonic::Request<T>, name: &str) -> bool {
-    let Some(certs) = request.peer_certs() else {
-        return false;
-    };
-    let Some(leaf) = certs.first() else {
-        return false;
-    };
-    let Ok(name) = ServerName::try_from(name) else {
-        return false;
-    };
-    webpki::EndEntityCert::try_from(leaf)
-        .and_then(|cert| cert.verify_is_valid_for_subject_name(&name))
-        .is_ok()
 }
 
 fn read_all(paths: &[&PathBuf]) -> anyhow::Result<Vec<Vec<u8>>> {
