@@ -124,7 +124,7 @@ start_postgres() {
   while :; do
     port="${PG_PORT:-$(pick_ports 1)}"
     if as_pg "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/log" -w -t 60 start \
-      -o "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=600 -c shared_buffers=256MB -c fsync=${PG_FSYNC:-on} -c synchronous_commit=${PG_SYNC_COMMIT:-on} -c max_wal_size=256MB -c checkpoint_timeout=60s -c ssl=on" >/dev/null; then
+      -o "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=600 -c shared_buffers=256MB -c fsync=${PG_FSYNC:-on} -c synchronous_commit=${PG_SYNC_COMMIT:-on} -c max_wal_size=256MB -c checkpoint_timeout=60s -c ssl=on -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=all" >/dev/null; then
       break
     fi
     tries=$((tries + 1))

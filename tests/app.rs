@@ -26,6 +26,7 @@
 //! }
 //! ```
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::ops::Range;
 use std::time::Duration;
@@ -729,6 +730,26 @@ impl TestApp {
         .unwrap()
     }
 
+    /// Statements run on this app's database so far, by text, as
+    /// `pg_stat_statements` counts them. Compare two with [`statements_run`].
+    pub async fn statements(&self) -> HashMap<String, i64> {
+        let mut db = self.db().await;
+        sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements SCHEMA public")
+            .execute(&mut db)
+            .await
+            .expect("pg_stat_statements must be preloaded (scripts/env.sh starts PostgreSQL so)");
+        sqlx::query_as(
+            "SELECT query, sum(calls)::bigint FROM public.pg_stat_statements
+             WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+             GROUP BY query",
+        )
+        .fetch_all(&mut db)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect()
+    }
+
     /// Active roster rows of a class, counted in PostgreSQL.
     pub async fn active_rows(&self, class_id: &str) -> i64 {
         self.seated(class_id).await.len() as i64
@@ -765,6 +786,24 @@ async fn retry_redeem(
         }
     }
     result
+}
+
+/// The statements run between two [`TestApp::statements`] snapshots, with
+/// how often, leaving out the snapshots' own (their connection's set-up and
+/// the extension's look-ups).
+pub fn statements_run(
+    before: &HashMap<String, i64>,
+    after: &HashMap<String, i64>,
+) -> Vec<(String, i64)> {
+    let own = ["pg_stat_statements", "current_database()"];
+    let mut ran: Vec<(String, i64)> = after
+        .iter()
+        .filter(|(query, _)| !own.iter().any(|o| query.contains(o)))
+        .map(|(query, calls)| (query.clone(), calls - before.get(query).unwrap_or(&0)))
+        .filter(|(_, calls)| *calls > 0)
+        .collect();
+    ran.sort();
+    ran
 }
 
 /// An ExportKeys stream, parsed.

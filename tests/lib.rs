@@ -11,7 +11,8 @@ pub mod pki;
 pub mod servers;
 
 pub use app::{
-    TestApp, as_new, as_user, class_request, class_scope, enrollment, idem, org, pool_scope, uuid,
+    TestApp, as_new, as_user, class_request, class_scope, enrollment, idem, org, pool_scope,
+    statements_run, uuid,
 };
 
 use std::net::SocketAddr;

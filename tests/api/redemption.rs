@@ -17,7 +17,7 @@ use trainingkeys_redemption::FaultPoint;
 use trainingkeys_tests::chaos::gate_agrees;
 use trainingkeys_tests::{
     TestApp, as_new, as_user, assert_invalid_field, assert_status, enrollment, eventually, idem,
-    org, reason, spawn_with_fault, uuid,
+    org, reason, spawn_with_fault, statements_run, uuid,
 };
 
 #[tokio::test]
@@ -331,8 +331,11 @@ async fn guessing_is_limited_and_indistinguishable() {
     assert_status(status, Code::ResourceExhausted, "TOO_MANY_ATTEMPTS");
 }
 
+/// A raised maximum counts at the gate within FACTS_KEEP_MS (a second by
+/// default): that long a full class may turn students away from the class's
+/// facts as last read, with no PostgreSQL statement.
 #[tokio::test]
-async fn raising_the_maximum_takes_effect_at_the_gate_at_once() {
+async fn raising_the_maximum_takes_effect_at_the_gate_within_a_second() {
     let app = TestApp::start(1).await;
     let org = org();
     let ids = app.users(&org, 2).await;
@@ -353,9 +356,15 @@ async fn raising_the_maximum_takes_effect_at_the_gate_at_once() {
     })
     .await
     .unwrap();
-    app.redeem(0, as_user(&key.code, &ids[1], &idem()))
-        .await
-        .unwrap();
+    let raised = std::time::Instant::now();
+    let attempt = as_user(&key.code, &ids[1], &idem());
+    while let Err(s) = app.redeem(0, attempt.clone()).await {
+        assert!(
+            reason(&s) == "CLASS_FULL" && raised.elapsed() < Duration::from_millis(1500),
+            "the raised maximum did not count within a second: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// What a herd did.
@@ -784,4 +793,88 @@ async fn redemption_works_without_redis() {
             "ValidateKey tells a seat holder from the one turned away"
         );
     }
+}
+
+/// A full class turns a herd away by Redis alone: once the key's resolution
+/// and the class's facts are at hand, a rejection runs no PostgreSQL
+/// statement at all (no idempotency look-up, no GetClass), counted by
+/// `pg_stat_statements`. A student who holds or held a seat there still
+/// gets their recorded answer, also after the gate's state was lost and
+/// rebuilt.
+#[tokio::test]
+async fn a_full_class_turns_students_away_without_a_postgresql_statement() {
+    let app = TestApp::start_with(1, |c| {
+        // Facts kept for the whole test, and no recovery sweep reading the
+        // database meanwhile: every statement counted is a rejection's.
+        c.facts_keep_ms = 600_000;
+        c.recovery_interval_seconds = 3600;
+    })
+    .await;
+    let org = org();
+    let class = app.class(&org, 2).await;
+    let key = app.event_key(&class.class_id, false).await;
+    let ids = app.users(&org, 43).await;
+    let first = as_user(&key.code, &ids[0], &idem());
+    let seated = app.redeem(0, first.clone()).await.unwrap();
+    app.redeem(0, as_user(&key.code, &ids[1], &idem()))
+        .await
+        .unwrap();
+    // The first rejection reads what the next ones reuse.
+    assert_status(
+        app.redeem(0, as_user(&key.code, &ids[2], &idem())).await,
+        Code::ResourceExhausted,
+        "CLASS_FULL",
+    );
+
+    let before = app.statements().await;
+    let herd = (3..43).map(|i| app.redeem(0, as_user(&key.code, &ids[i], &idem())));
+    for answer in join_all(herd).await {
+        assert_status(answer, Code::ResourceExhausted, "CLASS_FULL");
+    }
+    let ran = statements_run(&before, &app.statements().await);
+    assert!(
+        ran.is_empty(),
+        "40 rejections ran PostgreSQL statements: {ran:#?}"
+    );
+}
+
+/// A student who held a seat in a full class (cancelled since) gets the
+/// answer recorded for their idempotency key, not a CLASS_FULL decided by
+/// the gate alone; so do they after the gate's state was lost and rebuilt
+/// from PostgreSQL.
+#[tokio::test]
+async fn a_retry_of_a_student_who_held_a_seat_in_a_full_class_gets_the_recorded_answer() {
+    let app = TestApp::start(1).await;
+    let org = org();
+    let class = app.class(&org, 2).await;
+    let key = app.event_key(&class.class_id, false).await;
+    let ids = app.users(&org, 4).await;
+    let first = as_user(&key.code, &ids[0], &idem());
+    let seated = app.redeem(0, first.clone()).await.unwrap();
+    app.redeem(0, as_user(&key.code, &ids[1], &idem()))
+        .await
+        .unwrap();
+    app.cancel(&enrollment(&seated).enrollment_id)
+        .await
+        .unwrap();
+    // The freed seat is offered again within a moment, and taken.
+    let refill = as_user(&key.code, &ids[2], &idem());
+    let started = std::time::Instant::now();
+    while let Err(s) = app.redeem(0, refill.clone()).await {
+        assert!(
+            reason(&s) == "CLASS_FULL" && started.elapsed() < Duration::from_secs(5),
+            "the freed seat was not offered: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let turned_away = || app.redeem(0, as_user(&key.code, &ids[3], &idem()));
+    assert_status(turned_away().await, Code::ResourceExhausted, "CLASS_FULL");
+    let replay = app.redeem(0, first.clone()).await.unwrap();
+    assert_eq!(replay.encode_to_vec(), seated.encode_to_vec());
+
+    app.redis.cmd::<()>(&["FLUSHALL"]).await.unwrap();
+    assert_status(turned_away().await, Code::ResourceExhausted, "CLASS_FULL");
+    assert_status(turned_away().await, Code::ResourceExhausted, "CLASS_FULL");
+    let replay = app.redeem(0, first).await.unwrap();
+    assert_eq!(replay.encode_to_vec(), seated.encode_to_vec());
 }

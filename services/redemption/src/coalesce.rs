@@ -31,6 +31,9 @@ enum Entry<V> {
 /// A coalescing, briefly caching map of look-ups.
 pub struct Coalesce<K, V> {
     keep: Duration,
+    /// Whether [`get`](Self::get) answers from a kept value (false: kept
+    /// values serve [`kept`](Self::kept) alone, and `get` always calls).
+    serve_kept: bool,
     entries: Arc<Mutex<HashMap<K, Entry<V>>>>,
 }
 
@@ -43,7 +46,26 @@ where
     pub fn new(keep: Duration) -> Self {
         Self {
             keep,
+            serve_kept: true,
             entries: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Results are kept for `keep` for [`kept`](Self::kept) to read, but
+    /// [`get`](Self::get) always calls (sharing only calls in flight).
+    pub fn kept_for_peeks(keep: Duration) -> Self {
+        Self {
+            serve_kept: false,
+            ..Self::new(keep)
+        }
+    }
+
+    /// The value kept for `key`, if any and still within its time.
+    pub fn kept(&self, key: &K) -> Option<V> {
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        match entries.get(key) {
+            Some(Entry::Ready(value, until)) if Instant::now() < *until => Some(value.clone()),
+            _ => None,
         }
     }
 
@@ -59,7 +81,7 @@ where
         let pending = {
             let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
             match entries.get(&key) {
-                Some(Entry::Ready(value, until)) if Instant::now() < *until => {
+                Some(Entry::Ready(value, until)) if self.serve_kept && Instant::now() < *until => {
                     return Ok(value.clone());
                 }
                 Some(Entry::Pending(pending)) => pending.clone(),
@@ -144,6 +166,19 @@ mod tests {
         assert_eq!(cache.get(1, async { Ok(3) }, |_| true).await.unwrap(), 3);
         // A value `keep_it` refuses is not kept.
         assert_eq!(cache.get(9, async { Ok(0) }, |v| *v > 0).await.unwrap(), 0);
+        assert_eq!(cache.kept(&9), None);
         assert_eq!(cache.get(9, async { Ok(5) }, |v| *v > 0).await.unwrap(), 5);
+        assert_eq!(cache.kept(&9), Some(5));
+    }
+
+    #[tokio::test]
+    async fn values_kept_for_peeks_are_not_served_by_get() {
+        let cache: Coalesce<u32, u32> = Coalesce::kept_for_peeks(Duration::from_millis(30));
+        assert_eq!(cache.get(1, async { Ok(1) }, |_| true).await.unwrap(), 1);
+        assert_eq!(cache.kept(&1), Some(1));
+        assert_eq!(cache.get(1, async { Ok(2) }, |_| true).await.unwrap(), 2);
+        assert_eq!(cache.kept(&1), Some(2));
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert_eq!(cache.kept(&1), None);
     }
 }

@@ -58,6 +58,7 @@ pub struct Gate {
     hold: Duration,
     state_ttl: Duration,
     admit: Script,
+    peek: Script,
     settle: Script,
     rebuild: Script,
     /// Admissions that fell back to the PostgreSQL guard (a running count in
@@ -80,7 +81,7 @@ pub struct Gate {
 /// Most classes remembered as active; beyond it the memory starts afresh.
 const MAX_ACTIVE: usize = 10_000;
 
-fn keys(class_id: Uuid) -> [String; 6] {
+fn keys(class_id: Uuid) -> [String; 7] {
     let tag = format!("{{class:{class_id}}}");
     [
         format!("{tag}:holds"),
@@ -89,7 +90,19 @@ fn keys(class_id: Uuid) -> [String; 6] {
         format!("{tag}:lock"),
         format!("{tag}:recent"),
         format!("{tag}:fresh"),
+        format!("{tag}:seen"),
     ]
+}
+
+/// What a class's state is rebuilt from: enrollment's seat holders, and the
+/// redemptions recorded for the class (whose retries must be answered from
+/// their record, never turned away by [`Gate::full_for_sure`]).
+#[derive(Debug, Default)]
+pub struct Roster {
+    /// User ids holding a seat.
+    pub seated: Vec<String>,
+    /// Redemption ids recorded for the class.
+    pub redemptions: Vec<String>,
 }
 
 impl Gate {
@@ -108,6 +121,7 @@ impl Gate {
             hold,
             state_ttl,
             admit: Script::new(include_str!("lua/gate_admit.lua")),
+            peek: Script::new(include_str!("lua/gate_peek.lua")),
             settle: Script::new(include_str!("lua/gate_settle.lua")),
             rebuild: Script::new(include_str!("lua/gate_rebuild.lua")),
             bypassed: AtomicU64::new(0),
@@ -117,28 +131,72 @@ impl Gate {
         }
     }
 
+    /// Whether the class is full for `user_id`, decided by Redis alone (one
+    /// read-only script call): true only when admission would answer
+    /// [`Admission::Full`] and the redemption `redemption_id` (the one its
+    /// idempotency key names) was never let through here, so it has no
+    /// recorded answer to replay. False means "ask": the full path decides.
+    /// `max_students` and `enrolled` may be a moment old: a raised maximum
+    /// counts once they are read again.
+    pub async fn full_for_sure(
+        &self,
+        class_id: Uuid,
+        user_id: Uuid,
+        redemption_id: Uuid,
+        max_students: i32,
+        enrolled: i32,
+    ) -> bool {
+        if !self.enabled {
+            return false;
+        }
+        let [holds, confirmed, ready, _, _, fresh, seen] = keys(class_id);
+        let (holds, confirmed, ready, fresh, seen) = (&holds, &confirmed, &ready, &fresh, &seen);
+        let answer = self
+            .redis
+            .run(|mut c| async move {
+                self.peek
+                    .key(holds)
+                    .key(confirmed)
+                    .key(ready)
+                    .key(fresh)
+                    .key(seen)
+                    .arg(user_id.to_string())
+                    .arg(max_students)
+                    .arg(enrolled)
+                    .arg(redemption_id.to_string())
+                    .invoke_async::<String>(&mut c)
+                    .await
+            })
+            .await;
+        // Unreachable: the full path decides (and bypasses the gate).
+        matches!(answer.as_deref(), Ok("FULL"))
+    }
+
     /// Asks to admit `user_id` to a class of `max_students`, of which
-    /// PostgreSQL last counted `enrolled`. `roster` fetches enrollment's
-    /// authoritative seat holders when the class's state is missing (flush,
-    /// restart, failover, expiry) or counts a seat that was cancelled since.
+    /// PostgreSQL last counted `enrolled`, for the redemption
+    /// `redemption_id`. `roster` fetches enrollment's authoritative seat
+    /// holders (and the class's recorded redemptions) when the class's
+    /// state is missing (flush, restart, failover, expiry) or counts a seat
+    /// that was cancelled since.
     pub async fn admit<R, Fut>(
         &self,
         class_id: Uuid,
         user_id: Uuid,
+        redemption_id: Uuid,
         max_students: i32,
         enrolled: i32,
         roster: R,
     ) -> Admission
     where
         R: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Vec<String>, Error>>,
+        Fut: Future<Output = Result<Roster, Error>>,
     {
         if !self.enabled {
             return Admission::Bypassed;
         }
         self.mark_active(class_id);
-        let [holds, confirmed, ready, _, _, fresh] = keys(class_id);
-        let (holds, confirmed, ready, fresh) = (&holds, &confirmed, &ready, &fresh);
+        let [holds, confirmed, ready, _, _, fresh, seen] = keys(class_id);
+        let (holds, confirmed, ready, fresh, seen) = (&holds, &confirmed, &ready, &fresh, &seen);
         let mut roster = Some(roster);
         let deadline = tokio::time::Instant::now() + REBUILD_WAIT;
         loop {
@@ -152,10 +210,13 @@ impl Gate {
                         .key(confirmed)
                         .key(ready)
                         .key(fresh)
+                        .key(seen)
                         .arg(user_id.to_string())
                         .arg(self.hold.as_millis() as u64)
                         .arg(max_students)
                         .arg(enrolled)
+                        .arg(redemption_id.to_string())
+                        .arg(self.state_ttl.as_millis() as u64)
                         .invoke_async::<String>(&mut c)
                         .await
                 })
@@ -174,7 +235,7 @@ impl Gate {
                 let rebuilt = if self.rebuild_enabled {
                     self.try_rebuild(class_id, fetch).await
                 } else {
-                    self.try_rebuild(class_id, || async { Ok(Vec::new()) })
+                    self.try_rebuild(class_id, || async { Ok(Roster::default()) })
                         .await
                 };
                 match rebuilt {
@@ -199,9 +260,9 @@ impl Gate {
     ) -> Result<bool, Box<dyn std::fmt::Display + Send>>
     where
         R: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Vec<String>, Error>>,
+        Fut: Future<Output = Result<Roster, Error>>,
     {
-        let [holds, confirmed, ready, lock, recent, fresh] = keys(class_id);
+        let [holds, confirmed, ready, lock, recent, fresh, seen] = keys(class_id);
         let token = Uuid::new_v4().to_string();
         let locked: Option<String> = self
             .redis
@@ -223,10 +284,10 @@ impl Gate {
         if locked.is_none() {
             return Ok(false);
         }
-        let users = roster()
+        let roster = roster()
             .await
             .map_err(|e| Box::new(e) as Box<dyn std::fmt::Display + Send>)?;
-        let seats = users.len();
+        let seats = roster.seated.len();
         let rebuilt = self
             .redis
             .run(|mut c| async move {
@@ -237,11 +298,13 @@ impl Gate {
                     .key(&recent)
                     .key(&holds)
                     .key(&fresh)
+                    .key(&seen)
                     .arg(self.state_ttl.as_millis() as u64)
                     .arg(&token)
-                    .arg(FRESH.as_millis() as u64);
-                for u in &users {
-                    invocation.arg(u);
+                    .arg(FRESH.as_millis() as u64)
+                    .arg(seats);
+                for id in roster.seated.iter().chain(&roster.redemptions) {
+                    invocation.arg(id);
                 }
                 invocation.invoke_async::<i64>(&mut c).await
             })
@@ -266,11 +329,12 @@ impl Gate {
 
     /// Ends a hold: confirmed after the enrollment committed, else released.
     /// Best effort: a lost settle only leaves a hold to expire.
-    pub async fn settle(&self, class_id: Uuid, user_id: Uuid, how: Settle) {
+    /// `redemption_id` is the recorded redemption the hold was for.
+    pub async fn settle(&self, class_id: Uuid, user_id: Uuid, redemption_id: Uuid, how: Settle) {
         if !self.enabled {
             return;
         }
-        let [holds, confirmed, ready, lock, recent, _] = keys(class_id);
+        let [holds, confirmed, ready, lock, recent, _, seen] = keys(class_id);
         let result = self
             .redis
             .run(|mut c| async move {
@@ -280,11 +344,14 @@ impl Gate {
                     .key(&lock)
                     .key(&recent)
                     .key(&ready)
+                    .key(&seen)
                     .arg(user_id.to_string())
                     .arg(match how {
                         Settle::Confirm => "1",
                         Settle::Release => "0",
                     })
+                    .arg(redemption_id.to_string())
+                    .arg(self.state_ttl.as_millis() as u64)
                     .invoke_async::<i64>(&mut c)
                     .await
             })
@@ -380,7 +447,7 @@ impl Gate {
     pub async fn repair<R, Fut>(&self, roster: R) -> usize
     where
         R: Fn(Uuid) -> Fut,
-        Fut: Future<Output = Result<Vec<String>, Error>>,
+        Fut: Future<Output = Result<Roster, Error>>,
     {
         if !self.enabled || !self.rebuild_enabled {
             return 0;

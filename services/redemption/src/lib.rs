@@ -93,6 +93,14 @@ pub struct Config {
     #[arg(long, env = "GATE_STATE_TTL_SECONDS", default_value_t = 60)]
     pub gate_state_ttl_seconds: u64,
 
+    /// Milliseconds an event key's resolution is reused, and a class's facts
+    /// (its maximum, dates, organization) may be used to turn a student away
+    /// from a full class by Redis alone, with no PostgreSQL statement. A
+    /// revoked or disabled event key, a raised maximum or a changed date
+    /// counts within this.
+    #[arg(long, env = "FACTS_KEEP_MS", default_value_t = 1000)]
+    pub facts_keep_ms: u64,
+
     /// Failed attempts (unknown or mistyped codes) a caller or user may make
     /// per window before being locked out.
     #[arg(long, env = "GUESS_LIMIT", default_value_t = 10)]
@@ -288,6 +296,7 @@ impl trainingkeys_shared::cli::Service for Application {
             gate,
             limiter,
             redeem::Settings {
+                facts_keep: Duration::from_millis(config.facts_keep_ms),
                 timeout: Duration::from_secs(config.redemption_timeout_seconds),
                 take_over_after: Duration::from_secs(config.recovery_after_seconds),
                 fault: config.fault.map(|point| redeem::Fault {

@@ -246,6 +246,17 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// The ids of every redemption recorded for a class or profile (the
+    /// gate's rebuild: their retries must be answered from their record).
+    pub async fn redemptions_for(&self, target_id: Uuid) -> Result<Vec<String>, Error> {
+        let ids: Vec<Uuid> =
+            sqlx::query_scalar("SELECT redemption_id FROM redemptions WHERE target_id = $1")
+                .bind(target_id)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(ids.iter().map(Uuid::to_string).collect())
+    }
+
     /// One redemption by id.
     pub async fn get(&self, redemption_id: Uuid) -> Result<Record, Error> {
         let sql = format!("SELECT {COLUMNS} FROM redemptions WHERE redemption_id = $1");

@@ -71,24 +71,25 @@ impl Redeemer {
         };
         domain::check_redeemable(&resolved, target.class.as_ref(), Utc::now())?;
 
+        // The redemption's id is the same for every attempt with this
+        // idempotency key (whichever records first): an account created for
+        // it records it, so voiding the redemption removes the account
+        // whichever attempt created it, and no other; and the gate remembers
+        // it as let through, so its retries are answered from its record.
+        let redemption_id = cmd.redemption_id();
         // An existing user is looked up only once admitted: a full class
         // turns the herd away after one Redis call, without a call each.
-        let mut admission = self.admit(&target, identity.user_id).await;
+        let mut admission = self.admit(&target, identity.user_id, redemption_id).await;
         if admission == Admission::Full {
             return Err(Error::ClassFull);
         }
-        // The redemption's id is chosen now, the same for every attempt with
-        // this idempotency key (whichever records first): an account created
-        // for it records it, so voiding the redemption removes the account
-        // whichever attempt created it, and no other.
-        let redemption_id = cmd.redemption_id();
         let (user, user_created) = match self
             .account(cmd, &target, &mut identity, &mut admission, redemption_id)
             .await
         {
             Ok(account) => account,
             Err(e) => {
-                self.release_hold(&target, identity.user_id, admission)
+                self.release_hold(&target, identity.user_id, redemption_id, admission)
                     .await;
                 return Err(e);
             }
@@ -119,7 +120,7 @@ impl Redeemer {
         let inserted = match self.store.insert(&record).await {
             Ok(inserted) => inserted,
             Err(e) => {
-                self.release_hold(&target, identity.user_id, admission)
+                self.release_hold(&target, identity.user_id, redemption_id, admission)
                     .await;
                 return Err(e);
             }
@@ -139,7 +140,7 @@ impl Redeemer {
                 && first.user_id == identity.user_id
                 && first.target_id == target.id;
             if !same_seat_in_flight {
-                self.release_hold(&target, identity.user_id, admission)
+                self.release_hold(&target, identity.user_id, redemption_id, admission)
                     .await;
             }
             return Box::pin(self.replay(first, &cmd.request)).await;
@@ -235,10 +236,10 @@ impl Redeemer {
                     .await?;
                 let registered = peer_id("user_id", &user.user_id)?;
                 if registered != identity.user_id {
-                    self.release_hold(target, identity.user_id, *admission)
+                    self.release_hold(target, identity.user_id, redemption_id, *admission)
                         .await;
                     identity.user_id = registered;
-                    *admission = self.admit(target, registered).await;
+                    *admission = self.admit(target, registered, redemption_id).await;
                     if *admission == Admission::Full {
                         return Err(Error::ClassFull);
                     }
@@ -249,14 +250,15 @@ impl Redeemer {
     }
 
     /// Admission at the gate (class keys; subscriptions take no seat).
-    async fn admit(&self, target: &Target, user_id: Uuid) -> Admission {
+    async fn admit(&self, target: &Target, user_id: Uuid, redemption_id: Uuid) -> Admission {
         match &target.class {
             Some(class) => {
-                let roster = || self.clients.roster(target.id);
+                let roster = || self.roster(target.id);
                 self.gate
                     .admit(
                         target.id,
                         user_id,
+                        redemption_id,
                         class.max_students,
                         class.enrolled_count,
                         roster,
@@ -268,9 +270,17 @@ impl Redeemer {
     }
 
     /// Releases the hold this attempt placed, if it placed one.
-    async fn release_hold(&self, target: &Target, user_id: Uuid, admission: Admission) {
+    async fn release_hold(
+        &self,
+        target: &Target,
+        user_id: Uuid,
+        redemption_id: Uuid,
+        admission: Admission,
+    ) {
         if admission == Admission::Admitted {
-            self.gate.settle(target.id, user_id, Settle::Release).await;
+            self.gate
+                .settle(target.id, user_id, redemption_id, Settle::Release)
+                .await;
         }
     }
 }

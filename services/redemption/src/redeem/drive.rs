@@ -244,7 +244,9 @@ impl Redeemer {
                     if let Some(seat) = self.consume(lease, record, held).await? {
                         self.fault(FaultPoint::AfterCommit, Some(lease), paused)
                             .await;
-                        self.gate.settle(target, user_id, Settle::Confirm).await;
+                        self.gate
+                            .settle(target, user_id, rid, Settle::Confirm)
+                            .await;
                         return Ok(response(record, user, Grant::Enrollment(seat), true));
                     }
                 }
@@ -258,7 +260,9 @@ impl Redeemer {
                     // The student had the seat already: no use for it.
                     self.clients.release_key(key, rid, lease.generation).await?;
                 }
-                self.gate.settle(target, user_id, Settle::Confirm).await;
+                self.gate
+                    .settle(target, user_id, rid, Settle::Confirm)
+                    .await;
                 (Grant::Enrollment(enrollment), before)
             }
             pb::KeyKind::Subscription => {
@@ -358,7 +362,12 @@ impl Redeemer {
             .await?;
         if record.key_kind != pb::KeyKind::Subscription as i32 {
             self.gate
-                .settle(record.target_id, record.user_id, Settle::Release)
+                .settle(
+                    record.target_id,
+                    record.user_id,
+                    record.redemption_id,
+                    Settle::Release,
+                )
                 .await;
         }
         Ok(())

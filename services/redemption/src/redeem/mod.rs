@@ -32,16 +32,19 @@ pub use drive::{Fault, FaultAction, FaultPoint};
 use crate::clients::Clients;
 use crate::coalesce::Coalesce;
 use crate::domain::RedeemCommand;
+use crate::domain::Who;
 use crate::error::Error;
-use crate::gate::Gate;
+use crate::gate::{Gate, Roster};
 use crate::limiter::{Limiter, caller_key, user_key};
 use crate::store::{IdempotencyKey, Store};
 
-/// How long an event key's ResolveKey answer is reused.
-const EVENT_KEY_KEEP: Duration = Duration::from_secs(1);
-
 /// Tunables of the flow.
 pub struct Settings {
+    /// How long an event key's ResolveKey answer is reused, and how long a
+    /// class's facts may be used to turn a student away from a full class
+    /// by Redis alone (FACTS_KEEP_MS: a revocation, or a raised maximum,
+    /// counts within it).
+    pub facts_keep: Duration,
     /// Longest a client waits for its redemption (which carries on regardless).
     pub timeout: Duration,
     /// How long a redemption's lease must go unrenewed before a retry or
@@ -76,7 +79,8 @@ pub struct Redeemer {
     in_flight: Mutex<HashMap<IdempotencyKey, InFlight>>,
     /// ResolveKey answers by code (event keys kept briefly).
     resolved: Coalesce<String, pb::ResolveKeyResponse>,
-    /// GetClass answers by class id (in-flight calls shared).
+    /// GetClass answers by class id: in-flight calls shared; the last
+    /// answer kept a moment for [`Self::full_for_sure`] alone.
     classes: Coalesce<String, pb::Class>,
     /// GetSubscriptionProfile answers by profile id (in-flight calls shared).
     profiles: Coalesce<String, pb::SubscriptionProfile>,
@@ -111,6 +115,7 @@ impl Redeemer {
         limiter: Limiter,
         settings: Settings,
     ) -> Self {
+        let facts_keep = settings.facts_keep;
         Self {
             store,
             clients,
@@ -118,8 +123,8 @@ impl Redeemer {
             limiter,
             settings,
             in_flight: Mutex::new(HashMap::new()),
-            resolved: Coalesce::new(EVENT_KEY_KEEP),
-            classes: Coalesce::new(Duration::ZERO),
+            resolved: Coalesce::new(facts_keep),
+            classes: Coalesce::kept_for_peeks(facts_keep),
             profiles: Coalesce::new(Duration::ZERO),
             panicked: std::sync::atomic::AtomicBool::new(false),
         }
@@ -132,9 +137,16 @@ impl Redeemer {
 
     /// Rebuilds drifted gate state from enrollment (for recovery).
     pub async fn repair_gate(&self) -> usize {
-        self.gate
-            .repair(|class_id| self.clients.roster(class_id))
-            .await
+        self.gate.repair(|class_id| self.roster(class_id)).await
+    }
+
+    /// What the gate rebuilds a class from: enrollment's seat holders and
+    /// the redemptions recorded here for the class.
+    async fn roster(&self, class_id: uuid::Uuid) -> Result<Roster, Error> {
+        Ok(Roster {
+            seated: self.clients.roster(class_id).await?,
+            redemptions: self.store.redemptions_for(class_id).await?,
+        })
     }
 
     /// The redemption log (for recovery).
@@ -156,6 +168,9 @@ impl Redeemer {
         let user = format!("{}{}", cmd.counted_as, cmd.who.scope());
         let counters = [caller_key(caller), user_key(&user)];
         self.limiter.check(&counters).await?;
+        if self.full_for_sure(&cmd).await {
+            return Err(Error::ClassFull);
+        }
         // Identical retries share a reservation; another code with the same
         // key is another guess.
         let attempt = format!(
@@ -270,6 +285,55 @@ impl Redeemer {
         Ok(outcome)
     }
 
+    /// The herd's fast answer: CLASS_FULL decided by Redis alone, with no
+    /// PostgreSQL statement, no call to another service and no idempotency
+    /// look-up. Only when every fact the full path would check first is at
+    /// hand from a moment ago (the key's resolution, the class) and gives
+    /// the same answer: a known student, a redeemable key of their
+    /// organization, a class the gate counts full, and no earlier attempt
+    /// with this idempotency key let through (its recorded answer is
+    /// replayed by the full path). Anything else, or Redis away: false, and
+    /// the full path decides.
+    async fn full_for_sure(&self, cmd: &RedeemCommand) -> bool {
+        let Who::Existing(user_id) = cmd.who else {
+            // A self-registering student's account (and seat) is found by
+            // email, in PostgreSQL.
+            return false;
+        };
+        let Some(resolved) = self.resolved.kept(&cmd.code) else {
+            return false;
+        };
+        let Some(key) = resolved.key.as_ref() else {
+            return false;
+        };
+        let Some(class) = self.classes.kept(&key.class_id) else {
+            return false;
+        };
+        let used_up = key.max_uses > 0 && key.uses >= key.max_uses;
+        let outside = cmd
+            .orgs
+            .as_ref()
+            .is_some_and(|orgs| !orgs.contains(&class.organization_id));
+        if used_up
+            || outside
+            || crate::domain::check_redeemable(&resolved, Some(&class), chrono::Utc::now()).is_err()
+        {
+            return false;
+        }
+        let Ok(class_id) = class.class_id.parse() else {
+            return false;
+        };
+        self.gate
+            .full_for_sure(
+                class_id,
+                user_id,
+                cmd.redemption_id(),
+                class.max_students,
+                class.enrolled_count,
+            )
+            .await
+    }
+
     /// ResolveKey; unknown and mistyped codes count as failed attempts.
     /// Concurrent look-ups of one code share a call, and an event key's
     /// answer is kept for a second (the hot key of a herd; a revocation
@@ -321,8 +385,9 @@ impl Redeemer {
         answer
     }
 
-    /// GetClass; concurrent look-ups of one class share a call (nothing is
-    /// kept, so a changed maximum or schedule counts at once).
+    /// GetClass; concurrent look-ups of one class share a call (the answer
+    /// is kept only for [`Self::full_for_sure`]: here a changed maximum or
+    /// schedule counts at once).
     async fn class(&self, class_id: &str) -> Result<pb::Class, Error> {
         let clients = self.clients.clone();
         let owned = class_id.to_owned();
@@ -330,7 +395,7 @@ impl Redeemer {
             .get(
                 class_id.to_owned(),
                 async move { clients.get_class(&owned).await },
-                |_| false,
+                |_| true,
             )
             .await
     }
