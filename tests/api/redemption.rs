@@ -836,6 +836,9 @@ async fn a_full_class_turns_students_away_without_a_postgresql_statement() {
         ran.is_empty(),
         "40 rejections ran PostgreSQL statements: {ran:#?}"
     );
+    // A seated student's retry is not turned away: it gets its record.
+    let replay = app.redeem(0, first).await.unwrap();
+    assert_eq!(replay.encode_to_vec(), seated.encode_to_vec());
 }
 
 /// A student who held a seat in a full class (cancelled since) gets the
