@@ -448,6 +448,7 @@ async fn capacity_guard_holds_under_200_concurrent_enrollments() {
     let org = org();
     let class = app.class(&org, 50).await;
     let users = app.users(&org, 200).await;
+    app.statements().await;
 
     let results = join_all(users.iter().map(|u| app.enroll(&class.class_id, u))).await;
     let ok = results.iter().filter(|r| r.is_ok()).count();
@@ -472,6 +473,20 @@ async fn capacity_guard_holds_under_200_concurrent_enrollments() {
         "seat count equals the roster"
     );
     assert_eq!(app.roster(&class.class_id, 7).await.len(), 50);
+
+    // Concurrent seats are taken together: a few statements (commits), not
+    // one each queued on the class row.
+    let (calls, rows): (i64, i64) = sqlx::query_as(
+        "SELECT coalesce(sum(calls), 0)::bigint, coalesce(sum(rows), 0)::bigint
+         FROM public.pg_stat_statements
+         WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND query LIKE 'WITH class AS%'",
+    )
+    .fetch_one(&mut app.db().await)
+    .await
+    .unwrap();
+    assert_eq!(rows, 50, "every seat was taken by a group statement");
+    assert!(calls < 25, "50 seats took {calls} group statements");
 }
 
 #[tokio::test]

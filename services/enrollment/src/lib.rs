@@ -5,6 +5,7 @@
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod seats;
 pub mod store;
 
 use std::net::SocketAddr;

@@ -10,6 +10,7 @@ use crate::domain::{
     Class, ClassChange, Enrollment, NewClass, NewProfile, NewUser, Profile, Subscription, User,
 };
 use crate::error::Error;
+use crate::seats::{Seats, Wanted};
 
 const CLASS_COLUMNS: &str = "class_id, organization_id, title, course_id, start_time, end_time, \
      max_students, lab_access_days, enrolled_count, created_at, updated_at, instructor_ids";
@@ -22,6 +23,8 @@ const SUBSCRIPTION_COLUMNS: &str = "subscription_id, profile_id, user_id, source
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
+    /// Concurrent seats of a class, taken together.
+    seats: Seats,
 }
 
 /// What the enrollment guard learns about a (class, user) pair in one query.
@@ -37,7 +40,10 @@ struct EnrollCheck {
 impl Store {
     /// A store over `pool` (whose search path is this service's schema).
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            seats: Seats::new(pool.clone()),
+            pool,
+        }
     }
 
     /// Get-or-create by (organization, normalised email). Safe under
@@ -201,10 +207,20 @@ impl Store {
         source_key_id: Option<Uuid>,
         redemption_id: Option<Uuid>,
     ) -> Result<(Enrollment, bool), Error> {
-        // The common case in one statement (one round trip, and the class row
+        // The common case, taken together with the class's concurrent calls.
+        let wanted = Wanted {
+            user_id,
+            source_key_id,
+            redemption_id,
+        };
+        if let Some(seated) = self.seats.take(class_id, wanted).await {
+            return Ok((seated, false));
+        }
+        // The same for this call alone (one round trip, and the class row
         // is locked only for that statement): take a seat if there is one,
         // the user belongs to the class's organization and holds no seat yet,
-        // and insert the enrollment (and the redemption's outcome).
+        // and insert the enrollment (and the redemption's outcome); else say
+        // why.
         let sql = format!(
             "WITH seat AS (
                  UPDATE classes SET enrolled_count = enrolled_count + 1
