@@ -418,7 +418,7 @@ impl Authenticator {
 }
 
 /// Paths that need no credentials: health checks and reflection.
-fn is_open(path: &str) -> bool {
+pub(crate) fn is_open(path: &str) -> bool {
     path.starts_with("/grpc.health.v1.Health/") || path.starts_with("/grpc.reflection.")
 }
 

@@ -38,6 +38,21 @@ pub struct CommonConfig {
     #[arg(long, env = "MAX_CONNECTION_AGE_SECONDS", default_value_t = 0)]
     pub max_connection_age_seconds: u64,
 
+    /// Most calls this process answers at once; beyond it a call is refused
+    /// at once with UNAVAILABLE `OVERLOADED` and a RetryInfo delay (retry
+    /// with the same idempotency key), rather than queued until it times
+    /// out. Health checks are never refused.
+    #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 4096)]
+    pub max_in_flight: usize,
+
+    /// Most concurrent HTTP/2 streams (calls) one client connection may
+    /// open; a client queues the rest on its side. Bounds what one
+    /// connection can make this process buffer, so a burst over a few
+    /// connections never trips HTTP/2's flood protections (which drop the
+    /// whole connection with every call on it).
+    #[arg(long, env = "HTTP2_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
+    pub http2_max_concurrent_streams: u32,
+
     /// Also serve `grpc.health.v1.Health` alone, without TLS, on this
     /// address: for Kubernetes gRPC probes, which cannot speak TLS. It
     /// answers health checks and nothing else.

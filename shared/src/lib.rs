@@ -13,6 +13,7 @@ pub mod peer;
 pub mod policy;
 pub mod redis;
 pub mod server;
+pub mod shed;
 pub mod telemetry;
 pub mod tls;
 pub mod validate;

@@ -14,6 +14,7 @@ use tonic::transport::{Channel, Endpoint, Server};
 use tonic_health::ServingStatus;
 
 use crate::auth::{AuthLayer, Authenticator};
+use crate::shed::ShedLayer;
 use crate::tls::Tls;
 
 /// What every service's `build` does once its settings are checked
@@ -93,6 +94,8 @@ impl Prepared {
 
 /// How often readiness (database reachability) is re-checked.
 const READINESS_INTERVAL: Duration = Duration::from_secs(2);
+/// About how long a shed call is told to wait before retrying.
+const SHED_RETRY_AFTER_MS: u64 = 200;
 
 /// What a service hands to [`serve`].
 pub struct ServeOptions {
@@ -107,6 +110,10 @@ pub struct ServeOptions {
     pub max_connection_age: Option<Duration>,
     /// How often the TLS files and the JWKS are re-read.
     pub reload_every: Duration,
+    /// Most calls answered at once (beyond: OVERLOADED, retry later).
+    pub max_in_flight: usize,
+    /// Most concurrent HTTP/2 streams per client connection.
+    pub max_concurrent_streams: u32,
 }
 
 impl ServeOptions {
@@ -123,6 +130,8 @@ impl ServeOptions {
             grace: common.shutdown_grace(),
             max_connection_age: common.max_connection_age(),
             reload_every: Duration::from_secs(common.tls.tls_reload_seconds.max(1)),
+            max_in_flight: common.max_in_flight.max(1),
+            max_concurrent_streams: common.http2_max_concurrent_streams.max(1),
         }
     }
 }
@@ -221,19 +230,33 @@ pub async fn serve(
     }
     auth.watch(options.reload_every, shutdown.clone());
     let trace_auth = auth.clone();
-    let mut builder = Server::builder().trace_fn(move |request| {
-        crate::telemetry::server_span(request, trace_auth.service_of(request).is_some())
-    });
+    // HTTP/2 limits, set deliberately: a client opens at most
+    // `max_concurrent_streams` calls per connection (each buffers at most one
+    // small request frame, well inside h2's budget for small DATA frames,
+    // half the 1 MiB connection window), and a burst of calls a client
+    // cancels before they are accepted does not count as an attack.
+    let mut builder = Server::builder()
+        .max_concurrent_streams(options.max_concurrent_streams)
+        .http2_max_pending_accept_reset_streams(Some(options.max_concurrent_streams as usize))
+        .trace_fn(move |request| {
+            crate::telemetry::server_span(request, trace_auth.service_of(request).is_some())
+        });
     if let Some(age) = options.max_connection_age {
         builder = builder.max_connection_age(jitter(age));
     }
     let local_addr = listener.local_addr()?;
-    let router = builder.layer(AuthLayer::new(auth)).add_routes(
-        routes
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha),
-    );
+    let router = builder
+        .layer(ShedLayer::new(
+            options.max_in_flight,
+            Duration::from_millis(SHED_RETRY_AFTER_MS),
+        ))
+        .layer(AuthLayer::new(auth))
+        .add_routes(
+            routes
+                .add_service(health_service)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha),
+        );
     let stop = shutdown.clone().cancelled_owned();
     let mut server = match &tls {
         Some(tls) => {

@@ -881,3 +881,76 @@ async fn a_retry_of_a_student_who_held_a_seat_in_a_full_class_gets_the_recorded_
     let replay = app.redeem(0, first).await.unwrap();
     assert_eq!(replay.encode_to_vec(), seated.encode_to_vec());
 }
+
+/// A burst bigger than a replica's bound of calls in flight is shed at
+/// once: every call gets a definitive answer (OK, CLASS_FULL) or UNAVAILABLE
+/// `OVERLOADED` with a RetryInfo delay, never a dropped connection; after
+/// the clients retry with the same idempotency key, the class holds exactly
+/// its maximum and every seated student was told OK. Health checks are
+/// never shed.
+#[tokio::test]
+async fn a_burst_beyond_a_replicas_bound_is_shed_with_retry_info_and_settles_exactly() {
+    let app = TestApp::start_with(1, |c| c.common.max_in_flight = 3).await;
+    let org = org();
+    let class = app.class(&org, 10).await;
+    let key = app.event_key(&class.class_id, false).await;
+    let ids = app.users(&org, 80).await;
+    let mut waiting: Vec<pb::RedeemKeyRequest> = ids
+        .iter()
+        .map(|id| as_user(&key.code, id, &idem()))
+        .collect();
+    let (mut told_ok, mut full, mut shed) = (HashSet::new(), 0, 0);
+    for _round in 0..100 {
+        if waiting.is_empty() {
+            break;
+        }
+        let answers = join_all(waiting.iter().map(|r| app.redeem(0, r.clone()))).await;
+        let mut again = Vec::new();
+        for (request, answer) in waiting.into_iter().zip(answers) {
+            match answer {
+                Ok(seated) => {
+                    told_ok.insert(enrollment(&seated).user_id.clone());
+                }
+                Err(s) if reason(&s) == "CLASS_FULL" => full += 1,
+                Err(s) if s.code() == Code::Unavailable && reason(&s) == "OVERLOADED" => {
+                    let delay = tonic_types::StatusExt::get_details_retry_info(&s)
+                        .and_then(|r| r.retry_delay)
+                        .expect("a shed call says when to retry");
+                    assert!(delay >= Duration::from_millis(100), "{delay:?}");
+                    shed += 1;
+                    again.push(request);
+                }
+                Err(s) => panic!("not a definitive or retryable answer: {s:?}"),
+            }
+        }
+        waiting = again;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        waiting.is_empty(),
+        "{} calls were still shed",
+        waiting.len()
+    );
+    assert!(shed > 0, "a bound of 3 calls in flight shed nothing of 80");
+    let seated: HashSet<String> = app.seated(&class.class_id).await.into_iter().collect();
+    assert_eq!((seated.len(), full), (10, 70));
+    assert_eq!(told_ok, seated, "every seated student was told OK");
+    // Probes go through while calls are shed.
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(app.replicas[0].channel().await);
+    let probes = (0..20).map(|_| {
+        let mut health = health.clone();
+        async move {
+            health
+                .check(tonic_health::pb::HealthCheckRequest::default())
+                .await
+        }
+    });
+    let busy = join_all((0..40).map(|i| app.redeem(0, as_user(&key.code, &ids[i], &idem()))));
+    let (probed, _) = tokio::join!(join_all(probes), busy);
+    assert!(probed.iter().all(Result::is_ok), "{probed:?}");
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap();
+}
