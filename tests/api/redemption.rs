@@ -804,9 +804,10 @@ async fn redemption_works_without_redis() {
 #[tokio::test]
 async fn a_full_class_turns_students_away_without_a_postgresql_statement() {
     let app = TestApp::start_with(1, |c| {
-        // Facts kept for the whole test, and no recovery sweep reading the
-        // database meanwhile: every statement counted is a rejection's.
-        c.facts_keep_ms = 600_000;
+        // Facts kept for the whole test (the longest allowed), and no
+        // recovery sweep reading the database meanwhile: every statement
+        // counted is a rejection's.
+        c.facts_keep_ms = 10_000;
         c.recovery_interval_seconds = 3600;
     })
     .await;
@@ -953,4 +954,73 @@ async fn a_burst_beyond_a_replicas_bound_is_shed_with_retry_info_and_settles_exa
         .check(tonic_health::pb::HealthCheckRequest::default())
         .await
         .unwrap();
+}
+
+/// The fast CLASS_FULL never answers a retry whose redemption is recorded
+/// but was lost from the gate's memory (a flush between its admission and
+/// its record, a bypass): it counts confirmed seats only, never holds in
+/// flight, so while the recorded attempt may still take a seat the retry
+/// goes the full way and gets that attempt's answer.
+#[tokio::test]
+async fn a_retry_whose_admission_the_gate_lost_is_not_turned_away_by_the_gate_alone() {
+    let app = TestApp::start_with(1, |c| {
+        c.facts_keep_ms = 10_000;
+        c.fault = Some(FaultPoint::AfterConsume);
+        c.fault_action = trainingkeys_redemption::FaultAction::Stall;
+        c.fault_stall_ms = 2000;
+    })
+    .await;
+    let org = org();
+    let class = app.class(&org, 2).await;
+    let key = app.event_key(&class.class_id, false).await;
+    let ids = app.users(&org, 3).await;
+    app.redeem_until_answered(as_user(&key.code, &ids[0], &idem()))
+        .await
+        .unwrap();
+    // A is recorded and stalls before it enrolls.
+    let idempotency_key = idem();
+    let attempt = as_user(&key.code, &ids[1], &idempotency_key);
+    let first = tokio::spawn(app.redeem(0, attempt.clone()));
+    let recorded = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT redemption_id::text FROM redemption.redemptions WHERE idempotency_key = $1",
+        )
+        .bind(&idempotency_key)
+        .fetch_optional(&mut app.db().await)
+        .await
+        .unwrap()
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            recorded().await.is_some()
+        })
+        .await
+    );
+    let rid = recorded().await.unwrap();
+    // The gate loses A (its id and its hold), and a herd's hold fills the class.
+    let tag = format!("{{class:{}}}", class.class_id);
+    let far = (chrono::Utc::now().timestamp_millis() + 60_000).to_string();
+    app.redis
+        .cmd::<()>(&["SREM", &format!("{tag}:seen"), &rid])
+        .await
+        .unwrap();
+    app.redis
+        .cmd::<()>(&["ZREM", &format!("{tag}:holds"), &ids[1]])
+        .await
+        .unwrap();
+    app.redis
+        .cmd::<()>(&["ZADD", &format!("{tag}:holds"), &far, &ids[2]])
+        .await
+        .unwrap();
+    let retry = app.redeem_until_answered(attempt).await;
+    let first = first.await.unwrap();
+    let seated = app.seated(&class.class_id).await;
+    assert!(seated.contains(&ids[1]), "A was seated: {seated:?}");
+    assert_eq!(
+        retry
+            .map(|r| enrollment(&r).user_id.clone())
+            .map_err(|s| reason(&s)),
+        Ok(ids[1].clone()),
+        "the retry got the recorded answer (A was seated); A's own call: {first:?}"
+    );
 }

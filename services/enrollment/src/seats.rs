@@ -78,17 +78,28 @@ impl Seats {
 
     /// Runs the class's statements until no call waits.
     async fn drain(self, class_id: Uuid, mut batch: Vec<Waiting>) {
+        // If this task dies (a panic), the class's queue goes with it: the
+        // calls waiting in it are told "not here" (their senders dropped)
+        // and the next call starts afresh, rather than joining a queue that
+        // no task drains.
+        let mut guard = Abandoned {
+            queues: &self.queues,
+            class_id,
+            armed: true,
+        };
         loop {
             let rest = batch.split_off(batch.len().min(MAX_BATCH));
             self.run(class_id, batch).await;
             let mut queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
             let Some(queue) = queues.get_mut(&class_id) else {
+                guard.armed = false;
                 return;
             };
             batch = rest;
             batch.append(queue);
             if batch.is_empty() {
                 queues.remove(&class_id);
+                guard.armed = false;
                 return;
             }
         }
@@ -164,5 +175,23 @@ impl Seats {
         .fetch_all(&self.pool)
         .await?;
         Ok(seated.into_iter().map(|e| (e.user_id, e)).collect())
+    }
+}
+
+/// Removes a class's queue when its draining task ends without doing so.
+struct Abandoned<'a> {
+    queues: &'a Mutex<HashMap<Uuid, Vec<Waiting>>>,
+    class_id: Uuid,
+    armed: bool,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.queues
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&self.class_id);
+        }
     }
 }

@@ -22,8 +22,9 @@ use crate::error::Error;
 type Pending<V> = Shared<BoxFuture<'static, Result<V, Error>>>;
 
 enum Entry<V> {
-    /// A call in flight that later callers join.
-    Pending(Pending<V>),
+    /// A call in flight that later callers join, and the value kept before
+    /// it (still what [`Coalesce::kept`] reads until the call ends).
+    Pending(Pending<V>, Option<(V, Instant)>),
     /// A result kept until the instant.
     Ready(V, Instant),
 }
@@ -64,7 +65,11 @@ where
     pub fn kept(&self, key: &K) -> Option<V> {
         let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         match entries.get(key) {
-            Some(Entry::Ready(value, until)) if Instant::now() < *until => Some(value.clone()),
+            Some(Entry::Ready(value, until) | Entry::Pending(_, Some((value, until))))
+                if Instant::now() < *until =>
+            {
+                Some(value.clone())
+            }
             _ => None,
         }
     }
@@ -84,8 +89,12 @@ where
                 Some(Entry::Ready(value, until)) if self.serve_kept && Instant::now() < *until => {
                     return Ok(value.clone());
                 }
-                Some(Entry::Pending(pending)) => pending.clone(),
-                _ => {
+                Some(Entry::Pending(pending, _)) => pending.clone(),
+                previous => {
+                    let last = match previous {
+                        Some(Entry::Ready(value, until)) => Some((value.clone(), *until)),
+                        _ => None,
+                    };
                     let (map, keep, k) = (self.entries.clone(), self.keep, key.clone());
                     let pending = async move {
                         let result = fetch.await;
@@ -103,7 +112,7 @@ where
                         if entries.len() > 10_000 {
                             let now = Instant::now();
                             entries.retain(|_, e| match e {
-                                Entry::Pending(_) => true,
+                                Entry::Pending(..) => true,
                                 Entry::Ready(_, until) => *until > now,
                             });
                         }
@@ -111,7 +120,7 @@ where
                     }
                     .boxed()
                     .shared();
-                    entries.insert(key, Entry::Pending(pending.clone()));
+                    entries.insert(key, Entry::Pending(pending.clone(), last));
                     pending
                 }
             }
@@ -178,6 +187,21 @@ mod tests {
         assert_eq!(cache.kept(&1), Some(1));
         assert_eq!(cache.get(1, async { Ok(2) }, |_| true).await.unwrap(), 2);
         assert_eq!(cache.kept(&1), Some(2));
+        // While a look-up is in flight, the value kept before it still reads.
+        let slow = cache.get(
+            1,
+            async {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Ok(3)
+            },
+            |_| true,
+        );
+        let peek = async {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            cache.kept(&1)
+        };
+        let (fetched, peeked) = tokio::join!(slow, peek);
+        assert_eq!((fetched.unwrap(), peeked), (3, Some(2)));
         tokio::time::sleep(Duration::from_millis(40)).await;
         assert_eq!(cache.kept(&1), None);
     }

@@ -96,8 +96,8 @@ pub struct Config {
     /// Milliseconds an event key's resolution is reused, and a class's facts
     /// (its maximum, dates, organization) may be used to turn a student away
     /// from a full class by Redis alone, with no PostgreSQL statement. A
-    /// revoked or disabled event key, a raised maximum or a changed date
-    /// counts within this.
+    /// revoked or disabled event key, a raised maximum, a cancelled seat or
+    /// a changed date counts within this (at most 10,000).
     #[arg(long, env = "FACTS_KEEP_MS", default_value_t = 1000)]
     pub facts_keep_ms: u64,
 
@@ -213,6 +213,9 @@ impl Config {
     }
 }
 
+/// Longest FACTS_KEEP_MS.
+const MAX_FACTS_KEEP_MS: u64 = 10_000;
+
 /// A bound, migrated redemption service with every collaborator built,
 /// ready to [`run`](Self::run).
 pub struct Application {
@@ -245,6 +248,12 @@ impl trainingkeys_shared::cli::Service for Application {
              a redemption may not be taken over while a client can still be waiting on its driver",
             config.recovery_after_seconds,
             config.redemption_timeout_seconds
+        );
+        anyhow::ensure!(
+            config.facts_keep_ms <= MAX_FACTS_KEEP_MS,
+            "FACTS_KEEP_MS ({}) must be at most {MAX_FACTS_KEEP_MS}: that long a revoked event \
+             key, a raised maximum or a cancelled seat may go unnoticed",
+            config.facts_keep_ms
         );
         let trusted_proxies = grpc::trusted_proxies(&config.trusted_proxies)?;
         let security = server::security(&config.common)?;

@@ -246,14 +246,19 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// The ids of every redemption recorded for a class or profile (the
-    /// gate's rebuild: their retries must be answered from their record).
+    /// The ids of the redemptions recorded for a class or profile whose
+    /// retries must be answered from their record, not by the gate alone
+    /// (the gate's rebuild). Those refused for a full class are left out:
+    /// the gate's answer to them is the same, and a herd that bypassed the
+    /// gate would otherwise make every rebuild carry all of its losers.
     pub async fn redemptions_for(&self, target_id: Uuid) -> Result<Vec<String>, Error> {
-        let ids: Vec<Uuid> =
-            sqlx::query_scalar("SELECT redemption_id FROM redemptions WHERE target_id = $1")
-                .bind(target_id)
-                .fetch_all(&self.pool)
-                .await?;
+        let ids: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT redemption_id FROM redemptions
+             WHERE target_id = $1 AND error_reason IS DISTINCT FROM 'CLASS_FULL'",
+        )
+        .bind(target_id)
+        .fetch_all(&self.pool)
+        .await?;
         Ok(ids.iter().map(Uuid::to_string).collect())
     }
 
