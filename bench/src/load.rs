@@ -47,6 +47,12 @@ pub struct Report {
     pub outcomes: BTreeMap<String, usize>,
     /// Time from the start until the last OK answer.
     pub last_ok: Duration,
+    /// Calls retried with the same request (a retryable refusal, or a
+    /// transport error), not counted in `total`.
+    pub retries: usize,
+    /// Of those, the calls that failed in transport (no gRPC status from
+    /// the server: a connection reset or refused).
+    pub resets: usize,
 }
 
 impl Report {
@@ -88,6 +94,12 @@ impl Report {
         );
         for (outcome, n) in &self.outcomes {
             s.push_str(&format!("    {outcome}: {n}\n"));
+        }
+        if self.retries > 0 {
+            s.push_str(&format!(
+                "    retried with the same idempotency key: {} ({} transport errors)\n",
+                self.retries, self.resets
+            ));
         }
         s
     }
@@ -136,6 +148,8 @@ pub async fn run(channels: &[Authed], total: usize, arrival: Arrival, call: Call
         all_latency: new_hist(),
         outcomes: BTreeMap::new(),
         last_ok: Duration::ZERO,
+        retries: 0,
+        resets: 0,
     };
     for task in tasks {
         let (outcome, latency, at) = match task.await {

@@ -8,6 +8,7 @@
 //! loadgen bench    (see scripts/bench.sh)
 //! ```
 
+mod cost;
 mod load;
 mod scenarios;
 mod setup;

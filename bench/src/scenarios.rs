@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 use std::process::Command;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use futures::FutureExt as _;
@@ -14,6 +15,7 @@ use trainingkeys_proto::v1::redeem_key_request::Redeemer;
 use trainingkeys_proto::v1::redemption_service_client::RedemptionServiceClient;
 
 use crate::LoadArgs;
+use crate::cost::{Meter, Snapshot, per_answer};
 use crate::load::{self, Call, Report, failed};
 use crate::setup::Admin;
 
@@ -56,6 +58,9 @@ pub async fn validate(target: &str, load: &LoadArgs, code: String) -> anyhow::Re
 }
 
 /// Redemptions where request `i` is made by `users[i % len]` of `codes[i % len]`.
+/// Each behaves as a client should: a retryable answer (UNAVAILABLE, with
+/// its RetryInfo delay when it has one) or a transport error is retried
+/// with the same request and idempotency key, until a definitive answer.
 async fn redeem(
     target: &str,
     load: &LoadArgs,
@@ -64,22 +69,49 @@ async fn redeem(
 ) -> anyhow::Result<Report> {
     let channels = load::channels(target, load.connections)?;
     let (codes, users) = (Arc::new(codes), Arc::new(users));
+    let retries = Arc::new(AtomicUsize::new(0));
+    let resets = Arc::new(AtomicUsize::new(0));
+    let counters = (retries.clone(), resets.clone());
     let call: Call = Arc::new(move |i, channel| {
         let request = pb::RedeemKeyRequest {
             code: codes[i % codes.len()].clone(),
             redeemer: Some(Redeemer::UserId(users[i % users.len()].clone())),
             idempotency_key: uuid::Uuid::new_v4().to_string(),
         };
+        let (retries, resets) = counters.clone();
         async move {
-            RedemptionServiceClient::new(channel)
-                .redeem_key(request)
-                .await
-                .map(|_| ())
-                .map_err(|s| failed(&s))
+            let mut client = RedemptionServiceClient::new(channel);
+            for attempt in 0.. {
+                let status = match client.redeem_key(request.clone()).await {
+                    Ok(_) => return Ok(()),
+                    Err(status) => status,
+                };
+                let (code, reason) = failed(&status);
+                let transport = reason.is_empty()
+                    && matches!(
+                        code,
+                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                    );
+                if attempt >= 100 || !(code == tonic::Code::Unavailable || transport) {
+                    return Err((code, reason));
+                }
+                retries.fetch_add(1, Ordering::Relaxed);
+                if transport {
+                    resets.fetch_add(1, Ordering::Relaxed);
+                }
+                let delay = tonic_types::StatusExt::get_details_retry_info(&status)
+                    .and_then(|r| r.retry_delay)
+                    .unwrap_or(std::time::Duration::from_millis(100));
+                tokio::time::sleep(delay).await;
+            }
+            unreachable!("the loop returns")
         }
         .boxed()
     });
-    Ok(load::run(&channels, load.requests, load.arrival(), call).await)
+    let mut report = load::run(&channels, load.requests, load.arrival(), call).await;
+    report.retries = retries.load(Ordering::Relaxed);
+    report.resets = resets.load(Ordering::Relaxed);
+    Ok(report)
 }
 
 /// A herd's figures.
@@ -129,6 +161,9 @@ pub struct BenchArgs {
     /// Requests per throughput scenario.
     #[arg(long, default_value_t = 20_000)]
     requests: usize,
+    /// Students in the burst bigger than the machine.
+    #[arg(long, default_value_t = 50_000)]
+    burst: usize,
 }
 
 /// One row of the results table.
@@ -152,14 +187,22 @@ fn pct_all(r: &Report, q: f64) -> f64 {
 pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let t = &args.targets;
     let admin = Admin::new(&t.enrollment, &t.keys)?;
+    let meter = Meter::new(&args.database_url, &args.redis_url);
     let closed = |requests| LoadArgs {
         requests,
         concurrency: 256,
         window_ms: None,
         connections: 8,
     };
+    let open = |requests, max_in_flight, window_ms| LoadArgs {
+        requests,
+        concurrency: max_in_flight,
+        window_ms: Some(window_ms),
+        connections: 8,
+    };
     let mut rows = Vec::new();
     let mut log = String::new();
+    let mut costs = String::new();
 
     // References first.
     let noop = noop(&t.target, &closed(args.requests)).await?;
@@ -193,23 +236,64 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         target: "-".into(),
     });
 
-    // Herds: open loop within 100 ms, and closed loop at 256 in flight.
-    let mut herd500_secs = f64::NAN;
-    for (max, window) in [(500, Some(100)), (500, None), (30, Some(100))] {
-        let load = LoadArgs {
-            requests: args.students,
-            concurrency: args.students,
-            window_ms: window,
-            connections: 8,
-        };
-        let load = if window.is_none() {
-            LoadArgs {
-                concurrency: 256,
-                ..load
-            }
-        } else {
-            load
-        };
+    // The herd: 5,000 students within 100 ms for 500 seats, gate on, then
+    // the same with the gate off (the PostgreSQL guard alone).
+    let herd_load = open(args.students, args.students, 100);
+    let before = meter.snapshot();
+    let gated = herd(&admin, &t.target, &herd_load, 500).await?;
+    let name = format!("herd: {} students within 100 ms, 500 seats", args.students);
+    log.push_str(&gated.report.summary(&name));
+    cost(
+        &meter,
+        &mut costs,
+        &mut log,
+        "herd, gate on",
+        &before,
+        &gated.report,
+    );
+    let before = meter.snapshot();
+    let plain = herd(&admin, &args.no_gate, &herd_load, 500).await?;
+    log.push_str(
+        &plain
+            .report
+            .summary("the same herd, gate off (PostgreSQL guard only)"),
+    );
+    cost(
+        &meter,
+        &mut costs,
+        &mut log,
+        "herd, gate off",
+        &before,
+        &plain.report,
+    );
+    let (sold, answered) = (secs(gated.report.last_ok), secs(gated.report.elapsed));
+    let (plain_sold, plain_answered) = (secs(plain.report.last_ok), secs(plain.report.elapsed));
+    rows.push(Row {
+        scenario: name,
+        figures: format!(
+            "sold out {sold:.2} s, last answer {answered:.2} s; {} seated, {} CLASS_FULL, {} retried",
+            gated.enrolled,
+            gated.report.count("CLASS_FULL"),
+            gated.report.retries
+        ),
+        reference: format!(
+            "gate off: sold out {plain_sold:.2} s, last answer {plain_answered:.2} s; {} seated",
+            plain.enrolled
+        ),
+        ratio: format!(
+            "{:.1}x faster to sell out, {:.1}x to answer everyone",
+            plain_sold / sold,
+            plain_answered / answered
+        ),
+        target: verdict(
+            sold <= 0.5 && answered <= 0.7 && plain_sold / sold >= 3.0 && plain_answered / answered >= 8.0,
+            gated.enrolled == 500 && plain.enrolled == 500,
+            "sold out <= 0.5 s, answered <= 0.7 s, >= 3x / >= 8x; exactly 500",
+        ),
+    });
+
+    // The same herd closed-loop (256 in flight) and a small class.
+    for (max, load) in [(500, closed(args.students)), (30, herd_load.clone())] {
         let herd = herd(&admin, &t.target, &load, max).await?;
         let name = format!(
             "herd: {} students, class of {max}, {}",
@@ -217,103 +301,195 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             arrival_name(&load)
         );
         log.push_str(&herd.report.summary(&name));
-        let secs = herd.report.last_ok.as_secs_f64();
-        if max == 500 && window.is_some() {
-            herd500_secs = secs;
-        }
         rows.push(Row {
             scenario: name,
             figures: format!(
-                "sold out in {:.3} s; {} enrolled; {} CLASS_FULL; all p99 {:.2} ms",
-                secs,
+                "sold out in {:.3} s; {} seated; all p99 {:.2} ms",
+                secs(herd.report.last_ok),
                 herd.enrolled,
-                herd.report.count("CLASS_FULL"),
                 pct_all(&herd.report, 0.99)
             ),
-            reference: if max == 500 {
-                "500-seat class < 1 s".into()
-            } else {
-                "-".into()
-            },
+            reference: "-".into(),
             ratio: "-".into(),
-            target: if herd.enrolled == max {
-                "exactly max: yes".into()
-            } else {
-                format!("OVERSOLD/UNDERSOLD: {}", herd.enrolled)
-            },
+            target: verdict(true, herd.enrolled == max, "exactly max"),
         });
-
-        if max == 500 && window.is_some() {
-            // Sold out: latecomers (2,000 students, each trying ~10 times).
-            let losers = admin.students(2000).await?;
-            let sold_out = redeem(
-                &t.target,
-                &closed(args.requests),
-                vec![herd.code.clone()],
-                losers,
-            )
-            .await?;
-            log.push_str(&sold_out.summary("sold out: rejections after the class is full"));
-            rows.push(ratio_row(
-                "sold out (CLASS_FULL)",
-                &sold_out,
-                &noop,
-                0.5,
-                3.0,
-            ));
-            let reads = validate(&t.target, &closed(args.requests), herd.code.clone()).await?;
-            log.push_str(&reads.summary("reads: ValidateKey"));
-            rows.push(ratio_row("reads: ValidateKey", &reads, &noop, 0.5, 3.0));
-        }
     }
 
-    // The same herd with the gate off: the design a user would otherwise pick.
-    let load = LoadArgs {
-        requests: args.students,
-        concurrency: args.students,
-        window_ms: Some(100),
-        connections: 8,
-    };
-    let plain = herd(&admin, &args.no_gate, &load, 500).await?;
-    log.push_str(
-        &plain
-            .report
-            .summary("herd without the Redis gate (PostgreSQL guard only)"),
+    // Sold out: latecomers (2,000 students, each trying ~10 times).
+    let losers = admin.students(2000).await?;
+    let before = meter.snapshot();
+    let sold_out = redeem(
+        &t.target,
+        &closed(args.requests),
+        vec![gated.code.clone()],
+        losers,
+    )
+    .await?;
+    log.push_str(&sold_out.summary("sold out: rejections after the class is full"));
+    let after = meter.snapshot();
+    let statements = after.statements_since(&before) as f64 / sold_out.total as f64;
+    cost(
+        &meter,
+        &mut costs,
+        &mut log,
+        "sold out (CLASS_FULL)",
+        &before,
+        &sold_out,
     );
-    let plain_secs = plain.report.last_ok.as_secs_f64();
-    rows.push(Row {
-        scenario: "herd, class of 500, gate off (reference)".into(),
-        figures: format!("sold out in {plain_secs:.3} s; {} enrolled", plain.enrolled),
-        reference: format!("gate on: {herd500_secs:.3} s"),
-        ratio: format!("{:.1}x faster with the gate", plain_secs / herd500_secs),
-        target: ">= 5x".into(),
-    });
+    let mut row = ratio_row("sold out (CLASS_FULL)", &sold_out, &noop, 0.6, 2.0);
+    let _ = write!(row.figures, "; {statements:.3} PostgreSQL statements each");
+    row.target = format!("{}; 0 statements", row.target);
+    rows.push(row);
+    let before = meter.snapshot();
+    let reads = validate(&t.target, &closed(args.requests), gated.code.clone()).await?;
+    log.push_str(&reads.summary("reads: ValidateKey"));
+    cost(&meter, &mut costs, &mut log, "ValidateKey", &before, &reads);
+    rows.push(ratio_row("reads: ValidateKey", &reads, &noop, 0.8, 3.0));
 
     // Spread: redemptions over 1,000 classes.
-    let mut codes = Vec::with_capacity(1000);
-    for _ in 0..1000 {
-        codes.push(admin.class_with_event_key(1000).await?.1);
-    }
+    let codes = admin
+        .classes_with_event_keys(1000, 1000)
+        .await?
+        .into_iter()
+        .map(|(_, code)| code)
+        .collect();
     let students = admin.students(args.requests).await?;
+    let before = meter.snapshot();
     let spread = redeem(&t.target, &closed(args.requests), codes, students).await?;
     log.push_str(&spread.summary("spread: redemptions over 1,000 classes"));
+    cost(
+        &meter,
+        &mut costs,
+        &mut log,
+        "spread, per redemption",
+        &before,
+        &spread,
+    );
+    let failed_calls = spread.total - spread.ok();
     rows.push(Row {
         scenario: "spread: 1,000 classes".into(),
         figures: format!(
-            "{:.0} redemptions/s, p99 {:.2} ms, {} OK",
+            "{:.0} redemptions/s, p99 {:.2} ms, {} OK, {failed_calls} failed, {} retried",
             spread.rps(),
             pct(&spread, 0.99),
-            spread.ok()
+            spread.ok(),
+            spread.retries
         ),
         reference: format!("pgbench enrollment tx: {pg_rate:.0}/s"),
         ratio: format!("{:.2}x", spread.rps() / pg_rate),
-        target: ">= 0.6x".into(),
+        target: verdict(
+            spread.rps() / pg_rate >= 0.3,
+            failed_calls == 0,
+            ">= 0.3x, zero failed calls",
+        ),
     });
 
     // Retry storm: one student, 1,000 identical concurrent redemptions.
     let storm = retry_storm(&admin, &t.target).await?;
     log.push_str(&storm.0);
     rows.push(storm.1);
+
+    // A burst bigger than the machine: 50,000 students within 500 ms for
+    // 2,000 seats, all at once over 8 connections.
+    let burst_load = open(args.burst, args.burst, 500);
+    let before = meter.snapshot();
+    let burst = herd(&admin, &t.target, &burst_load, 2000).await?;
+    let name = format!("burst: {} students within 500 ms, 2,000 seats", args.burst);
+    log.push_str(&burst.report.summary(&name));
+    cost(
+        &meter,
+        &mut costs,
+        &mut log,
+        "burst",
+        &before,
+        &burst.report,
+    );
+    let definitive = burst.report.ok() + burst.report.count("CLASS_FULL");
+    rows.push(Row {
+        scenario: name,
+        figures: format!(
+            "{} told OK, {} seated, {} CLASS_FULL, {} other; {} retried ({} transport errors); last answer {:.2} s",
+            burst.report.ok(),
+            burst.enrolled,
+            burst.report.count("CLASS_FULL"),
+            burst.report.total - definitive,
+            burst.report.retries,
+            burst.report.resets,
+            secs(burst.report.elapsed)
+        ),
+        reference: "-".into(),
+        ratio: "-".into(),
+        target: verdict(
+            burst.report.resets == 0,
+            definitive == burst.report.total
+                && burst.enrolled == 2000
+                && burst.report.ok() == 2000,
+            "every seat taken and its student told OK, every call definitive, no connection reset",
+        ),
+    });
+
+    // Scale: 100,000 students over 10,000 classes of 10.
+    let classes = admin.classes_with_event_keys(10_000, 10).await?;
+    let students = admin.students(100_000).await?;
+    let codes = classes.iter().map(|(_, code)| code.clone()).collect();
+    let before = meter.snapshot();
+    let wide = redeem(&t.target, &closed(100_000), codes, students).await?;
+    log.push_str(&wide.summary("scale: 100,000 students over 10,000 classes"));
+    cost(
+        &meter,
+        &mut costs,
+        &mut log,
+        "scale: 10,000 classes",
+        &before,
+        &wide,
+    );
+    rows.push(Row {
+        scenario: "scale: 100,000 students over 10,000 classes of 10".into(),
+        figures: format!(
+            "{:.0} redemptions/s, p99 {:.2} ms, {} OK; memory {}",
+            wide.rps(),
+            pct(&wide, 0.99),
+            wide.ok(),
+            memory()
+        ),
+        reference: format!("pgbench enrollment tx: {pg_rate:.0}/s"),
+        ratio: format!("{:.2}x", wide.rps() / pg_rate),
+        target: verdict(true, wide.ok() == 100_000, "every student seated"),
+    });
+
+    // A webinar: 40,000 students for 20,000 seats, Redis flushed mid-herd.
+    let (class_id, code) = admin.class_with_event_key(20_000).await?;
+    let students = admin.students(40_000).await?;
+    let flush = {
+        let url = args.redis_url.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            let _ = Command::new("redis-cli")
+                .args(["-u", &url, "FLUSHALL"])
+                .output();
+        })
+    };
+    let before = meter.snapshot();
+    let webinar = redeem(&t.target, &closed(40_000), vec![code], students).await?;
+    let _ = flush.await;
+    log.push_str(
+        &webinar.summary("webinar: 40,000 students, 20,000 seats, Redis flushed after 2 s"),
+    );
+    cost(&meter, &mut costs, &mut log, "webinar", &before, &webinar);
+    let seated = admin.enrolled(&class_id).await?;
+    let class_bytes = redis_class_bytes(&args.redis_url, &class_id);
+    rows.push(Row {
+        scenario: "webinar: 40,000 students, 20,000 seats, Redis flushed after 2 s".into(),
+        figures: format!(
+            "sold out {:.2} s, last answer {:.2} s; {seated} seated, {} told OK; Redis {class_bytes} bytes for the class",
+            secs(webinar.last_ok),
+            secs(webinar.elapsed),
+            webinar.ok()
+        ),
+        reference: "-".into(),
+        ratio: "-".into(),
+        target: verdict(true, seated == 20_000 && webinar.ok() == 20_000, "exactly 20,000, each told OK"),
+    });
 
     rows.push(Row {
         scenario: "gate script in Redis (reference)".into(),
@@ -333,9 +509,10 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             r.scenario, r.figures, r.reference, r.ratio, r.target
         );
     }
-    println!("{log}\n{table}");
+    let costs = format!("| scenario | cost per answer |\n|---|---|\n{costs}");
+    println!("{log}\n{table}\n{costs}");
     let doc = format!(
-        "# Benchmark results\n\nMeasured by `make bench` on {} ({} cores).\n\n{table}\n## Raw figures\n\n```text\n{log}```\n",
+        "# Benchmark results\n\nMeasured by `make bench` on {} ({} cores).\n\n{table}\n## Cost per answer\n\nCPU milliseconds of each process (`/proc`), PostgreSQL statements and commits (`pg_stat_statements`) and Redis commands (`INFO stats`), read around each scenario and divided by its answers.\n\n{costs}\n## Raw figures\n\n```text\n{log}```\n",
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -344,6 +521,80 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     std::fs::write(&args.out, doc)?;
     println!("written to {}", args.out);
     Ok(())
+}
+
+/// Notes what a scenario cost per answer, from counters read around it.
+fn cost(
+    meter: &Meter,
+    costs: &mut String,
+    log: &mut String,
+    name: &str,
+    before: &Snapshot,
+    report: &Report,
+) {
+    let line = per_answer(before, &meter.snapshot(), report.total);
+    let _ = writeln!(costs, "| {name} | {line} |");
+    let _ = writeln!(log, "    cost: {line}");
+}
+
+fn secs(d: std::time::Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// A row's verdict: the correctness condition first, then the speed target.
+fn verdict(fast: bool, correct: bool, target: &str) -> String {
+    match (correct, fast) {
+        (false, _) => format!("{target}: INCORRECT"),
+        (true, true) => format!("{target}: met"),
+        (true, false) => format!("{target}: correct, speed target missed"),
+    }
+}
+
+/// Resident memory of each service process (VmRSS), e.g. "redemption 41 MB".
+fn memory() -> String {
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+            let comm = comm.trim();
+            if !["enrollment", "key-issuance", "redemption"].contains(&comm) {
+                continue;
+            }
+            let status = std::fs::read_to_string(path.join("status")).unwrap_or_default();
+            if let Some(kb) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                found.push(format!("{comm} {} MB", kb / 1024));
+            }
+        }
+    }
+    found.sort();
+    found.join(", ")
+}
+
+/// Bytes Redis holds for one class's gate state (`MEMORY USAGE` of its keys).
+fn redis_class_bytes(redis_url: &str, class_id: &str) -> u64 {
+    let cli = |args: &[&str]| {
+        Command::new("redis-cli")
+            .args(["-u", redis_url])
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    ["holds", "confirmed", "ready", "seen", "fresh"]
+        .iter()
+        .map(|k| {
+            cli(&["MEMORY", "USAGE", &format!("{{class:{class_id}}}:{k}")])
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0)
+        })
+        .sum()
 }
 
 fn arrival_name(load: &LoadArgs) -> String {
@@ -521,15 +772,18 @@ fn redis_gate(redis_url: &str) -> anyhow::Result<f64> {
         .args([
             "EVALSHA",
             &sha,
-            "4",
+            "5",
             "{class:bench}:holds",
             "{class:bench}:confirmed",
             "{class:bench}:ready",
             "{class:bench}:fresh",
+            "{class:bench}:seen",
             "user:__rand_int__",
             "100",
             "1000000000",
             "0",
+            "redemption:__rand_int__",
+            "60000",
         ])
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -538,6 +792,7 @@ fn redis_gate(redis_url: &str) -> anyhow::Result<f64> {
         "{class:bench}:holds",
         "{class:bench}:confirmed",
         "{class:bench}:ready",
+        "{class:bench}:seen",
     ])?;
     // "EVALSHA ...: 51234.56 requests per second, p50=..."
     text.split("requests per second")

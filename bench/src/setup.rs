@@ -92,6 +92,23 @@ impl Admin {
         Ok(ids)
     }
 
+    /// `n` classes of `max` with an event key each, made 64 at a time:
+    /// (class id, code) pairs.
+    pub async fn classes_with_event_keys(
+        &self,
+        n: usize,
+        max: i32,
+    ) -> anyhow::Result<Vec<(String, String)>> {
+        let mut made = Vec::with_capacity(n);
+        for chunk in (0..n).collect::<Vec<_>>().chunks(64) {
+            let batch = join_all(chunk.iter().map(|_| self.class_with_event_key(max))).await;
+            for class in batch {
+                made.push(class?);
+            }
+        }
+        Ok(made)
+    }
+
     /// Enrolled count of a class.
     pub async fn enrolled(&self, class_id: &str) -> anyhow::Result<i32> {
         let class = self
