@@ -28,8 +28,12 @@ pub struct Snapshot {
     statements: i64,
     /// Explicit transactions committed (`COMMIT` statements).
     commits: i64,
-    /// Commands Redis processed.
+    /// Commands Redis processed (those run inside scripts included).
     redis: i64,
+    /// Scripts Redis ran (`EVALSHA`/`EVAL` calls: one round trip each).
+    scripts: i64,
+    /// Calls per statement text.
+    by_statement: BTreeMap<String, i64>,
 }
 
 impl Snapshot {
@@ -62,21 +66,33 @@ impl Meter {
 
     /// The counters now.
     pub fn snapshot(&self) -> Snapshot {
-        let counts = self
+        // One line per statement: calls, a tab, its text on one line.
+        let rows = self
             .psql(
-                "SELECT coalesce(sum(calls), 0)::bigint || ' ' ||
-                        coalesce(sum(calls) FILTER (WHERE query ILIKE 'COMMIT%'), 0)::bigint
+                "SELECT sum(calls)::bigint || E'\t' || regexp_replace(query, '\\s+', ' ', 'g')
                  FROM pg_stat_statements
                  WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
-                   AND query NOT LIKE '%pg_stat_statements%'",
+                   AND query NOT LIKE '%pg_stat_statements%'
+                 GROUP BY query",
             )
             .unwrap_or_default();
-        let mut counts = counts.split_whitespace().map(|n| n.parse().unwrap_or(0));
+        let by_statement: BTreeMap<String, i64> = rows
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .map(|(calls, query)| (query.to_owned(), calls.parse().unwrap_or(0)))
+            .collect();
+        let (redis, scripts) = self.redis_commands().unwrap_or((0, 0));
         Snapshot {
             cpu: cpu_seconds(),
-            statements: counts.next().unwrap_or(0),
-            commits: counts.next().unwrap_or(0),
-            redis: self.redis_commands().unwrap_or(0),
+            statements: by_statement.values().sum(),
+            commits: by_statement
+                .iter()
+                .filter(|(q, _)| q.to_ascii_uppercase().starts_with("COMMIT"))
+                .map(|(_, n)| n)
+                .sum(),
+            redis,
+            scripts,
+            by_statement,
         }
     }
 
@@ -92,15 +108,33 @@ impl Meter {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 
-    fn redis_commands(&self) -> anyhow::Result<i64> {
-        let out = Command::new("redis-cli")
-            .args(["-u", &self.redis_url, "INFO", "stats"])
-            .output()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.lines()
+    /// Commands processed, and script calls (round trips that ran a script).
+    fn redis_commands(&self) -> anyhow::Result<(i64, i64)> {
+        let info = |section: &str| -> anyhow::Result<String> {
+            let out = Command::new("redis-cli")
+                .args(["-u", &self.redis_url, "INFO", section])
+                .output()?;
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        let total = info("stats")?
+            .lines()
             .find_map(|l| l.strip_prefix("total_commands_processed:"))
             .and_then(|n| n.trim().parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("no total_commands_processed in INFO stats"))
+            .ok_or_else(|| anyhow::anyhow!("no total_commands_processed in INFO stats"))?;
+        // cmdstat_evalsha:calls=123,usec=...
+        let scripts = info("commandstats")?
+            .lines()
+            .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+            .filter_map(|l| {
+                l.split_once("calls=")?
+                    .1
+                    .split(',')
+                    .next()?
+                    .parse::<i64>()
+                    .ok()
+            })
+            .sum();
+        Ok((total, scripts))
     }
 }
 
@@ -147,9 +181,30 @@ pub fn per_answer(before: &Snapshot, after: &Snapshot, answers: usize) -> String
         let _ = write!(line, "{name} {ms:.3}, ");
     }
     format!(
-        "CPU ms per answer: {line}total {total:.3}; PostgreSQL statements {:.2}, commits {:.2}; Redis commands {:.2}",
+        "CPU ms per answer: {line}total {total:.3}; PostgreSQL statements {:.2}, commits {:.2}; Redis script calls {:.2}, commands {:.2} (inside scripts included)",
         (after.statements - before.statements) as f64 / n,
         (after.commits - before.commits) as f64 / n,
+        (after.scripts - before.scripts) as f64 / n,
         (after.redis - before.redis) as f64 / n,
     )
+}
+
+/// The statements run most between two snapshots, per answer: where the
+/// database time of a scenario goes.
+pub fn top_statements(before: &Snapshot, after: &Snapshot, answers: usize, top: usize) -> String {
+    let n = answers.max(1) as f64;
+    let mut ran: Vec<(i64, &String)> = after
+        .by_statement
+        .iter()
+        .map(|(q, calls)| (calls - before.by_statement.get(q).unwrap_or(&0), q))
+        .filter(|(calls, _)| *calls > 0)
+        .collect();
+    ran.sort_by_key(|r| std::cmp::Reverse(r.0));
+    ran.iter()
+        .take(top)
+        .map(|(calls, q)| {
+            let short: String = q.chars().take(90).collect();
+            format!("      {:.2} x {short}\n", *calls as f64 / n)
+        })
+        .collect()
 }

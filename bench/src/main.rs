@@ -142,7 +142,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Herd { targets, load, max } => {
             let admin = setup::Admin::new(&targets.enrollment, &targets.keys)?;
-            let herd = scenarios::herd(&admin, &targets.target, &load, max).await?;
+            let herd = scenarios::herd(&admin, &targets.target, &load, max, None).await?;
             print!("{}", herd.report.summary("herd"));
             println!(
                 "enrolled {} of {max}; sold out after {:.2?}",

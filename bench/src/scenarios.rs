@@ -15,7 +15,7 @@ use trainingkeys_proto::v1::redeem_key_request::Redeemer;
 use trainingkeys_proto::v1::redemption_service_client::RedemptionServiceClient;
 
 use crate::LoadArgs;
-use crate::cost::{Meter, Snapshot, per_answer};
+use crate::cost::{Meter, Snapshot, per_answer, top_statements};
 use crate::load::{self, Call, Report, failed};
 use crate::setup::Admin;
 
@@ -87,17 +87,22 @@ async fn redeem(
                     Err(status) => status,
                 };
                 let (code, reason) = failed(&status);
+                // No ErrorInfo: not this service's answer but the transport's
+                // (a reset or refused stream, a connection going away).
                 let transport = reason.is_empty()
                     && matches!(
                         code,
-                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                        tonic::Code::Unavailable
+                            | tonic::Code::Unknown
+                            | tonic::Code::Cancelled
+                            | tonic::Code::Internal
                     );
                 if attempt >= 100 || !(code == tonic::Code::Unavailable || transport) {
                     return Err((code, reason));
                 }
                 retries.fetch_add(1, Ordering::Relaxed);
-                if transport {
-                    resets.fetch_add(1, Ordering::Relaxed);
+                if transport && resets.fetch_add(1, Ordering::Relaxed) < 3 {
+                    eprintln!("transport error, retried: {status:?}");
                 }
                 let delay = tonic_types::StatusExt::get_details_retry_info(&status)
                     .and_then(|r| r.retry_delay)
@@ -119,18 +124,28 @@ pub struct Herd {
     pub report: Report,
     pub enrolled: i32,
     pub code: String,
+    /// The cost counters once the class and students were made.
+    pub before: Snapshot,
 }
 
 /// `load.requests` distinct students redeem the new event key of a class of `max`.
-pub async fn herd(admin: &Admin, target: &str, load: &LoadArgs, max: i32) -> anyhow::Result<Herd> {
+pub async fn herd(
+    admin: &Admin,
+    target: &str,
+    load: &LoadArgs,
+    max: i32,
+    meter: Option<&Meter>,
+) -> anyhow::Result<Herd> {
     let (class_id, code) = admin.class_with_event_key(max).await?;
     let students = admin.students(load.requests).await?;
+    let before = meter.map(Meter::snapshot).unwrap_or_default();
     let report = redeem(target, load, vec![code.clone()], students).await?;
     let enrolled = admin.enrolled(&class_id).await?;
     Ok(Herd {
         report,
         enrolled,
         code,
+        before,
     })
 }
 
@@ -239,8 +254,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     // The herd: 5,000 students within 100 ms for 500 seats, gate on, then
     // the same with the gate off (the PostgreSQL guard alone).
     let herd_load = open(args.students, args.students, 100);
-    let before = meter.snapshot();
-    let gated = herd(&admin, &t.target, &herd_load, 500).await?;
+    let gated = herd(&admin, &t.target, &herd_load, 500, Some(&meter)).await?;
     let name = format!("herd: {} students within 100 ms, 500 seats", args.students);
     log.push_str(&gated.report.summary(&name));
     cost(
@@ -248,11 +262,10 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         &mut costs,
         &mut log,
         "herd, gate on",
-        &before,
+        &gated.before,
         &gated.report,
     );
-    let before = meter.snapshot();
-    let plain = herd(&admin, &args.no_gate, &herd_load, 500).await?;
+    let plain = herd(&admin, &args.no_gate, &herd_load, 500, Some(&meter)).await?;
     log.push_str(
         &plain
             .report
@@ -263,7 +276,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         &mut costs,
         &mut log,
         "herd, gate off",
-        &before,
+        &plain.before,
         &plain.report,
     );
     let (sold, answered) = (secs(gated.report.last_ok), secs(gated.report.elapsed));
@@ -294,7 +307,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
 
     // The same herd closed-loop (256 in flight) and a small class.
     for (max, load) in [(500, closed(args.students)), (30, herd_load.clone())] {
-        let herd = herd(&admin, &t.target, &load, max).await?;
+        let herd = herd(&admin, &t.target, &load, max, None).await?;
         let name = format!(
             "herd: {} students, class of {max}, {}",
             args.students,
@@ -392,8 +405,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     // A burst bigger than the machine: 50,000 students within 500 ms for
     // 2,000 seats, all at once over 8 connections.
     let burst_load = open(args.burst, args.burst, 500);
-    let before = meter.snapshot();
-    let burst = herd(&admin, &t.target, &burst_load, 2000).await?;
+    let burst = herd(&admin, &t.target, &burst_load, 2000, Some(&meter)).await?;
     let name = format!("burst: {} students within 500 ms, 2,000 seats", args.burst);
     log.push_str(&burst.report.summary(&name));
     cost(
@@ -401,7 +413,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         &mut costs,
         &mut log,
         "burst",
-        &before,
+        &burst.before,
         &burst.report,
     );
     let definitive = burst.report.ok() + burst.report.count("CLASS_FULL");
@@ -532,9 +544,12 @@ fn cost(
     before: &Snapshot,
     report: &Report,
 ) {
-    let line = per_answer(before, &meter.snapshot(), report.total);
+    let after = meter.snapshot();
+    let line = per_answer(before, &after, report.total);
     let _ = writeln!(costs, "| {name} | {line} |");
     let _ = writeln!(log, "    cost: {line}");
+    log.push_str("    statements per answer, most run first:\n");
+    log.push_str(&top_statements(before, &after, report.total, 8));
 }
 
 fn secs(d: std::time::Duration) -> f64 {
