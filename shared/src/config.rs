@@ -38,12 +38,21 @@ pub struct CommonConfig {
     #[arg(long, env = "MAX_CONNECTION_AGE_SECONDS", default_value_t = 0)]
     pub max_connection_age_seconds: u64,
 
-    /// Most calls this process answers at once; beyond it a call is refused
-    /// at once with UNAVAILABLE `OVERLOADED` and a RetryInfo delay (retry
-    /// with the same idempotency key), rather than queued until it times
-    /// out. Health checks are never refused.
+    /// Most calls this process handles at once (a call counts until its
+    /// answer starts: an export's streamed rows do not); beyond it a call
+    /// is refused at once with UNAVAILABLE `OVERLOADED` and a RetryInfo
+    /// delay, before any work, rather than queued until it times out.
+    /// Health checks are never refused.
     #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 4096)]
     pub max_in_flight: usize,
+
+    /// Longest a call may take to be answered, reading its request
+    /// included; past it the call ends with CANCELLED. Bounds how long a
+    /// client that opens a call and never finishes sending it can hold one
+    /// of the `MAX_IN_FLIGHT` places. (A streamed answer, an export's rows,
+    /// is not bounded by it once it has started.)
+    #[arg(long, env = "CALL_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub call_timeout_seconds: u64,
 
     /// Most concurrent HTTP/2 streams (calls) one client connection may
     /// open; a client queues the rest on its side. Bounds what one

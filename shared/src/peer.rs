@@ -54,8 +54,9 @@ fn from_transport(status: &Status) -> bool {
 }
 
 /// Calls a peer, retrying outages and retry answers: 3 attempts in all,
-/// 20 ms then 40 ms apart (with jitter). Every call a service makes through
-/// this must be idempotent.
+/// 20 ms then 40 ms apart (with jitter), or as long as a shed peer's
+/// RetryInfo asks (up to a second). Every call a service makes through this
+/// must be idempotent.
 pub async fn call<T, F, Fut>(send: F) -> Result<T, Status>
 where
     F: FnMut() -> Fut,
@@ -67,8 +68,23 @@ where
         .with_jitter();
     send.retry(backoff)
         .when(|status: &Status| classify(status) != Failure::Answer)
+        // A peer that says when to come back (RetryInfo: OVERLOADED) is
+        // called again no sooner.
+        .adjust(|status: &Status, next: Option<Duration>| {
+            next.map(|backoff| retry_after(status).map_or(backoff, |asked| asked.max(backoff)))
+        })
         .await
         .map(tonic::Response::into_inner)
+}
+
+/// The delay a status's `google.rpc.RetryInfo` asks for, if any (capped at
+/// a second: a peer call's whole budget is a few seconds).
+fn retry_after(status: &Status) -> Option<Duration> {
+    use tonic_types::StatusExt as _;
+    status
+        .get_details_retry_info()?
+        .retry_delay
+        .map(|d| d.min(Duration::from_secs(1)))
 }
 
 #[cfg(test)]
@@ -91,5 +107,41 @@ mod tests {
         );
         let full = crate::error::status(Code::ResourceExhausted, "CLASS_FULL", "full");
         assert_eq!(classify(&full), Failure::Answer);
+    }
+
+    #[tokio::test]
+    async fn a_shed_peer_is_called_again_no_sooner_than_it_asked() {
+        let shed = || {
+            let mut details = tonic_types::ErrorDetails::with_error_info(
+                crate::shed::OVERLOADED,
+                trainingkeys_proto::ERROR_DOMAIN,
+                std::collections::HashMap::new(),
+            );
+            details.set_retry_info(Some(Duration::from_millis(150)));
+            <Status as tonic_types::StatusExt>::with_error_details(
+                Code::Unavailable,
+                "busy",
+                details,
+            )
+        };
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let started = std::time::Instant::now();
+        let answer = call(|| {
+            let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                if n < 2 {
+                    Err(shed())
+                } else {
+                    Ok(tonic::Response::new(7))
+                }
+            }
+        })
+        .await;
+        assert_eq!(answer.unwrap(), 7);
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }

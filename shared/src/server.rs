@@ -114,6 +114,8 @@ pub struct ServeOptions {
     pub max_in_flight: usize,
     /// Most concurrent HTTP/2 streams per client connection.
     pub max_concurrent_streams: u32,
+    /// Longest a call may take to be answered (its request read included).
+    pub call_timeout: Duration,
 }
 
 impl ServeOptions {
@@ -132,6 +134,7 @@ impl ServeOptions {
             reload_every: Duration::from_secs(common.tls.tls_reload_seconds.max(1)),
             max_in_flight: common.max_in_flight.max(1),
             max_concurrent_streams: common.http2_max_concurrent_streams.max(1),
+            call_timeout: Duration::from_secs(common.call_timeout_seconds.max(1)),
         }
     }
 }
@@ -233,11 +236,12 @@ pub async fn serve(
     // HTTP/2 limits, set deliberately: a client opens at most
     // `max_concurrent_streams` calls per connection (each buffers at most one
     // small request frame, well inside h2's budget for small DATA frames,
-    // half the 1 MiB connection window), and a burst of calls a client
-    // cancels before they are accepted does not count as an attack.
+    // half the 1 MiB connection window); h2's defaults against rapid resets
+    // stay. A call that is not answered within `call_timeout` (a client that
+    // never finishes sending it) ends, and gives its place back.
     let mut builder = Server::builder()
         .max_concurrent_streams(options.max_concurrent_streams)
-        .http2_max_pending_accept_reset_streams(Some(options.max_concurrent_streams as usize))
+        .timeout(options.call_timeout)
         .trace_fn(move |request| {
             crate::telemetry::server_span(request, trace_auth.service_of(request).is_some())
         });

@@ -1024,3 +1024,50 @@ async fn a_retry_whose_admission_the_gate_lost_is_not_turned_away_by_the_gate_al
         "the retry got the recorded answer (A was seated); A's own call: {first:?}"
     );
 }
+
+/// A client that opens calls and never finishes sending them holds places
+/// among a replica's MAX_IN_FLIGHT only until CALL_TIMEOUT_SECONDS: other
+/// callers are shed meanwhile (a fast, retryable refusal), then served.
+#[tokio::test]
+async fn calls_that_never_finish_sending_give_their_place_back() {
+    let app = TestApp::start_with(1, |c| {
+        c.common.max_in_flight = 2;
+        c.common.call_timeout_seconds = 2;
+    })
+    .await;
+    let org = org();
+    let class = app.class(&org, 5).await;
+    let key = app.event_key(&class.class_id, false).await;
+    let ids = app.users(&org, 1).await;
+    for _ in 0..2 {
+        let channel = app.replicas[0].channel().await;
+        tokio::spawn(async move {
+            let mut grpc = tonic::client::Grpc::new(channel);
+            grpc.ready().await.unwrap();
+            let path = http::uri::PathAndQuery::from_static(
+                "/trainingkeys.v1.RedemptionService/RedeemKey",
+            );
+            let codec =
+                tonic_prost::ProstCodec::<pb::RedeemKeyRequest, pb::RedeemKeyResponse>::default();
+            let never = futures::stream::pending::<pb::RedeemKeyRequest>();
+            let _ = grpc
+                .client_streaming(tonic::Request::new(never), path, codec)
+                .await;
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let attempt = as_user(&key.code, &ids[0], &idem());
+    let shed = app.redeem(0, attempt.clone()).await;
+    assert_status(shed, Code::Unavailable, "OVERLOADED");
+    let started = std::time::Instant::now();
+    let seated = loop {
+        match app.redeem(0, attempt.clone()).await {
+            Ok(seated) => break seated,
+            Err(s) if reason(&s) == "OVERLOADED" && started.elapsed() < Duration::from_secs(6) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => panic!("the stalled calls kept their places: {s:?}"),
+        }
+    };
+    assert_eq!(enrollment(&seated).user_id, ids[0]);
+}
