@@ -42,7 +42,8 @@ pub struct CommonConfig {
     /// answer starts: an export's streamed rows do not); beyond it a call
     /// is refused at once with UNAVAILABLE `OVERLOADED` and a RetryInfo
     /// delay, before any work, rather than queued until it times out.
-    /// Health checks are never refused.
+    /// Health checks, and calls from this project's services (a service
+    /// certificate), are never refused.
     #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 4096)]
     pub max_in_flight: usize,
 

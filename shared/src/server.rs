@@ -253,6 +253,7 @@ pub async fn serve(
         .layer(ShedLayer::new(
             options.max_in_flight,
             Duration::from_millis(SHED_RETRY_AFTER_MS),
+            auth.clone(),
         ))
         .layer(AuthLayer::new(auth))
         .add_routes(

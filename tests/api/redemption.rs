@@ -1071,3 +1071,60 @@ async fn calls_that_never_finish_sending_give_their_place_back() {
     };
     assert_eq!(enrollment(&seated).user_id, ids[0]);
 }
+
+/// Load is shed at the edge, never half-way through a redemption: calls
+/// from this project's own services (a service certificate) are never
+/// refused as OVERLOADED, so a redemption admitted by a replica is not cut
+/// short by its peers' limits. Any other caller of that peer is.
+#[tokio::test]
+async fn calls_between_the_services_are_never_shed() {
+    let app = TestApp::start(0).await;
+    let mut tight = trainingkeys_enrollment::Config::for_tests(&app.database_url).unwrap();
+    trainingkeys_tests::for_tests(&mut tight.common, "enrollment");
+    tight.common.max_in_flight = 1;
+    let tight = trainingkeys_tests::spawn::<trainingkeys_enrollment::Application>(tight).await;
+    let mut config = app.replica_config();
+    config.enrollment_url = tight.url();
+    let replica = trainingkeys_tests::spawn::<trainingkeys_redemption::Application>(config).await;
+    let client =
+        pb::redemption_service_client::RedemptionServiceClient::new(replica.channel().await);
+
+    let org = org();
+    let class = app.class(&org, 10).await;
+    let key = app.event_key(&class.class_id, false).await;
+    let ids = app.users(&org, 50).await;
+    let answers = join_all(ids.iter().map(|id| {
+        let mut client = client.clone();
+        let request = as_user(&key.code, id, &idem());
+        async move { client.redeem_key(request).await }
+    }))
+    .await;
+    let mut ok = 0;
+    for answer in answers {
+        match answer {
+            Ok(_) => ok += 1,
+            Err(s) if reason(&s) == "CLASS_FULL" => {}
+            Err(s) => panic!("a redemption was cut short by its peer: {s:?}"),
+        }
+    }
+    assert_eq!(ok, 10);
+    assert_eq!(app.seated(&class.class_id).await.len(), 10);
+
+    // An outside caller of that enrollment is shed.
+    let outside =
+        pb::enrollment_service_client::EnrollmentServiceClient::new(tight.channel().await);
+    let reads = join_all((0..30).map(|_| {
+        let mut outside = outside.clone();
+        let request = pb::GetClassRequest {
+            class_id: class.class_id.clone(),
+        };
+        async move { outside.get_class(request).await }
+    }))
+    .await;
+    assert!(
+        reads
+            .iter()
+            .any(|r| matches!(r, Err(s) if reason(s) == "OVERLOADED")),
+        "30 concurrent outside calls to a bound of 1 were all served"
+    );
+}

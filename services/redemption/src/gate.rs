@@ -94,6 +94,20 @@ fn keys(class_id: Uuid) -> [String; 7] {
     ]
 }
 
+/// `script` with a class's state keys, in the order the admission and
+/// peek scripts read them: holds, confirmed, ready, fresh, seen.
+fn with_state_keys<'s>(script: &'s Script, keys: &[String; 7]) -> redis::ScriptInvocation<'s> {
+    let [holds, confirmed, ready, _, _, fresh, seen] = keys;
+    let mut invocation = script.prepare_invoke();
+    invocation
+        .key(holds)
+        .key(confirmed)
+        .key(ready)
+        .key(fresh)
+        .key(seen);
+    invocation
+}
+
 /// What a class's state is rebuilt from: enrollment's seat holders, and the
 /// redemptions recorded for the class (whose retries must be answered from
 /// their record, never turned away by [`Gate::full_for_sure`]).
@@ -149,17 +163,11 @@ impl Gate {
         if !self.enabled {
             return false;
         }
-        let [holds, confirmed, ready, _, _, fresh, seen] = keys(class_id);
-        let (holds, confirmed, ready, fresh, seen) = (&holds, &confirmed, &ready, &fresh, &seen);
+        let keys = &keys(class_id);
         let answer = self
             .redis
             .run(|mut c| async move {
-                self.peek
-                    .key(holds)
-                    .key(confirmed)
-                    .key(ready)
-                    .key(fresh)
-                    .key(seen)
+                with_state_keys(&self.peek, keys)
                     .arg(user_id.to_string())
                     .arg(max_students)
                     .arg(enrolled)
@@ -195,8 +203,7 @@ impl Gate {
             return Admission::Bypassed;
         }
         self.mark_active(class_id);
-        let [holds, confirmed, ready, _, _, fresh, seen] = keys(class_id);
-        let (holds, confirmed, ready, fresh, seen) = (&holds, &confirmed, &ready, &fresh, &seen);
+        let keys = &keys(class_id);
         let mut roster = Some(roster);
         let deadline = tokio::time::Instant::now() + REBUILD_WAIT;
         loop {
@@ -205,12 +212,7 @@ impl Gate {
             let answer = self
                 .redis
                 .run(|mut c| async move {
-                    self.admit
-                        .key(holds)
-                        .key(confirmed)
-                        .key(ready)
-                        .key(fresh)
-                        .key(seen)
+                    with_state_keys(&self.admit, keys)
                         .arg(user_id.to_string())
                         .arg(self.hold.as_millis() as u64)
                         .arg(max_students)
