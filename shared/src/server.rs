@@ -249,13 +249,15 @@ pub async fn serve(
         builder = builder.max_connection_age(jitter(age));
     }
     let local_addr = listener.local_addr()?;
+    // Authentication first (a refused call never takes a place, and the
+    // caller it establishes tells the shedding which calls come from this
+    // project's services), then shedding.
     let router = builder
+        .layer(AuthLayer::new(auth))
         .layer(ShedLayer::new(
             options.max_in_flight,
             Duration::from_millis(SHED_RETRY_AFTER_MS),
-            auth.clone(),
         ))
-        .layer(AuthLayer::new(auth))
         .add_routes(
             routes
                 .add_service(health_service)

@@ -6,8 +6,9 @@
 //! time out, Redis calls queued behind the burst time out with them, and
 //! connections are dropped. Health checks and reflection are never shed,
 //! and neither are calls from this project's own services (a client
-//! certificate naming one): load is shed at the edge, where a call can be
-//! retried whole, never half-way through a redemption already admitted.
+//! certificate naming one, as the authentication layer in front of this one
+//! found): load is shed at the edge, where a call can be retried whole,
+//! never half-way through a redemption already admitted.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -36,23 +37,16 @@ pub const OVERLOADED: &str = "OVERLOADED";
 pub struct ShedLayer {
     permits: Arc<Semaphore>,
     retry_after: Duration,
-    /// Tells this project's services (never shed) from other callers.
-    auth: crate::auth::Authenticator,
 }
 
 impl ShedLayer {
     /// At most `max_in_flight` calls at once; a shed call is told to retry
     /// after about `retry_after` (spread by up to half again, so a shed herd
     /// does not come back as one).
-    pub fn new(
-        max_in_flight: usize,
-        retry_after: Duration,
-        auth: crate::auth::Authenticator,
-    ) -> Self {
+    pub fn new(max_in_flight: usize, retry_after: Duration) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(max_in_flight)),
             retry_after,
-            auth,
         }
     }
 
@@ -113,9 +107,11 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if crate::auth::is_open(request.uri().path())
-            || self.layer.auth.service_of(&request).is_some()
-        {
+        let from_a_service = request
+            .extensions()
+            .get::<crate::auth::Caller>()
+            .is_some_and(|caller| caller.service.is_some());
+        if crate::auth::is_open(request.uri().path()) || from_a_service {
             return Box::pin(self.inner.call(request));
         }
         match self.layer.permits.clone().try_acquire_owned() {
