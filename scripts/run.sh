@@ -21,6 +21,13 @@ export KEY_ISSUANCE_URL="https://$KEY_ISSUANCE_LISTEN_ADDR"
 export REDIS_URL
 # Long-lived HTTP/2 clients re-balance when connections age out.
 export MAX_CONNECTION_AGE_SECONDS="${MAX_CONNECTION_AGE_SECONDS:-30}"
+# Each service applies its migrations as it starts (in production a
+# migration Job does: deploy/k8s).
+export MIGRATE_ON_START=true
+# Prometheus metrics: one port per process, listed in .run/metrics.
+mapfile -t metrics_ports < <(pick_ports $((2 + REPLICAS)))
+metrics_at() { export METRICS_ADDR="127.0.0.1:${metrics_ports[$1]}"; echo "$2 http://$METRICS_ADDR/metrics" >> .run/metrics; }
+: > .run/metrics
 
 # Key issuance's code secrets: taken from the environment when set, else
 # throwaway ones generated once into .run/secrets (mode 600) and reused, so
@@ -91,13 +98,13 @@ wait_listening() { # host:port
   echo "nothing listens on $1" >&2; return 1
 }
 
-(tls_as enrollment; exec "$BIN/enrollment") & pids+=($!)
+(tls_as enrollment; metrics_at 0 enrollment; exec "$BIN/enrollment") & pids+=($!)
 wait_listening "$ENROLLMENT_LISTEN_ADDR"
-(tls_as key-issuance; exec "$BIN/key-issuance") & pids+=($!)
+(tls_as key-issuance; metrics_at 1 key-issuance; exec "$BIN/key-issuance") & pids+=($!)
 tls_as redemption
 
 if [[ "$REPLICAS" -le 1 ]]; then
-  REDEMPTION_LISTEN_ADDR="127.0.0.1:$REDEMPTION_PORT" "$BIN/redemption" & pids+=($!)
+  (metrics_at 2 redemption; REDEMPTION_LISTEN_ADDR="127.0.0.1:$REDEMPTION_PORT" exec "$BIN/redemption") & pids+=($!)
   wait_listening "127.0.0.1:$REDEMPTION_PORT"
   topology="redemption     127.0.0.1:$REDEMPTION_PORT   (trainingkeys.v1.RedemptionService)"
 else
@@ -107,7 +114,8 @@ else
   for i in $(seq 1 "$REPLICAS"); do
     port="${replica_ports[$((i - 1))]}"
     # haproxy (on this host) adds x-forwarded-for: believe it, and only it.
-    TRUSTED_PROXIES=127.0.0.1 REDEMPTION_LISTEN_ADDR="127.0.0.1:$port" "$BIN/redemption" & pids+=($!)
+    (metrics_at $((1 + i)) "redemption-r$i"
+     TRUSTED_PROXIES=127.0.0.1 REDEMPTION_LISTEN_ADDR="127.0.0.1:$port" exec "$BIN/redemption") & pids+=($!)
     servers+="  server r$i 127.0.0.1:$port ssl verify required ca-file $PWD/$DEV/ca.pem alpn h2 check"$'\n'
   done
   cat > .run/haproxy.cfg <<CFG
@@ -142,6 +150,9 @@ Training Keys is running:
   $topology
   PostgreSQL     $DATABASE_URL
   Redis          $REDIS_URL
+
+Prometheus metrics (also in .run/metrics; e.g. curl -s <url> | grep rpc_server_call):
+$(sed 's/^/  /' .run/metrics)
 
 Every service speaks TLS (CA: $DEV/ca.pem) and wants a bearer token.
 Ready tokens for organization acme, one per role, valid 12 hours (also in

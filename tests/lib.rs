@@ -81,10 +81,12 @@ impl Spawned {
     }
 }
 
-/// What every service under test shares: a short shutdown grace, and TLS
+/// What every service under test shares: a short shutdown grace, its
+/// migrations applied on start, and TLS
 /// with `name`'s certificate and the test JWKS.
 pub fn for_tests(common: &mut CommonConfig, name: &str) {
     common.shutdown_grace_seconds = 2;
+    common.migrate_on_start = true;
     pki::pki().configure(common, name);
 }
 

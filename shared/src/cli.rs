@@ -22,6 +22,8 @@ pub trait Service: Sized {
     fn migrator() -> &'static Migrator;
     /// The shared part of its configuration.
     fn common(config: &Self::Config) -> &CommonConfig;
+    /// The shared part of its configuration, to change.
+    fn common_mut(config: &mut Self::Config) -> &mut CommonConfig;
     /// Connects, migrates and binds.
     fn build(config: Self::Config) -> impl Future<Output = anyhow::Result<Self>> + Send;
     /// The address it is bound to (after [`build`](Self::build)).
@@ -41,7 +43,11 @@ struct Cli<C: clap::Args> {
 #[derive(clap::Subcommand)]
 enum Command {
     /// Serve gRPC (the default).
-    Serve,
+    Serve {
+        /// Apply the migrations first (as `MIGRATE_ON_START=true` does).
+        #[arg(long)]
+        migrate: bool,
+    },
     /// Apply database migrations and exit.
     Migrate,
 }
@@ -52,16 +58,19 @@ pub async fn main<S: Service>() -> anyhow::Result<()> {
         .name(S::NAME)
         .about(format!("Training Keys {} service", S::NAME))
         .version(env!("CARGO_PKG_VERSION"));
-    let cli = Cli::<S::Config>::from_arg_matches(&command.get_matches())?;
+    let mut cli = Cli::<S::Config>::from_arg_matches(&command.get_matches())?;
     let _telemetry = crate::telemetry::init(S::NAME, S::common(&cli.config).log_format)?;
-    match cli.command.unwrap_or(Command::Serve) {
+    match cli.command.unwrap_or(Command::Serve { migrate: false }) {
         Command::Migrate => {
             let common = S::common(&cli.config);
             let pool = crate::db::connect(&common.database_url, S::SCHEMA, 2)?;
             crate::db::migrate(&pool, S::SCHEMA, S::migrator()).await?;
             tracing::info!(schema = S::SCHEMA, "migrations applied");
         }
-        Command::Serve => {
+        Command::Serve { migrate } => {
+            if migrate {
+                S::common_mut(&mut cli.config).migrate_on_start = true;
+            }
             let service = S::build(cli.config).await?;
             let shutdown = CancellationToken::new();
             crate::server::cancel_on_signal(shutdown.clone());

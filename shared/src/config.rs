@@ -29,6 +29,26 @@ pub struct CommonConfig {
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Apply this service's migrations when `serve` starts (`serve
+    /// --migrate` does the same). Off by default: in production a
+    /// migration Job (`<service> migrate`) runs them, once, before the
+    /// rollout. With the database down the service starts anyway, NOT_SERVING,
+    /// and applies them when it returns.
+    #[arg(long = "migrate-on-start", env = "MIGRATE_ON_START", default_value_t = false, action = clap::ArgAction::Set)]
+    pub migrate_on_start: bool,
+
+    /// Serve Prometheus metrics (`GET /metrics`, plaintext) on this
+    /// address, e.g. `0.0.0.0:9464`. Off when unset.
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// Seconds a replica keeps accepting calls after SIGTERM / Ctrl-C while
+    /// its readiness already says NOT_SERVING, so load balancers and
+    /// endpoint lists stop sending to it before it stops listening. Then
+    /// in-flight calls drain within `SHUTDOWN_GRACE_SECONDS`.
+    #[arg(long, env = "SHUTDOWN_DELAY_SECONDS", default_value_t = 0)]
+    pub shutdown_delay_seconds: u64,
+
     /// Seconds in-flight calls get to finish after SIGTERM / Ctrl-C.
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
     pub shutdown_grace_seconds: u64,

@@ -28,6 +28,17 @@ pub async fn migrate(pool: &PgPool, schema: &str, migrator: &Migrator) -> anyhow
         !schema.is_empty() && schema.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
         "schema name {schema:?} must be lower-case letters and underscores"
     );
+    // A schema made beforehand (owned by the service's own role, which need
+    // not be allowed to create schemas) is used as it is.
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(schema)
+            .fetch_one(pool)
+            .await?;
+    if exists {
+        migrator.run(pool).await?;
+        return Ok(());
+    }
     let mut tx = pool.begin().await?;
     // One lock id for all schema creation; held until commit.
     sqlx::query("SELECT pg_advisory_xact_lock(7261873)")

@@ -98,8 +98,39 @@ impl Redis {
         Ok(conn.clone())
     }
 
-    /// Runs `f` on the connection; a failure opens the circuit.
-    pub async fn run<T, F, Fut>(&self, f: F) -> Result<T, RedisUnavailable>
+    /// Runs `f` on the connection; a failure opens the circuit. The call,
+    /// named `operation` (the script or command), is a client span and a
+    /// sample of `db.client.operation.duration`.
+    pub async fn run<T, F, Fut>(&self, operation: &'static str, f: F) -> Result<T, RedisUnavailable>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        use tracing::Instrument as _;
+        let span = tracing::info_span!(
+            "redis",
+            otel.name = operation,
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            db.system.name = "redis",
+            db.operation.name = operation,
+        );
+        let started = std::time::Instant::now();
+        let answer = self.run_untimed(f).instrument(span.clone()).await;
+        crate::metrics::DB_CLIENT.record(
+            started.elapsed().as_secs_f64(),
+            &[
+                opentelemetry::KeyValue::new("db.system.name", "redis"),
+                opentelemetry::KeyValue::new("db.operation.name", operation),
+            ],
+        );
+        if answer.is_err() {
+            span.record("otel.status_code", "ERROR");
+        }
+        answer
+    }
+
+    async fn run_untimed<T, F, Fut>(&self, f: F) -> Result<T, RedisUnavailable>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,

@@ -1,7 +1,11 @@
-//! The gRPC server bootstrap every service uses: `grpc.health.v1` (SERVING only
-//! while the database answers), server reflection, a tracing span per call,
-//! an optional maximum connection age, and graceful shutdown (health
-//! NOT_SERVING, in-flight calls drain, bounded by a grace period).
+//! The gRPC server bootstrap every service uses: `grpc.health.v1` (service
+//! `liveness`: SERVING while the process runs; `readiness`, the empty name and
+//! the service's own: SERVING only while the database answers and the
+//! migrations asked for are applied), server reflection, a tracing span, a
+//! duration and an access line per call, Prometheus metrics on
+//! `METRICS_ADDR`, an optional maximum connection age, and graceful shutdown
+//! (readiness NOT_SERVING, calls still accepted for the shutdown delay, then
+//! in-flight calls drain, bounded by a grace period).
 
 use std::time::Duration;
 
@@ -19,15 +23,18 @@ use crate::tls::Tls;
 
 /// What every service's `build` does once its settings are checked
 /// ([`security`], peer clients): its pool (its own schema; the URL is checked, nothing
-/// is connected yet), its listener bound, then its migrations applied. The
-/// port is bound before the first outgoing connection, so none of this
-/// process's own connections to PostgreSQL can be holding it (the default
-/// ports lie in Linux's ephemeral range).
+/// is connected yet), its listeners bound, then, only when asked
+/// (`MIGRATE_ON_START`, `serve --migrate`), its migrations applied. With the
+/// database down the migrations wait: the service starts NOT_SERVING and
+/// applies them when the database returns. The port is bound before the
+/// first outgoing connection, so none of this process's own connections to
+/// PostgreSQL can be holding it (the default ports lie in Linux's ephemeral
+/// range).
 pub async fn prepare(
     security: Security,
     common: &crate::config::CommonConfig,
     schema: &str,
-    migrator: &sqlx::migrate::Migrator,
+    migrator: &'static sqlx::migrate::Migrator,
     listen_addr: std::net::SocketAddr,
 ) -> anyhow::Result<Prepared> {
     let Security { tls, auth } = security;
@@ -41,11 +48,35 @@ pub async fn prepare(
         Some(addr) => Some(TcpListener::bind(addr).await?),
         None => None,
     };
-    crate::db::migrate(&pool, schema, migrator).await?;
+    let metrics_listener = match common.metrics_addr {
+        Some(addr) => Some(TcpListener::bind(addr).await?),
+        None => None,
+    };
+    crate::metrics::observe_pool(&pool, schema, common.database_max_connections);
+    let mut pending = None;
+    if common.migrate_on_start {
+        if let Err(error) = crate::db::migrate(&pool, schema, migrator).await {
+            // A database that is down is waited for; any other failure
+            // (a migration that does not apply) stops the start.
+            if crate::db::is_reachable(&pool).await {
+                return Err(error);
+            }
+            tracing::warn!(
+                error = %format_args!("{error:#}"),
+                "the database is unreachable: migrations wait for it (NOT_SERVING until then)"
+            );
+            pending = Some(Migration {
+                schema: schema.to_owned(),
+                migrator,
+            });
+        }
+    }
     Ok(Prepared {
         pool,
         listener,
         health_listener,
+        metrics_listener,
+        pending,
         tls,
         auth,
     })
@@ -79,10 +110,21 @@ pub struct Prepared {
     pub listener: TcpListener,
     /// The bound plaintext health-check listener, if configured.
     pub health_listener: Option<TcpListener>,
+    /// The bound Prometheus endpoint's listener, if configured.
+    pub metrics_listener: Option<TcpListener>,
+    /// Migrations asked for that wait for the database.
+    pending: Option<Migration>,
     /// TLS, for serving and for calling peers; `None` when plaintext was configured.
     pub tls: Option<Tls>,
     /// The verifier of callers.
     pub auth: Authenticator,
+}
+
+/// Migrations to apply once the database answers.
+#[derive(Debug)]
+struct Migration {
+    schema: String,
+    migrator: &'static sqlx::migrate::Migrator,
 }
 
 impl Prepared {
@@ -91,6 +133,12 @@ impl Prepared {
         self.listener.local_addr()
     }
 }
+
+/// The health service name that reports the process alone (liveness).
+pub const LIVENESS: &str = "liveness";
+/// The health service name that reports readiness (as do the empty name
+/// and the service's own).
+pub const READINESS: &str = "readiness";
 
 /// How often readiness (database reachability) is re-checked.
 const READINESS_INTERVAL: Duration = Duration::from_secs(2);
@@ -106,6 +154,9 @@ pub struct ServeOptions {
     pub prepared: Prepared,
     /// Longest wait for in-flight calls once shutdown starts.
     pub grace: Duration,
+    /// How long calls are still accepted once shutdown starts (readiness
+    /// already NOT_SERVING), so load balancers stop sending first.
+    pub shutdown_delay: Duration,
     /// Close connections after this age (jittered), so clients re-balance.
     pub max_connection_age: Option<Duration>,
     /// How often the TLS files and the JWKS are re-read.
@@ -130,6 +181,7 @@ impl ServeOptions {
             service_names: vec![service_name],
             prepared,
             grace: common.shutdown_grace(),
+            shutdown_delay: Duration::from_secs(common.shutdown_delay_seconds),
             max_connection_age: common.max_connection_age(),
             reload_every: Duration::from_secs(common.tls.tls_reload_seconds.max(1)),
             max_in_flight: common.max_in_flight.max(1),
@@ -140,11 +192,12 @@ impl ServeOptions {
 }
 
 /// Serves `routes` (plus health and reflection) on the prepared listener,
-/// every call authenticated and authorized, until `shutdown` is cancelled,
-/// then drains for at most `options.grace`.
+/// every call authenticated and authorized, until `shutdown` is cancelled;
+/// then reports NOT_SERVING, keeps accepting calls for
+/// `options.shutdown_delay`, and drains for at most `options.grace`.
 pub async fn serve(
     routes: Routes,
-    options: ServeOptions,
+    mut options: ServeOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -164,9 +217,14 @@ pub async fn serve(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    let names: Vec<&'static str> = std::iter::once("")
+    // Readiness: the empty name, `readiness`, and each service's own.
+    let names: Vec<&'static str> = ["", READINESS]
+        .into_iter()
         .chain(options.service_names.iter().copied())
         .collect();
+    health
+        .set_service_status(LIVENESS, ServingStatus::Serving)
+        .await;
     let set_all = {
         let health = health.clone();
         let names = names.clone();
@@ -182,15 +240,29 @@ pub async fn serve(
     };
     set_all(ServingStatus::NotServing).await;
 
-    // Readiness follows the database until shutdown starts.
+    // Readiness follows the database (once the migrations asked for are
+    // applied) until shutdown starts.
     let readiness = tokio::spawn({
         let shutdown = shutdown.clone();
         let db = options.prepared.pool.clone();
+        let mut pending = options.prepared.pending.take();
         let set_all = set_all.clone();
         async move {
             let mut last = None;
             loop {
-                let ok = crate::db::is_reachable(&db).await;
+                if let Some(migration) = &pending {
+                    match crate::db::migrate(&db, &migration.schema, migration.migrator).await {
+                        Ok(()) => {
+                            tracing::info!("the database is back: migrations applied");
+                            pending = None;
+                        }
+                        Err(error) => tracing::warn!(
+                            error = %format_args!("{error:#}"),
+                            "migrations still wait for the database"
+                        ),
+                    }
+                }
+                let ok = pending.is_none() && crate::db::is_reachable(&db).await;
                 if last != Some(ok) {
                     tracing::info!(serving = ok, "readiness changed");
                     set_all(if ok {
@@ -212,17 +284,25 @@ pub async fn serve(
     let Prepared {
         listener,
         health_listener,
+        metrics_listener,
         tls,
         auth,
         ..
     } = options.prepared;
+    // Stops accepting calls: the shutdown delay after `shutdown`.
+    let stop_accepting = CancellationToken::new();
+    if let Some(metrics_listener) = metrics_listener {
+        let addr = metrics_listener.local_addr()?;
+        crate::metrics::serve(metrics_listener, stop_accepting.clone());
+        tracing::info!(%addr, "metrics (Prometheus, GET /metrics)");
+    }
     if let Some(probe_listener) = health_listener {
         let addr = probe_listener.local_addr()?;
         let probes = Server::builder()
             .add_service(health_service.clone())
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(probe_listener),
-                shutdown.clone().cancelled_owned(),
+                stop_accepting.clone().cancelled_owned(),
             );
         tokio::spawn(async move {
             if let Err(error) = probes.await {
@@ -253,6 +333,7 @@ pub async fn serve(
     // caller it establishes tells the shedding which calls come from this
     // project's services), then shedding.
     let router = builder
+        .layer(crate::rpc::ServerLayer)
         .layer(AuthLayer::new(auth))
         .layer(ShedLayer::new(
             options.max_in_flight,
@@ -264,7 +345,7 @@ pub async fn serve(
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha),
         );
-    let stop = shutdown.clone().cancelled_owned();
+    let stop = stop_accepting.clone().cancelled_owned();
     let mut server = match &tls {
         Some(tls) => {
             tls.watch(options.reload_every, shutdown.clone());
@@ -285,6 +366,17 @@ pub async fn serve(
     }
     let _ = readiness.await;
     set_all(ServingStatus::NotServing).await;
+    if !options.shutdown_delay.is_zero() {
+        tracing::info!(
+            delay = ?options.shutdown_delay,
+            "shutting down: NOT_SERVING, still accepting calls until load balancers stop sending"
+        );
+        tokio::select! {
+            result = &mut server => return Ok(result??),
+            () = tokio::time::sleep(options.shutdown_delay) => {}
+        }
+    }
+    stop_accepting.cancel();
     tracing::info!(grace = ?options.grace, "shutting down: draining in-flight calls");
     match tokio::time::timeout(options.grace, &mut server).await {
         Ok(result) => result??,

@@ -49,52 +49,204 @@ pub fn init(service_name: &'static str, format: LogFormat) -> anyhow::Result<Tel
     let fmt = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer().with_target(false).boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
-            .with_current_span(true)
+            .event_format(WithTraceIds(
+                tracing_subscriber::fmt::format().json().with_current_span(true),
+            ))
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
             .boxed(),
     };
 
-    let (provider, meters) = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
-        Ok(endpoint) if !endpoint.is_empty() => {
-            let resource = opentelemetry_sdk::Resource::builder()
-                .with_service_name(service_name)
-                .build();
-            use opentelemetry_otlp::WithTonicConfig as _;
-            let tls = otlp_tls(&endpoint)?;
-            let mut spans = opentelemetry_otlp::SpanExporter::builder().with_tonic();
-            let mut metrics = opentelemetry_otlp::MetricExporter::builder().with_tonic();
-            if let Some(tls) = tls {
-                spans = spans.with_tls_config(tls.clone());
-                metrics = metrics.with_tls_config(tls);
-            }
-            let spans = spans.build()?;
-            let metrics = metrics.build()?;
-            let meters = SdkMeterProvider::builder()
-                .with_periodic_exporter(metrics)
-                .with_resource(resource.clone())
-                .build();
-            opentelemetry::global::set_meter_provider(meters.clone());
-            let provider = SdkTracerProvider::builder()
-                .with_batch_exporter(spans)
-                .with_resource(resource)
-                .build();
-            (Some(provider), Some(meters))
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(service_name)
+        .build();
+    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_default();
+    let exporting = !endpoint.is_empty();
+    // Spans always get ids (the logs carry them), and go out only when a
+    // collector is configured.
+    let mut spans = SdkTracerProvider::builder().with_resource(resource.clone());
+    let mut metrics_exporter = None;
+    if exporting {
+        use opentelemetry_otlp::WithTonicConfig as _;
+        let tls = otlp_tls(&endpoint)?;
+        let mut span_exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+        let mut metric_exporter = opentelemetry_otlp::MetricExporter::builder().with_tonic();
+        if let Some(tls) = tls {
+            span_exporter = span_exporter.with_tls_config(tls.clone());
+            metric_exporter = metric_exporter.with_tls_config(tls);
         }
-        _ => (None, None),
-    };
-    let otel = provider.as_ref().map(|p| {
-        tracing_opentelemetry::layer()
-            .with_tracer(p.tracer(service_name))
-            .with_filter(filter())
-    });
+        spans = spans.with_batch_exporter(span_exporter.build()?);
+        metrics_exporter = Some(metric_exporter.build()?);
+    }
+    let provider = spans.build();
+    let meters = crate::metrics::install(resource, metrics_exporter)?;
+    let tracer = provider.tracer(service_name);
+    let _ = STATEMENT_TRACER.set((tracer.clone(), exporting));
     tracing_subscriber::registry()
         .with(fmt.with_filter(filter()))
-        .with(otel)
+        .with(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_filter(filter()),
+        )
+        .with(Statements::default().with_filter(statement_events()))
         .try_init()?;
-    if provider.is_some() {
+    if exporting {
         tracing::info!("exporting traces and metrics over OTLP");
     }
-    Ok(TelemetryGuard { provider, meters })
+    Ok(TelemetryGuard {
+        provider: Some(provider),
+        meters,
+    })
+}
+
+/// The tracer of PostgreSQL statements' client spans, and whether spans
+/// are exported at all (when not, none are made).
+static STATEMENT_TRACER: std::sync::OnceLock<(opentelemetry_sdk::trace::SdkTracer, bool)> =
+    std::sync::OnceLock::new();
+
+/// Only sqlx's statement events (one per statement run, with its duration).
+fn statement_events() -> tracing_subscriber::filter::Targets {
+    tracing_subscriber::filter::Targets::new()
+        .with_target("sqlx::query", tracing::level_filters::LevelFilter::DEBUG)
+}
+
+/// Turns each statement sqlx ran (its `sqlx::query` event) into a sample of
+/// `db.client.operation.duration` and, when spans are exported, a client
+/// span under the span that ran it.
+#[derive(Default)]
+struct Statements;
+
+/// The process's subscriber, as layers and formatters need it to look up a
+/// span's OpenTelemetry context (inside a dispatch, the current one is
+/// unreachable). Set when the subscriber is installed.
+static DISPATCH: std::sync::OnceLock<tracing::dispatcher::WeakDispatch> =
+    std::sync::OnceLock::new();
+
+/// The OpenTelemetry context of span `id`.
+fn otel_context(id: &tracing::span::Id) -> Option<opentelemetry::Context> {
+    let dispatch = DISPATCH.get()?.upgrade()?;
+    tracing_opentelemetry::get_otel_context(id, &dispatch)
+}
+
+impl<S> Layer<S> for Statements
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_register_dispatch(&self, subscriber: &tracing::Dispatch) {
+        let _ = DISPATCH.set(subscriber.downgrade());
+    }
+
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        let mut statement = Statement::default();
+        event.record(&mut statement);
+        let Some(elapsed) = statement.elapsed else {
+            return;
+        };
+        let operation = statement
+            .summary
+            .split_whitespace()
+            .next()
+            .unwrap_or("unknown")
+            .to_ascii_uppercase();
+        crate::metrics::DB_CLIENT.record(
+            elapsed,
+            &[
+                opentelemetry::KeyValue::new("db.system.name", "postgresql"),
+                opentelemetry::KeyValue::new("db.operation.name", operation.clone()),
+            ],
+        );
+        let Some((tracer, true)) = STATEMENT_TRACER.get() else {
+            return;
+        };
+        let Some(parent) = ctx.event_span(event).map(|span| span.id()) else {
+            return;
+        };
+        let Some(parent) = otel_context(&parent) else {
+            return;
+        };
+        use opentelemetry::trace::{Span as _, Tracer as _};
+        let ended = std::time::SystemTime::now();
+        let started = ended - std::time::Duration::from_secs_f64(elapsed);
+        let mut span = tracer
+            .span_builder(operation.clone())
+            .with_kind(opentelemetry::trace::SpanKind::Client)
+            .with_start_time(started)
+            .with_attributes([
+                opentelemetry::KeyValue::new("db.system.name", "postgresql"),
+                opentelemetry::KeyValue::new("db.operation.name", operation),
+                opentelemetry::KeyValue::new("db.query.summary", statement.summary),
+            ])
+            .start_with_context(tracer, &parent);
+        span.end_with_timestamp(ended);
+    }
+}
+
+/// The fields of one sqlx statement event.
+#[derive(Default)]
+struct Statement {
+    summary: String,
+    elapsed: Option<f64>,
+}
+
+impl tracing::field::Visit for Statement {
+    fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+        if field.name() == "elapsed_secs" {
+            self.elapsed = Some(value);
+        }
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "summary" {
+            value.clone_into(&mut self.summary);
+        }
+    }
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "summary" {
+            self.summary = format!("{value:?}");
+        }
+    }
+}
+
+/// The JSON log format, with the OpenTelemetry `trace_id` and `span_id`
+/// of the span each line was written in (first in the object), so a log
+/// line leads to its trace.
+struct WithTraceIds<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for WithTraceIds<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let mut line = String::new();
+        self.0.format_event(
+            ctx,
+            tracing_subscriber::fmt::format::Writer::new(&mut line),
+            event,
+        )?;
+        let ids = ctx.lookup_current().and_then(|span| {
+            let id = span.id();
+            drop(span);
+            let context = otel_context(&id)?;
+            use opentelemetry::trace::TraceContextExt as _;
+            let span = context.span();
+            let ids = span.span_context();
+            ids.is_valid()
+                .then(|| (ids.trace_id().to_string(), ids.span_id().to_string()))
+        });
+        match (ids, line.strip_prefix('{')) {
+            (Some((trace_id, span_id)), Some(rest)) => write!(
+                writer,
+                "{{\"trace_id\":\"{trace_id}\",\"span_id\":\"{span_id}\",{rest}"
+            ),
+            _ => writer.write_str(&line),
+        }
+    }
 }
 
 /// TLS for an `https://` OTLP endpoint: the collector is verified against
@@ -121,17 +273,29 @@ fn otlp_tls(endpoint: &str) -> anyhow::Result<Option<tonic::transport::ClientTls
     ))
 }
 
-/// Installs a test subscriber that prints only when `TEST_LOG` is set.
+/// Installs a test subscriber that prints only when `TEST_LOG` is set and
+/// times PostgreSQL statements, and the metrics (read by the `METRICS_ADDR` endpoint of the services under
+/// test: one provider for the process).
 pub fn init_for_tests() {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    if std::env::var_os("TEST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(
+    let _ = crate::metrics::install(
+        opentelemetry_sdk::Resource::builder()
+            .with_service_name("tests")
+            .build(),
+        None,
+    );
+    let logs = std::env::var_os("TEST_LOG").map(|_| {
+        tracing_subscriber::fmt::layer()
+            .with_test_writer()
+            .with_filter(
                 EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
             )
-            .with_test_writer()
-            .try_init();
-    }
+    });
+    // A test that installed its own subscriber first keeps it.
+    let _ = tracing_subscriber::registry()
+        .with(logs)
+        .with(Statements.with_filter(statement_events()))
+        .try_init();
 }
 
 /// The span of one incoming gRPC call, named `{service}/{method}`. From
@@ -143,8 +307,17 @@ pub fn init_for_tests() {
 pub fn server_span(request: &http::Request<()>, trusted: bool) -> tracing::Span {
     use opentelemetry::trace::TraceContextExt as _;
     let path = request.uri().path().trim_start_matches('/');
-    let span =
-        tracing::info_span!("grpc", otel.name = %path, rpc.system = "grpc", otel.kind = "server");
+    let (service, method) = path.split_once('/').unwrap_or(("unknown", "unknown"));
+    let span = tracing::info_span!(
+        "grpc",
+        otel.name = %path,
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        rpc.system = "grpc",
+        rpc.service = %service,
+        rpc.method = %method,
+        rpc.grpc.status_code = tracing::field::Empty,
+    );
     let remote = opentelemetry::global::get_text_map_propagator(|p| {
         p.extract(&HeaderExtractor(request.headers()))
     });
@@ -159,20 +332,14 @@ pub fn server_span(request: &http::Request<()>, trusted: bool) -> tracing::Span 
     span
 }
 
-/// Client interceptor: writes the current span's context into the outgoing
-/// call's metadata (`traceparent`).
-pub fn inject_trace_context(
-    mut request: tonic::Request<()>,
-) -> Result<tonic::Request<()>, tonic::Status> {
-    let context = tracing::Span::current().context();
+/// Writes `span`'s trace context into an outgoing call's headers
+/// (`traceparent`), so the callee's span is its child.
+pub fn inject_into(span: &tracing::Span, headers: &mut http::HeaderMap) {
+    let context = span.context();
     opentelemetry::global::get_text_map_propagator(|p| {
-        p.inject_context(&context, &mut MetadataInjector(request.metadata_mut()));
+        p.inject_context(&context, &mut HeaderInjector(headers));
     });
-    Ok(request)
 }
-
-/// The interceptor type of [`inject_trace_context`], for naming client types.
-pub type TraceInterceptor = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
 
 struct HeaderExtractor<'a>(&'a http::HeaderMap);
 
@@ -185,13 +352,13 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
-struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
+struct HeaderInjector<'a>(&'a mut http::HeaderMap);
 
-impl Injector for MetadataInjector<'_> {
+impl Injector for HeaderInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
         if let (Ok(key), Ok(value)) = (
-            tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
-            tonic::metadata::MetadataValue::try_from(value.as_str()),
+            http::HeaderName::from_bytes(key.as_bytes()),
+            http::HeaderValue::try_from(value),
         ) {
             self.0.insert(key, value);
         }

@@ -1,65 +1,216 @@
-//! Degraded modes show in the metrics, not only in the logs: with Redis
-//! unreachable, redemption still works through the PostgreSQL guard and
-//! counts every admission it decided without the gate, and every answer by
-//! outcome. The metrics are read by a test exporter in this process.
+//! The Prometheus endpoint (`METRICS_ADDR`), scraped after real calls: a
+//! duration histogram per RPC method and status code, client histograms for
+//! peer calls, PostgreSQL statements and Redis commands, the pool's
+//! saturation, the gate's decisions and the guessing limits, with the
+//! figures the calls must have produced. Degraded modes show there too.
+//! (The services under test share this process, hence one registry: the
+//! endpoint shows every service's series, told apart by `rpc_service`.)
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::collections::BTreeMap;
 
 use futures::future::join_all;
-use opentelemetry_sdk::error::OTelSdkResult;
-use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData, ResourceMetrics};
-use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
-use opentelemetry_sdk::metrics::{SdkMeterProvider, Temporality};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use trainingkeys_tests::{TestApp, as_user, idem, org};
 
-/// Keeps the latest cumulative value of every u64 counter, by
-/// (name, `outcome` attribute or "").
-#[derive(Debug, Clone, Default)]
-struct Recorder(Arc<Mutex<HashMap<(String, String), u64>>>);
+/// One scraped series: its name, labels and value.
+#[derive(Debug)]
+struct Series {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
 
-impl PushMetricExporter for Recorder {
-    fn export(&self, metrics: &ResourceMetrics) -> impl Future<Output = OTelSdkResult> + Send {
-        let mut seen = self.0.lock().unwrap();
-        for metric in metrics.scope_metrics().flat_map(|s| s.metrics()) {
-            if let AggregatedMetrics::U64(MetricData::Sum(sum)) = metric.data() {
-                for point in sum.data_points() {
-                    let outcome = point
-                        .attributes()
-                        .find(|kv| kv.key.as_str() == "outcome")
-                        .map(|kv| kv.value.to_string())
-                        .unwrap_or_default();
-                    seen.insert((metric.name().to_owned(), outcome), point.value());
-                }
+/// Every series the endpoint at `addr` serves.
+async fn scrape(addr: std::net::SocketAddr) -> Vec<Series> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/plain"), "{head}");
+    body.lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .map(|line| {
+            let (series, value) = line.rsplit_once(' ').expect("name value");
+            let (name, labels) = match series.split_once('{') {
+                Some((name, labels)) => (name, labels.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let labels = labels
+                .split("\",")
+                .filter(|pair| !pair.is_empty())
+                .map(|pair| {
+                    let (k, v) = pair.split_once("=\"").expect("label=\"value\"");
+                    (k.to_owned(), v.trim_end_matches('"').to_owned())
+                })
+                .collect();
+            Series {
+                name: name.to_owned(),
+                labels,
+                value: value.parse().expect("a number"),
             }
-        }
-        std::future::ready(Ok(()))
-    }
+        })
+        .collect()
+}
 
-    fn force_flush(&self) -> OTelSdkResult {
-        Ok(())
-    }
+/// The sum of the series named `name` whose labels include `labels`.
+fn sum(scraped: &[Series], name: &str, labels: &[(&str, &str)]) -> f64 {
+    scraped
+        .iter()
+        .filter(|s| s.name == name)
+        .filter(|s| {
+            labels
+                .iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+        .sum()
+}
 
-    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
-        Ok(())
-    }
+const REDEMPTION: &str = "trainingkeys.v1.RedemptionService";
 
-    fn temporality(&self) -> Temporality {
-        Temporality::Cumulative
+#[tokio::test]
+async fn a_scrape_after_real_calls_shows_every_figure() {
+    let port = trainingkeys_shared::server::unused_port().unwrap();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let app = TestApp::start_with(1, |c| {
+        c.common.metrics_addr = Some(addr);
+        c.common.database_max_connections = 7;
+    })
+    .await;
+    let org = org();
+    let class = app.class(&org, 2).await;
+    let key = app.event_key(&class.class_id, false).await;
+    let students = app.users(&org, 3).await;
+    for student in &students {
+        let _ = app
+            .redeem(0, as_user(&key.code, student, &idem()))
+            .await;
     }
+    // A bad argument: answered at once, from the headers.
+    let bad = app.redeem(0, as_user("", &students[0], &idem())).await;
+    assert!(bad.is_err());
+
+    let scraped = scrape(addr).await;
+    let calls = |method: &str, code: &str| {
+        sum(
+            &scraped,
+            "rpc_server_call_duration_seconds_count",
+            &[
+                ("rpc_service", REDEMPTION),
+                ("rpc_method", method),
+                ("rpc_grpc_status_code", code),
+                ("rpc_system", "grpc"),
+            ],
+        )
+    };
+    assert_eq!(calls("RedeemKey", "0"), 2.0, "two seats");
+    assert_eq!(calls("RedeemKey", "8"), 1.0, "one CLASS_FULL (RESOURCE_EXHAUSTED)");
+    assert_eq!(calls("RedeemKey", "3"), 1.0, "one INVALID_ARGUMENT");
+    // The histogram's buckets: the last one (+Inf) holds every call.
+    let inf = sum(
+        &scraped,
+        "rpc_server_call_duration_seconds_bucket",
+        &[("rpc_method", "RedeemKey"), ("le", "+Inf")],
+    );
+    assert_eq!(inf, 4.0);
+    assert!(
+        sum(
+            &scraped,
+            "rpc_server_call_duration_seconds_sum",
+            &[("rpc_method", "RedeemKey")]
+        ) > 0.0
+    );
+    // Every service answers: enrollment and key issuance served the set-up
+    // and redemption's peer calls.
+    // (Resolutions are shared by concurrent and recent attempts: one at least.)
+    for (service, method, least) in [
+        ("trainingkeys.v1.EnrollmentService", "Enroll", 2.0),
+        ("trainingkeys.v1.KeyIssuanceService", "ResolveKey", 1.0),
+    ] {
+        assert!(
+            sum(
+                &scraped,
+                "rpc_server_call_duration_seconds_count",
+                &[("rpc_service", service), ("rpc_method", method)]
+            ) >= least,
+            "{service}/{method}"
+        );
+        // ... and redemption's side of those calls is a client histogram.
+        assert!(
+            sum(
+                &scraped,
+                "rpc_client_call_duration_seconds_count",
+                &[
+                    ("rpc_service", service),
+                    ("rpc_method", method),
+                    ("rpc_grpc_status_code", "0")
+                ]
+            ) >= least,
+            "client {service}/{method}"
+        );
+    }
+    let statements = sum(
+        &scraped,
+        "db_client_operation_duration_seconds_count",
+        &[("db_system_name", "postgresql")],
+    );
+    assert!(statements >= 3.0, "PostgreSQL statements: {statements}");
+    assert_eq!(
+        sum(
+            &scraped,
+            "db_client_operation_duration_seconds_count",
+            &[("db_system_name", "redis"), ("db_operation_name", "gate_admit")]
+        ),
+        3.0,
+        "one gate admission per student"
+    );
+    assert_eq!(
+        sum(
+            &scraped,
+            "db_client_connection_max",
+            &[("db_client_connection_pool_name", "redemption")]
+        ),
+        7.0
+    );
+    assert!(
+        scraped.iter().any(|s| s.name == "db_client_connection_count"
+            && s.labels.get("db_client_connection_state").map(String::as_str) == Some("used")),
+        "pool saturation: used connections"
+    );
+    let gate = |decision: &str| {
+        sum(
+            &scraped,
+            "trainingkeys_redemption_gate_decisions_total",
+            &[("decision", decision)],
+        )
+    };
+    assert_eq!(gate("admitted"), 2.0);
+    assert_eq!(gate("full"), 1.0);
+    assert_eq!(gate("bypassed"), 0.0);
+    assert_eq!(
+        sum(
+            &scraped,
+            "trainingkeys_redemption_redeemed_total",
+            &[("outcome", "OK")]
+        ),
+        2.0
+    );
 }
 
 #[tokio::test]
 async fn redis_outage_shows_in_the_metrics() {
-    // Installed before any service starts: they take their instruments from it.
-    let recorder = Recorder::default();
-    let provider = SdkMeterProvider::builder()
-        .with_periodic_exporter(recorder.clone())
-        .build();
-    opentelemetry::global::set_meter_provider(provider.clone());
-
-    let app = TestApp::start_with(1, |c| c.redis_url = "redis://127.0.0.1:1/".into()).await;
+    let port = trainingkeys_shared::server::unused_port().unwrap();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let app = TestApp::start_with(1, |c| {
+        c.redis_url = "redis://127.0.0.1:1/".into();
+        c.common.metrics_addr = Some(addr);
+    })
+    .await;
     let org = org();
     let class = app.class(&org, 2).await;
     let key = app.event_key(&class.class_id, false).await;
@@ -70,32 +221,40 @@ async fn redis_outage_shows_in_the_metrics() {
             .map(|u| app.redeem(0, as_user(&key.code, u, &idem()))),
     )
     .await;
-    provider.force_flush().unwrap();
 
-    let seen = recorder.0.lock().unwrap().clone();
-    let value = |name: &str, outcome: &str| {
-        seen.get(&(name.to_owned(), outcome.to_owned()))
-            .copied()
-            .unwrap_or(0)
-    };
+    let scraped = scrape(addr).await;
     assert_eq!(
-        value("trainingkeys.redemption.gate.bypassed", ""),
-        3,
-        "every admission went to the PostgreSQL guard alone: {seen:?}"
+        sum(
+            &scraped,
+            "trainingkeys_redemption_gate_decisions_total",
+            &[("decision", "bypassed")]
+        ),
+        3.0,
+        "every admission went to the PostgreSQL guard alone"
     );
     assert!(
-        value("trainingkeys.redemption.limits.bypassed", "") >= 3,
-        "the guessing limits were skipped: {seen:?}"
+        sum(
+            &scraped,
+            "trainingkeys_redemption_limits_total",
+            &[("event", "bypassed")]
+        ) >= 3.0,
+        "the guessing limits were skipped"
     );
+    let redeemed = |outcome: &str| {
+        sum(
+            &scraped,
+            "trainingkeys_redemption_redeemed_total",
+            &[("outcome", outcome)],
+        )
+    };
+    assert_eq!(redeemed("OK"), 2.0);
+    assert_eq!(redeemed("CLASS_FULL"), 1.0);
     assert_eq!(
-        value("trainingkeys.redemption.redeemed", "OK"),
-        2,
-        "{seen:?}"
+        sum(
+            &scraped,
+            "trainingkeys_redemption_gate_decisions_total",
+            &[("decision", "rebuilt")]
+        ),
+        0.0
     );
-    assert_eq!(
-        value("trainingkeys.redemption.redeemed", "CLASS_FULL"),
-        1,
-        "{seen:?}"
-    );
-    assert_eq!(value("trainingkeys.redemption.gate.rebuilt", ""), 0);
 }

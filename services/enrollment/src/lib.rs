@@ -65,6 +65,10 @@ impl trainingkeys_shared::cli::Service for Application {
         &config.common
     }
 
+    fn common_mut(config: &mut Config) -> &mut CommonConfig {
+        &mut config.common
+    }
+
     /// Connects to PostgreSQL, applies migrations and binds the listener
     /// (port 0 picks a free port; see `local_addr`).
     async fn build(config: Config) -> anyhow::Result<Self> {

@@ -6,19 +6,17 @@
 use std::time::Duration;
 
 use tonic::Code;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 use trainingkeys_proto::v1 as pb;
 use trainingkeys_proto::v1::enrollment_service_client::EnrollmentServiceClient;
 use trainingkeys_shared::peer;
-use trainingkeys_shared::telemetry::{TraceInterceptor, inject_trace_context};
 use uuid::Uuid;
 
 use crate::domain::ClassInfo;
 use crate::error::Error;
 
-/// The generated client, with trace propagation.
-type Client = EnrollmentServiceClient<InterceptedService<Channel, TraceInterceptor>>;
+/// The generated client, each call observed (a client span, its trace
+/// context sent along, its duration).
+type Client = EnrollmentServiceClient<trainingkeys_shared::rpc::Client>;
 
 /// A cheap-to-clone handle on the enrollment service.
 #[derive(Clone)]
@@ -34,9 +32,8 @@ impl Enrollment {
         tls: Option<&trainingkeys_shared::tls::Tls>,
     ) -> anyhow::Result<Self> {
         let channel = trainingkeys_shared::server::channel(url, call_timeout, tls)?;
-        let interceptor: TraceInterceptor = inject_trace_context;
         Ok(Self {
-            client: EnrollmentServiceClient::with_interceptor(channel, interceptor),
+            client: EnrollmentServiceClient::new(trainingkeys_shared::rpc::Client::new(channel)),
         })
     }
 

@@ -159,6 +159,10 @@ impl trainingkeys_shared::cli::Service for Application {
         &config.common
     }
 
+    fn common_mut(config: &mut Config) -> &mut CommonConfig {
+        &mut config.common
+    }
+
     /// Checks the secrets and the enrollment URL, then connects to
     /// PostgreSQL, applies migrations and binds the listener (port 0 picks a
     /// free port): a bad setting fails before the port is bound. The

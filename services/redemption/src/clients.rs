@@ -7,18 +7,16 @@
 use std::time::Duration;
 
 use tonic::Code;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 use trainingkeys_proto::v1 as pb;
 use trainingkeys_proto::v1::enrollment_service_client::EnrollmentServiceClient;
 use trainingkeys_proto::v1::key_issuance_service_client::KeyIssuanceServiceClient;
-use trainingkeys_shared::telemetry::{TraceInterceptor, inject_trace_context};
 use trainingkeys_shared::{InvalidField, peer};
 use uuid::Uuid;
 
 use crate::error::Error;
 
-type Traced = InterceptedService<Channel, TraceInterceptor>;
+/// Each call observed: a client span, its trace context sent along, its duration.
+type Traced = trainingkeys_shared::rpc::Client;
 
 /// Clients of the two services redemption orchestrates.
 #[derive(Clone)]
@@ -103,12 +101,11 @@ impl Clients {
         timeout: Duration,
         tls: Option<&trainingkeys_shared::tls::Tls>,
     ) -> anyhow::Result<Self> {
-        let interceptor: TraceInterceptor = inject_trace_context;
         let enrollment = trainingkeys_shared::server::channel(enrollment_url, timeout, tls)?;
         let keys = trainingkeys_shared::server::channel(key_issuance_url, timeout, tls)?;
         Ok(Self {
-            enrollment: EnrollmentServiceClient::with_interceptor(enrollment, interceptor),
-            keys: KeyIssuanceServiceClient::with_interceptor(keys, interceptor),
+            enrollment: EnrollmentServiceClient::new(Traced::new(enrollment)),
+            keys: KeyIssuanceServiceClient::new(Traced::new(keys)),
         })
     }
 

@@ -16,7 +16,7 @@ use trainingkeys_shared::redis::Redis;
 use uuid::Uuid;
 
 use crate::error::Error;
-use crate::metrics::METRICS;
+use crate::metrics::{GateDecision, METRICS};
 
 /// How long the rebuild lock lives if its holder dies.
 const REBUILD_LOCK: Duration = Duration::from_secs(3);
@@ -166,7 +166,7 @@ impl Gate {
         let keys = &keys(class_id);
         let answer = self
             .redis
-            .run(|mut c| async move {
+            .run("gate_peek", |mut c| async move {
                 with_state_keys(&self.peek, keys)
                     .arg(user_id.to_string())
                     .arg(max_students)
@@ -177,7 +177,11 @@ impl Gate {
             })
             .await;
         // Unreachable: the full path decides (and bypasses the gate).
-        matches!(answer.as_deref(), Ok("FULL"))
+        let full = matches!(answer.as_deref(), Ok("FULL"));
+        if full {
+            METRICS.gate(GateDecision::Full);
+        }
+        full
     }
 
     /// Asks to admit `user_id` to a class of `max_students`, of which
@@ -211,7 +215,7 @@ impl Gate {
             let enrolled = if roster.is_some() { enrolled } else { -1 };
             let answer = self
                 .redis
-                .run(|mut c| async move {
+                .run("gate_admit", |mut c| async move {
                     with_state_keys(&self.admit, keys)
                         .arg(user_id.to_string())
                         .arg(self.hold.as_millis() as u64)
@@ -228,9 +232,15 @@ impl Gate {
                 Err(e) => return self.bypass(class_id, &e),
             };
             match answer.as_str() {
-                "ADMITTED" => return Admission::Admitted,
+                "ADMITTED" => {
+                    METRICS.gate(GateDecision::Admitted);
+                    return Admission::Admitted;
+                }
                 "CONFIRMED" | "HELD" => return Admission::AlreadyIn,
-                "FULL" => return Admission::Full,
+                "FULL" => {
+                    METRICS.gate(GateDecision::Full);
+                    return Admission::Full;
+                }
                 _missing_or_stale => {}
             }
             if let Some(fetch) = roster.take() {
@@ -268,7 +278,7 @@ impl Gate {
         let token = Uuid::new_v4().to_string();
         let locked: Option<String> = self
             .redis
-            .run(|mut c| {
+            .run("gate_rebuild_lock", |mut c| {
                 let (lock, token) = (lock.clone(), token.clone());
                 async move {
                     redis::cmd("SET")
@@ -292,7 +302,7 @@ impl Gate {
         let seats = roster.seated.len();
         let rebuilt = self
             .redis
-            .run(|mut c| async move {
+            .run("gate_rebuild", |mut c| async move {
                 let mut invocation = self.rebuild.key(&confirmed);
                 invocation
                     .key(&ready)
@@ -316,7 +326,7 @@ impl Gate {
         // this roster may be stale: not applied, and not counted as rebuilt.
         if rebuilt == 1 {
             tracing::info!(%class_id, seats, "rebuilt the gate state of a class from enrollment");
-            METRICS.gate_rebuilt.add(1, &[]);
+            METRICS.gate(GateDecision::Rebuilt);
         }
         Ok(rebuilt == 1)
     }
@@ -324,7 +334,7 @@ impl Gate {
     fn bypass(&self, class_id: Uuid, why: &dyn std::fmt::Display) -> Admission {
         self.mark_dirty(class_id);
         let n = self.bypassed.fetch_add(1, Ordering::Relaxed) + 1;
-        METRICS.gate_bypassed.add(1, &[]);
+        METRICS.gate(GateDecision::Bypassed);
         tracing::warn!(%class_id, gate_bypassed_total = n, "admission gate unavailable ({why}): PostgreSQL guard only");
         Admission::Bypassed
     }
@@ -339,7 +349,7 @@ impl Gate {
         let [holds, confirmed, ready, lock, recent, _, seen] = keys(class_id);
         let result = self
             .redis
-            .run(|mut c| async move {
+            .run("gate_settle", |mut c| async move {
                 self.settle
                     .key(&holds)
                     .key(&confirmed)
@@ -377,7 +387,7 @@ impl Gate {
     pub async fn notice_new_server(&self) {
         let info = self
             .redis
-            .run(|mut c| async move {
+            .run("info_server", |mut c| async move {
                 redis::cmd("INFO")
                     .arg("server")
                     .query_async::<String>(&mut c)

@@ -238,6 +238,10 @@ impl trainingkeys_shared::cli::Service for Application {
         &config.common
     }
 
+    fn common_mut(config: &mut Config) -> &mut CommonConfig {
+        &mut config.common
+    }
+
     /// Checks the settings, connects, migrates, builds the clients, Redis,
     /// gate, limiter and flow, and binds (port 0 picks a free port): a bad
     /// setting fails here, before the port is bound.

@@ -10,7 +10,7 @@ use redis::Script;
 use trainingkeys_shared::redis::Redis;
 
 use crate::error::Error;
-use crate::metrics::METRICS;
+use crate::metrics::{LimitEvent, METRICS};
 
 /// The failed-attempt limiter.
 pub struct Limiter {
@@ -92,7 +92,7 @@ impl Limiter {
         let in_flight = in_flight_key(user_key);
         let result = self
             .redis
-            .run(|mut c| {
+            .run("limiter_reserve", |mut c| {
                 let in_flight = in_flight.clone();
                 async move {
                     self.reserve
@@ -115,7 +115,7 @@ impl Limiter {
             }),
             Err(e) => {
                 tracing::warn!(error = %e, "guessing limits unavailable: allowing the attempt");
-                METRICS.limits_bypassed.add(1, &[]);
+                METRICS.limit(LimitEvent::Bypassed);
                 Ok(Reservation::Joined)
             }
         }
@@ -126,7 +126,7 @@ impl Limiter {
         let in_flight = in_flight_key(user_key);
         let result = self
             .redis
-            .run(|mut c| {
+            .run("limiter_release", |mut c| {
                 let in_flight = in_flight.clone();
                 async move {
                     redis::cmd("ZREM")
@@ -156,20 +156,20 @@ impl Limiter {
         }
         let result = self
             .redis
-            .run(|mut c| async move { pipe.query_async::<Vec<(Option<u32>, i64)>>(&mut c).await })
+            .run("limiter_check", |mut c| async move { pipe.query_async::<Vec<(Option<u32>, i64)>>(&mut c).await })
             .await;
         let mut counts = match result {
             Ok(counts) => counts,
             Err(e) => {
                 tracing::warn!(error = %e, "guessing limits unavailable: allowing the attempt");
-                METRICS.limits_bypassed.add(1, &[]);
+                METRICS.limit(LimitEvent::Bypassed);
                 return Ok(());
             }
         };
         let (global, global_ttl) = counts.pop().unwrap_or((None, 0));
         let has_failed = counts.iter().any(|(failures, _)| failures.unwrap_or(0) > 0);
         if global.unwrap_or(0) >= self.global_limit && has_failed {
-            METRICS.limit_global_refused.add(1, &[]);
+            METRICS.limit(LimitEvent::GlobalRefused);
             return Err(Error::TooManyAttempts {
                 retry_after: Duration::from_millis(global_ttl.max(1000) as u64),
             });
@@ -181,6 +181,7 @@ impl Limiter {
             .max()
             .unwrap_or(0);
         if wait > 0 {
+            METRICS.limit(LimitEvent::Refused);
             return Err(Error::TooManyAttempts {
                 retry_after: Duration::from_millis(wait as u64),
             });
@@ -191,7 +192,7 @@ impl Limiter {
     /// Counts a failed attempt against each of `counters`, and against
     /// the service-wide budget.
     pub async fn record_failure(&self, counters: &[String]) {
-        METRICS.limit_failures.add(1, &[]);
+        METRICS.limit(LimitEvent::Failure);
         // The global budget never locks out for longer than its window: it
         // must not become a switch that shuts everyone out for an hour.
         let per_identity = counters
@@ -201,7 +202,7 @@ impl Limiter {
         for (counter, limit, longest) in per_identity.chain([global]) {
             let result = self
                 .redis
-                .run(|mut c| async move {
+                .run("limiter_fail", |mut c| async move {
                     self.fail
                         .key(counter)
                         .arg(limit)

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::{METRICS, RecoveryEvent};
 use crate::redeem::Redeemer;
 
 /// Redemptions handled per sweep.
@@ -53,6 +54,7 @@ pub async fn sweep(redeemer: &Redeemer) -> Result<usize, crate::error::Error> {
         .store()
         .stale(redeemer.take_over_after(), BATCH)
         .await?;
+    METRICS.recovery(RecoveryEvent::Found, stale.len());
     let mut finished = 0;
     for record in stale {
         let id = record.redemption_id;
@@ -63,10 +65,12 @@ pub async fn sweep(redeemer: &Redeemer) -> Result<usize, crate::error::Error> {
                 finished += 1;
             }
             Err(e) => {
+                METRICS.recovery(RecoveryEvent::Failed, 1);
                 tracing::warn!(redemption_id = %id, error = %e, "recovery could not finish a redemption yet")
             }
         }
     }
+    METRICS.recovery(RecoveryEvent::Driven, finished);
     Ok(finished)
 }
 

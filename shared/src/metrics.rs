@@ -1,0 +1,167 @@
+//! Metrics: one OpenTelemetry meter provider per process, read by a
+//! Prometheus endpoint (`METRICS_ADDR`, `GET /metrics`) and, when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set, pushed over OTLP too. Names follow
+//! the OpenTelemetry semantic conventions (`rpc.server.call.duration`,
+//! `db.client.operation.duration`, ...), which Prometheus shows with dots
+//! as underscores and the unit as a suffix
+//! (`rpc_server_call_duration_seconds_bucket`).
+
+use std::sync::{LazyLock, OnceLock};
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Histogram, Meter};
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The registry the Prometheus endpoint reads.
+static REGISTRY: OnceLock<prometheus::Registry> = OnceLock::new();
+
+/// Buckets of every duration histogram, in seconds: 0.5 ms to 10 s.
+const SECONDS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Installs the process's meter provider (once; later calls return `None`):
+/// read by the Prometheus endpoint, and pushed over OTLP with `otlp`.
+pub fn install(
+    resource: opentelemetry_sdk::Resource,
+    otlp: Option<opentelemetry_otlp::MetricExporter>,
+) -> anyhow::Result<Option<SdkMeterProvider>> {
+    let registry = prometheus::Registry::new();
+    if REGISTRY.set(registry.clone()).is_err() {
+        return Ok(None);
+    }
+    let prometheus = opentelemetry_prometheus::exporter()
+        .with_registry(registry)
+        .build()?;
+    let mut builder = SdkMeterProvider::builder()
+        .with_reader(prometheus)
+        .with_resource(resource);
+    if let Some(otlp) = otlp {
+        builder = builder.with_periodic_exporter(otlp);
+    }
+    let provider = builder.build();
+    opentelemetry::global::set_meter_provider(provider.clone());
+    Ok(Some(provider))
+}
+
+/// The metrics in Prometheus' text format.
+pub fn render() -> String {
+    use prometheus::Encoder as _;
+    let Some(registry) = REGISTRY.get() else {
+        return String::new();
+    };
+    let mut out = Vec::new();
+    if let Err(error) = prometheus::TextEncoder::new().encode(&registry.gather(), &mut out) {
+        tracing::warn!(%error, "metrics could not be encoded");
+    }
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Serves `GET /metrics` (Prometheus text) on `listener` until `shutdown`.
+pub fn serve(listener: TcpListener, shutdown: CancellationToken) {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async {
+            (
+                [(
+                    http::header::CONTENT_TYPE,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )],
+                render(),
+            )
+        }),
+    );
+    tokio::spawn(async move {
+        let stopped = shutdown.cancelled_owned();
+        if let Err(error) = axum::serve(listener, app)
+            .with_graceful_shutdown(stopped)
+            .await
+        {
+            tracing::error!(%error, "the metrics endpoint stopped");
+        }
+    });
+}
+
+/// The meter of this project's instruments.
+pub fn meter() -> Meter {
+    opentelemetry::global::meter("trainingkeys")
+}
+
+fn seconds(name: &'static str, description: &'static str) -> Histogram<f64> {
+    meter()
+        .f64_histogram(name)
+        .with_unit("s")
+        .with_description(description)
+        .with_boundaries(SECONDS.to_vec())
+        .build()
+}
+
+/// `rpc.server.call.duration`: every call a service answered, by
+/// `rpc.service`, `rpc.method` and `rpc.grpc.status_code` (its count is
+/// the request count).
+pub static RPC_SERVER: LazyLock<Histogram<f64>> = LazyLock::new(|| {
+    seconds(
+        "rpc.server.call.duration",
+        "Calls answered, from the request to the last byte of the answer",
+    )
+});
+
+/// `rpc.client.call.duration`: every call made to a peer service.
+pub static RPC_CLIENT: LazyLock<Histogram<f64>> = LazyLock::new(|| {
+    seconds(
+        "rpc.client.call.duration",
+        "Calls made to another service of this project",
+    )
+});
+
+/// `db.client.operation.duration`: PostgreSQL statements and Redis
+/// commands, by `db.system.name` and `db.operation.name`.
+pub static DB_CLIENT: LazyLock<Histogram<f64>> = LazyLock::new(|| {
+    seconds(
+        "db.client.operation.duration",
+        "PostgreSQL statements and Redis commands",
+    )
+});
+
+/// Reports `pool`'s connections as `db.client.connection.count` (by
+/// `db.client.connection.state`: `idle` or `used`) and
+/// `db.client.connection.max`, named `name` (its schema): saturation is
+/// used / max.
+pub fn observe_pool(pool: &PgPool, name: &str, max: u32) {
+    let watched = pool.clone();
+    let name = name.to_owned();
+    let max_name = name.clone();
+    meter()
+        .u64_observable_gauge("db.client.connection.count")
+        .with_description("Connections of the PostgreSQL pool, by state")
+        .with_callback(move |observer| {
+            let size = u64::from(watched.size());
+            let idle = watched.num_idle() as u64;
+            let pool = KeyValue::new("db.client.connection.pool.name", name.clone());
+            observer.observe(
+                idle,
+                &[
+                    pool.clone(),
+                    KeyValue::new("db.client.connection.state", "idle"),
+                ],
+            );
+            observer.observe(
+                size.saturating_sub(idle),
+                &[pool, KeyValue::new("db.client.connection.state", "used")],
+            );
+        })
+        .build();
+    meter()
+        .u64_observable_gauge("db.client.connection.max")
+        .with_description("Most connections the PostgreSQL pool opens")
+        .with_callback(move |observer| {
+            observer.observe(
+                u64::from(max),
+                &[KeyValue::new("db.client.connection.pool.name", max_name.clone())],
+            );
+        })
+        .build();
+}

@@ -1,0 +1,307 @@
+//! Every gRPC call, answered or made, observed the same way: a duration in
+//! `rpc.server.call.duration` or `rpc.client.call.duration` by service,
+//! method and status code; its span marked with the code (and as an error
+//! when the call failed); and, for a call answered, one access log line.
+//!
+//! A gRPC call's status is known only at its end: in the answer's headers
+//! when it failed at once, else in the trailers after the last message. So
+//! the observation rides on the answer's body and is recorded when the
+//! trailers pass, or when the body is dropped unfinished (the other side went
+//! away: CANCELLED).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http_body::Frame;
+use opentelemetry::KeyValue;
+use tonic::Code;
+use tonic::body::Body;
+use tonic::transport::Channel;
+
+/// Which side of a call this process is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Side {
+    Server,
+    Client,
+}
+
+/// One call being observed.
+struct Call {
+    side: Side,
+    service: String,
+    method: String,
+    started: Instant,
+    span: tracing::Span,
+}
+
+impl Call {
+    fn new(side: Side, path: &str, span: tracing::Span) -> Self {
+        let (service, method) = path
+            .trim_start_matches('/')
+            .split_once('/')
+            .unwrap_or(("unknown", "unknown"));
+        Self {
+            side,
+            service: service.to_owned(),
+            method: method.to_owned(),
+            started: Instant::now(),
+            span,
+        }
+    }
+
+    /// Records the call's end with `status` (its code and details).
+    fn finish(self, code: Code, status: Option<&http::HeaderMap>) {
+        let elapsed = self.started.elapsed();
+        let histogram = match self.side {
+            Side::Server => &*crate::metrics::RPC_SERVER,
+            Side::Client => &*crate::metrics::RPC_CLIENT,
+        };
+        histogram.record(
+            elapsed.as_secs_f64(),
+            &[
+                KeyValue::new("rpc.system", "grpc"),
+                KeyValue::new("rpc.service", self.service.clone()),
+                KeyValue::new("rpc.method", self.method.clone()),
+                KeyValue::new("rpc.grpc.status_code", code as i64),
+            ],
+        );
+        let reason = match (code, status) {
+            (Code::Ok, _) | (_, None) => None,
+            (_, Some(headers)) => tonic::Status::from_header_map(headers)
+                .and_then(|status| crate::error::reason(&status)),
+        };
+        self.span.record("rpc.grpc.status_code", code as i64);
+        if is_error(self.side, code) {
+            self.span.record("otel.status_code", "ERROR");
+        }
+        if self.side == Side::Server {
+            let duration_ms = elapsed.as_secs_f64() * 1000.0;
+            self.span.in_scope(|| {
+                tracing::info!(
+                    target: "access",
+                    service = %self.service,
+                    method = %self.method,
+                    status = ?code,
+                    reason = reason.as_deref().unwrap_or(""),
+                    duration_ms,
+                    "call answered"
+                );
+            });
+        }
+    }
+}
+
+/// Whether a call that ended with `code` failed, as the OpenTelemetry RPC
+/// conventions mark spans: every non-OK code on the client; on the server
+/// only the codes that are the server's fault (the rest are the caller's:
+/// a bad argument, a full class).
+fn is_error(side: Side, code: Code) -> bool {
+    match side {
+        Side::Client => code != Code::Ok,
+        Side::Server => matches!(
+            code,
+            Code::Unknown
+                | Code::DeadlineExceeded
+                | Code::Unimplemented
+                | Code::Internal
+                | Code::Unavailable
+                | Code::DataLoss
+        ),
+    }
+}
+
+/// The `grpc-status` in `headers`, if any.
+fn status_in(headers: &http::HeaderMap) -> Option<Code> {
+    headers
+        .get("grpc-status")
+        .map(|value| Code::from_bytes(value.as_bytes()))
+}
+
+/// An answer's body that records its call when the status passes.
+struct Observed {
+    inner: Body,
+    call: Option<Call>,
+}
+
+impl Observed {
+    /// Wraps `response`'s body; a status already in its headers (a call
+    /// that failed at once) is recorded now.
+    fn wrap<B>(response: http::Response<B>, call: Call) -> http::Response<Body>
+    where
+        B: http_body::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+        B::Error: Into<tonic::codegen::StdError>,
+    {
+        let (parts, body) = response.into_parts();
+        let call = match status_in(&parts.headers) {
+            Some(code) => {
+                call.finish(code, Some(&parts.headers));
+                None
+            }
+            None => Some(call),
+        };
+        let body = Body::new(body);
+        let body = match call {
+            Some(call) => Body::new(Observed {
+                inner: body,
+                call: Some(call),
+            }),
+            None => body,
+        };
+        http::Response::from_parts(parts, body)
+    }
+}
+
+impl http_body::Body for Observed {
+    type Data = tonic::codegen::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref()
+                    && let Some(call) = self.call.take()
+                {
+                    let code = status_in(trailers).unwrap_or(Code::Unknown);
+                    call.finish(code, Some(trailers));
+                }
+            }
+            Poll::Ready(Some(Err(status))) => {
+                if let Some(call) = self.call.take() {
+                    call.finish(status.code(), None);
+                }
+            }
+            Poll::Ready(None) => {
+                // Ended without trailers: not a complete gRPC answer.
+                if let Some(call) = self.call.take() {
+                    call.finish(Code::Unknown, None);
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        // Dropped before its status: the other side went away.
+        if let Some(call) = self.call.take() {
+            call.finish(Code::Cancelled, None);
+        }
+    }
+}
+
+/// The tower layer that observes every call a server answers. Outermost,
+/// so calls refused by authentication or shedding are counted too.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ServerLayer;
+
+impl<S> tower::Layer<S> for ServerLayer {
+    type Service = Server<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Server { inner }
+    }
+}
+
+/// The service [`ServerLayer`] makes.
+#[derive(Clone, Debug)]
+pub struct Server<S> {
+    inner: S,
+}
+
+type BoxAnswer<E> = Pin<Box<dyn Future<Output = Result<http::Response<Body>, E>> + Send>>;
+
+impl<S, B> tower::Service<http::Request<B>> for Server<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxAnswer<S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        // The call's span (`telemetry::server_span`) is current here.
+        let call = Call::new(
+            Side::Server,
+            request.uri().path(),
+            tracing::Span::current(),
+        );
+        let answer = self.inner.call(request);
+        Box::pin(async move { Ok(Observed::wrap(answer.await?, call)) })
+    }
+}
+
+/// A channel to a peer service whose calls are observed: each gets a client
+/// span (its trace context sent along in `traceparent`, so the peer's span
+/// is its child) and a duration in `rpc.client.call.duration`.
+#[derive(Clone, Debug)]
+pub struct Client {
+    channel: Channel,
+}
+
+impl Client {
+    /// Observes the calls made over `channel`.
+    pub fn new(channel: Channel) -> Self {
+        Self { channel }
+    }
+}
+
+impl tower::Service<http::Request<Body>> for Client {
+    type Response = http::Response<Body>;
+    type Error = tonic::transport::Error;
+    type Future = BoxAnswer<Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.channel.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        let path = request.uri().path().to_owned();
+        let (service, method) = path
+            .trim_start_matches('/')
+            .split_once('/')
+            .unwrap_or(("unknown", "unknown"));
+        let span = tracing::info_span!(
+            "grpc client",
+            otel.name = %path.trim_start_matches('/'),
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            rpc.system = "grpc",
+            rpc.service = %service,
+            rpc.method = %method,
+            rpc.grpc.status_code = tracing::field::Empty,
+        );
+        crate::telemetry::inject_into(&span, request.headers_mut());
+        let call = Call::new(Side::Client, &path, span);
+        let answer = self.channel.call(request);
+        Box::pin(async move {
+            match answer.await {
+                Ok(response) => Ok(Observed::wrap(response, call)),
+                Err(error) => {
+                    call.finish(Code::Unavailable, None);
+                    Err(error)
+                }
+            }
+        })
+    }
+}
