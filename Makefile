@@ -60,6 +60,11 @@ lint: ## rustfmt, clippy -D warnings, buf lint
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	@scripts/buf.sh lint
+	@scripts/k8s.sh
+
+.PHONY: lint-k8s
+lint-k8s: ## Render every Kubernetes overlay and validate it offline
+	@scripts/k8s.sh
 
 .PHONY: breaking
 breaking: ## buf breaking: the contract changed only compatibly since BASE (default: the parent commit)
