@@ -534,6 +534,10 @@ def check() -> int:
     }))
     check_overlay(f"production+{'+'.join(components)}", scratch, version)
     exprs = check_alerts(OBSERVABILITY / "alerts.yaml")
+    try:
+        prometheus_rule("monitoring")
+    except (ValueError, yaml.YAMLError) as e:
+        error("scripts/k8s.sh prometheus-rule", str(e))
     exprs += check_dashboard(OBSERVABILITY / "dashboard.json")
     check_promql(exprs)
     if errors:
@@ -545,22 +549,32 @@ def check() -> int:
     return 0
 
 
-def prometheus_rule() -> int:
-    namespace = ARGS[0] if ARGS else "monitoring"
-    rules = yaml.safe_load((OBSERVABILITY / "alerts.yaml").read_text())
-    print("# Generated from deploy/observability/alerts.yaml by scripts/k8s.sh prometheus-rule.")
-    print(yaml.safe_dump({
-        "apiVersion": "monitoring.coreos.com/v1",
-        "kind": "PrometheusRule",
-        "metadata": {"name": "trainingkeys", "namespace": namespace,
-                     "labels": {"app.kubernetes.io/part-of": "trainingkeys"}},
-        "spec": {"groups": rules["groups"]},
-    }, sort_keys=False, width=100), end="")
-    return 0
+def prometheus_rule(namespace: str) -> str:
+    """alerts.yaml's groups, as they are (comments kept), under a PrometheusRule."""
+    text = (OBSERVABILITY / "alerts.yaml").read_text()
+    groups = text[text.index("\ngroups:") + 1:]
+    rule = (
+        "# Generated from deploy/observability/alerts.yaml by scripts/k8s.sh prometheus-rule.\n"
+        "apiVersion: monitoring.coreos.com/v1\n"
+        "kind: PrometheusRule\n"
+        "metadata:\n"
+        "  name: trainingkeys\n"
+        f"  namespace: {namespace}\n"
+        "  labels:\n"
+        "    app.kubernetes.io/part-of: trainingkeys\n"
+        "spec:\n"
+        + "".join(f"  {line}" if line.strip() else line for line in groups.splitlines(keepends=True))
+    )
+    if yaml.safe_load(rule)["spec"] != yaml.safe_load(text):
+        raise ValueError("the PrometheusRule does not hold alerts.yaml's groups")
+    return rule
 
 
 if COMMAND == "render":
     print(render(K8S / "overlays" / ARGS[0]), end="")
     sys.exit(0)
-sys.exit(prometheus_rule() if COMMAND == "prometheus-rule" else check())
+if COMMAND == "prometheus-rule":
+    print(prometheus_rule(ARGS[0] if ARGS else "monitoring"), end="")
+    sys.exit(0)
+sys.exit(check())
 PY
