@@ -203,10 +203,18 @@ case "${1:-up}" in
     fi
     ;;
   restart-pg)
-    # For the chaos test "PostgreSQL restarted mid-herd": an immediate
-    # (crash-like) restart of the throwaway server, same port and options.
+    # For the chaos test "PostgreSQL restarted mid-herd" and the outage
+    # test: an immediate (crash-like) restart of the throwaway server, same
+    # port and options, after staying down for $2 seconds (default 0).
     dir="$(pg_home)"
-    as_pg "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/log" -m immediate -w -t 120 restart >/dev/null
+    if [ "${2:-0}" = 0 ]; then
+      as_pg "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/log" -m immediate -w -t 120 restart >/dev/null
+    else
+      as_pg "$PG_BIN/pg_ctl" -D "$dir/data" -m immediate -w stop >/dev/null
+      sleep "$2"
+      # restart on a stopped server starts it with its last options.
+      as_pg "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/log" -w -t 120 restart >/dev/null 2>&1
+    fi
     ;;
   down | clean)
     dir="$(pg_home)"

@@ -156,6 +156,34 @@ impl TestApp {
         self.lb = Some(lb);
     }
 
+    /// Puts haproxy in front of the replicas started so far, sending calls
+    /// only to the ready ones (their `/readyz` at `probes`, in order): from
+    /// now on clients (three connections) go through it.
+    pub async fn behind_checked_load_balancer(&mut self, probes: &[std::net::SocketAddr]) {
+        let addrs: Vec<_> = self.replicas.iter().map(|r| r.addr).collect();
+        let lb = LoadBalancer::start_checked(&addrs, probes).await;
+        self.redemption_clients = (0..3)
+            .map(|_| RedemptionServiceClient::new(crate::pki::operator(&lb.url())))
+            .collect();
+        self.lb = Some(lb);
+    }
+
+    /// Restarts replica `i` as a rollout does: shuts it down (what SIGTERM
+    /// does: NOT_SERVING, the shutdown delay, the drain), then starts a new
+    /// one with `tweak`ed settings (the same addresses, for the load
+    /// balancer). Clients through the load balancer keep their connections.
+    pub async fn restart_replica(
+        &mut self,
+        i: usize,
+        tweak: impl Fn(&mut trainingkeys_redemption::Config),
+    ) {
+        self.replicas.remove(i).stop().await;
+        let mut config = self.replica_config();
+        tweak(&mut config);
+        let replica = crate::spawn::<trainingkeys_redemption::Application>(config).await;
+        self.replicas.insert(i, replica);
+    }
+
     /// Stops replica `i` (as far as its clients can tell, it is gone).
     pub async fn stop_replica(&mut self, i: usize) {
         self.redemption_clients.remove(i);

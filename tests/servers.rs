@@ -222,6 +222,24 @@ pub struct LoadBalancer {
 impl LoadBalancer {
     /// Starts haproxy over `replicas` and waits until it listens.
     pub async fn start(replicas: &[std::net::SocketAddr]) -> Self {
+        Self::start_with(replicas, None).await
+    }
+
+    /// Starts haproxy over `replicas`, sending calls only to those whose
+    /// readiness (`GET /readyz` on the matching address of `probes`, checked
+    /// every 100 ms) says ready, as a load balancer in production does; a
+    /// call whose connection fails is sent to another replica.
+    pub async fn start_checked(
+        replicas: &[std::net::SocketAddr],
+        probes: &[std::net::SocketAddr],
+    ) -> Self {
+        Self::start_with(replicas, Some(probes)).await
+    }
+
+    async fn start_with(
+        replicas: &[std::net::SocketAddr],
+        probes: Option<&[std::net::SocketAddr]>,
+    ) -> Self {
         let pki = crate::pki::pki();
         let ca = pki.ca_file().display().to_string();
         let crt = pki
@@ -235,15 +253,27 @@ impl LoadBalancer {
                 .iter()
                 .enumerate()
                 .map(|(i, a)| {
-                    format!("  server r{i} {a} ssl verify required ca-file {ca} alpn h2\n")
+                    let check = probes.map_or(String::new(), |probes| {
+                        format!(
+                            " check no-check-ssl addr {} port {} inter 100ms fall 1 rise 1",
+                            probes[i].ip(),
+                            probes[i].port()
+                        )
+                    });
+                    format!("  server r{i} {a} ssl verify required ca-file {ca} alpn h2{check}\n")
                 })
                 .collect();
+            let checks = if probes.is_some() {
+                "  option httpchk GET /readyz\n  option redispatch\n  retries 3\n"
+            } else {
+                ""
+            };
             let config = std::env::temp_dir().join(format!("trainingkeys-lb-{port}.cfg"));
             std::fs::write(
                 &config,
                 format!(
                     "global\n  maxconn 4000\ndefaults\n  mode http\n  option forwardfor\n  timeout connect 2s\n  timeout client 60s\n  timeout server 60s\n\
-                     frontend redemption\n  bind 127.0.0.1:{port} ssl crt {crt} alpn h2\n  default_backend replicas\nbackend replicas\n  balance roundrobin\n{servers}"
+                     frontend redemption\n  bind 127.0.0.1:{port} ssl crt {crt} alpn h2\n  default_backend replicas\nbackend replicas\n  balance roundrobin\n{checks}{servers}"
                 ),
             )
             .unwrap();

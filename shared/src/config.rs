@@ -37,8 +37,10 @@ pub struct CommonConfig {
     #[arg(long = "migrate-on-start", env = "MIGRATE_ON_START", default_value_t = false, action = clap::ArgAction::Set)]
     pub migrate_on_start: bool,
 
-    /// Serve Prometheus metrics (`GET /metrics`, plaintext) on this
-    /// address, e.g. `0.0.0.0:9464`. Off when unset.
+    /// Serve Prometheus metrics (`GET /metrics`), and liveness (`GET
+    /// /livez`) and readiness (`GET /readyz`: 200 or 503) for HTTP probes
+    /// and load balancers, in plaintext on this address, e.g.
+    /// `0.0.0.0:9464`. Off when unset.
     #[arg(long, env = "METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
 

@@ -60,20 +60,40 @@ pub fn render() -> String {
     String::from_utf8(out).unwrap_or_default()
 }
 
-/// Serves `GET /metrics` (Prometheus text) on `listener` until `shutdown`.
-pub fn serve(listener: TcpListener, shutdown: CancellationToken) {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(|| async {
-            (
-                [(
-                    http::header::CONTENT_TYPE,
-                    "text/plain; version=0.0.4; charset=utf-8",
-                )],
-                render(),
-            )
-        }),
-    );
+/// Serves, in plaintext HTTP on `listener` until `shutdown`: `GET /metrics`
+/// (Prometheus text), `GET /livez` (200 while the process runs) and `GET
+/// /readyz` (200 while `ready`, else 503), for load balancers and probes
+/// that speak HTTP rather than gRPC health.
+pub fn serve(
+    listener: TcpListener,
+    ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    shutdown: CancellationToken,
+) {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [(
+                        http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    render(),
+                )
+            }),
+        )
+        .route("/livez", get(|| async { "live\n" }))
+        .route(
+            "/readyz",
+            get(move || async move {
+                if ready.load(std::sync::atomic::Ordering::Relaxed) {
+                    (http::StatusCode::OK, "ready\n")
+                } else {
+                    (http::StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                }
+            }),
+        );
     tokio::spawn(async move {
         let stopped = shutdown.cancelled_owned();
         if let Err(error) = axum::serve(listener, app)

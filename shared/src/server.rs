@@ -225,12 +225,19 @@ pub async fn serve(
     health
         .set_service_status(LIVENESS, ServingStatus::Serving)
         .await;
+    // Readiness as the HTTP endpoint (`/readyz`) tells it too.
+    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let set_all = {
         let health = health.clone();
         let names = names.clone();
+        let ready = ready.clone();
         move |status: ServingStatus| {
             let health = health.clone();
             let names = names.clone();
+            ready.store(
+                status == ServingStatus::Serving,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             async move {
                 for name in names {
                     health.set_service_status(name, status).await;
@@ -293,8 +300,8 @@ pub async fn serve(
     let stop_accepting = CancellationToken::new();
     if let Some(metrics_listener) = metrics_listener {
         let addr = metrics_listener.local_addr()?;
-        crate::metrics::serve(metrics_listener, stop_accepting.clone());
-        tracing::info!(%addr, "metrics (Prometheus, GET /metrics)");
+        crate::metrics::serve(metrics_listener, ready, stop_accepting.clone());
+        tracing::info!(%addr, "metrics and probes over HTTP: /metrics, /livez, /readyz");
     }
     if let Some(probe_listener) = health_listener {
         let addr = probe_listener.local_addr()?;

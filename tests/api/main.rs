@@ -7,6 +7,7 @@ mod enrollment;
 mod exactly_once;
 mod health;
 mod key_issuance;
+mod lifecycle;
 mod metrics;
 mod redemption;
 mod security;

@@ -1,0 +1,293 @@
+//! A replica's life as Kubernetes drives it: it starts without migrating
+//! unless told to; liveness is the process alone while readiness follows
+//! PostgreSQL, so a database outage takes replicas out of rotation without
+//! restarting them, and they come back on their own; a replica told to stop
+//! keeps accepting calls for its shutdown delay, then drains, so a rolling
+//! restart behind a load balancer fails no call.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use trainingkeys_tests::{Spawned, TestApp, as_user, eventually, idem, org};
+
+/// The health of `service` name at `spawned` (`None`: no answer).
+async fn health(spawned: &Spawned, service: &str) -> Option<i32> {
+    let mut client = HealthClient::new(spawned.channel().await);
+    client
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .ok()
+        .map(|r| r.into_inner().status)
+}
+
+const SERVING: Option<i32> = Some(ServingStatus::Serving as i32);
+const NOT_SERVING: Option<i32> = Some(ServingStatus::NotServing as i32);
+
+fn loopback() -> SocketAddr {
+    let port = trainingkeys_shared::server::unused_port().unwrap();
+    ([127, 0, 0, 1], port).into()
+}
+
+/// `GET path` over plaintext HTTP at `addr`: the status code.
+async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.ok()?;
+    answer.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[tokio::test]
+async fn serve_migrates_only_when_told_to() {
+    let database_url = trainingkeys_tests::fresh_database().await;
+    let schema_exists = || async {
+        use sqlx::Connection as _;
+        let mut db = sqlx::PgConnection::connect(&database_url).await.unwrap();
+        sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'enrollment')",
+        )
+        .fetch_one(&mut db)
+        .await
+        .unwrap()
+    };
+    let mut config = trainingkeys_enrollment::Config::for_tests(&database_url).unwrap();
+    trainingkeys_tests::for_tests(&mut config.common, "enrollment");
+    config.common.migrate_on_start = false;
+    let service =
+        trainingkeys_tests::spawn::<trainingkeys_enrollment::Application>(config.clone()).await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            health(&service, "liveness").await == SERVING
+        })
+        .await
+    );
+    assert!(!schema_exists().await, "serve migrated without being told to");
+    service.stop().await;
+
+    config.common.migrate_on_start = true;
+    let service = trainingkeys_tests::spawn::<trainingkeys_enrollment::Application>(config).await;
+    assert!(schema_exists().await, "MIGRATE_ON_START did not migrate");
+    service.stop().await;
+}
+
+/// PostgreSQL stopped for a minute: every replica stays up (liveness
+/// SERVING, the same process), is out of rotation (readiness NOT_SERVING),
+/// a replica started meanwhile waits for the database to migrate, and all
+/// of them are ready and redeeming again once it is back, none restarted.
+/// Runs alone (.config/nextest.toml): it stops the shared test PostgreSQL.
+#[tokio::test]
+async fn a_database_outage_of_a_minute_is_ridden_out_without_restarts() {
+    let restart = std::env::var("TEST_PG_RESTART")
+        .expect("TEST_PG_RESTART: run with `make test`, which owns the test PostgreSQL");
+    let mut app = TestApp::start(3).await;
+    let org = org();
+    let class = app.class(&org, 50).await;
+    let key = app.event_key(&class.class_id, false).await;
+    let users = app.users(&org, 4).await;
+    for i in 0..3 {
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                health(&app.replicas[i], "readiness").await == SERVING
+            })
+            .await
+        );
+    }
+
+    // Down for 60 s, then started again (in the background).
+    let outage = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!("{restart} 60"))
+            .status()
+    });
+    let services: Vec<&Spawned> = app
+        .replicas
+        .iter()
+        .chain([&app.enrollment_service, &app.keys_service])
+        .collect();
+    for service in &services {
+        assert!(
+            eventually(Duration::from_secs(20), || async {
+                health(service, "readiness").await == NOT_SERVING
+            })
+            .await,
+            "{} stayed ready without its database",
+            service.addr
+        );
+        assert_eq!(health(service, "liveness").await, SERVING);
+    }
+    // A replica that starts now starts (it would crash-loop if it had to
+    // migrate first), NOT_SERVING.
+    let late = app.add_replica(|_| {}).await;
+    assert_eq!(health(&app.replicas[late], "readiness").await, NOT_SERVING);
+    assert_eq!(health(&app.replicas[late], "liveness").await, SERVING);
+    // Calls meanwhile fail fast and precisely, not hang.
+    let during = app
+        .redeem(0, as_user(&key.code, &users[3], &idem()))
+        .await;
+    assert!(during.is_err());
+
+    let restarted = outage.await.unwrap();
+    assert!(
+        restarted.is_ok_and(|s| s.success()),
+        "PostgreSQL did not start again"
+    );
+    let services: Vec<&Spawned> = app
+        .replicas
+        .iter()
+        .chain([&app.enrollment_service, &app.keys_service])
+        .collect();
+    for service in &services {
+        assert!(
+            eventually(Duration::from_secs(30), || async {
+                health(service, "readiness").await == SERVING
+            })
+            .await,
+            "{} did not become ready again",
+            service.addr
+        );
+        assert!(!service.handle.is_finished(), "{} stopped", service.addr);
+    }
+    for (i, user) in users.iter().take(4).enumerate() {
+        app.redeem(i, as_user(&key.code, user, &idem()))
+            .await
+            .unwrap_or_else(|e| panic!("replica {i} after the outage: {e:?}"));
+    }
+}
+
+#[tokio::test]
+async fn a_stopping_replica_is_not_ready_but_accepts_calls_for_its_delay() {
+    let metrics = loopback();
+    let app = TestApp::start_with(1, |c| {
+        c.common.shutdown_delay_seconds = 2;
+        c.common.metrics_addr = Some(metrics);
+    })
+    .await;
+    let org = org();
+    let class = app.class(&org, 5).await;
+    let key = app.event_key(&class.class_id, false).await;
+    let users = app.users(&org, 2).await;
+    let replica = &app.replicas[0];
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            http_status(metrics, "/readyz").await == Some(200)
+        })
+        .await
+    );
+    assert_eq!(http_status(metrics, "/livez").await, Some(200));
+
+    replica.shutdown.cancel();
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            health(replica, "readiness").await == NOT_SERVING
+        })
+        .await
+    );
+    assert_eq!(http_status(metrics, "/readyz").await, Some(503));
+    assert_eq!(health(replica, "liveness").await, SERVING);
+    // A new connection and a call, inside the delay: served.
+    let mut fresh = trainingkeys_proto::v1::redemption_service_client::RedemptionServiceClient::new(
+        replica.channel().await,
+    );
+    fresh
+        .redeem_key(as_user(&key.code, &users[0], &idem()))
+        .await
+        .expect("a call inside the shutdown delay is served");
+    // After it, the replica stops listening.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        tokio::net::TcpStream::connect(replica.addr).await.is_err(),
+        "still listening after the delay"
+    );
+}
+
+/// Steady redemptions through haproxy over three replicas while each is
+/// restarted in turn, as a rollout does: not one call fails.
+#[tokio::test]
+async fn a_rolling_restart_behind_the_load_balancer_fails_no_call() {
+    let addrs: Vec<(SocketAddr, SocketAddr)> = (0..3).map(|_| (loopback(), loopback())).collect();
+    let at = |i: usize| {
+        let (grpc, http) = addrs[i];
+        move |c: &mut trainingkeys_redemption::Config| {
+            c.listen_addr = grpc;
+            c.common.metrics_addr = Some(http);
+            c.common.shutdown_delay_seconds = 1;
+        }
+    };
+    let mut app = TestApp::start(0).await;
+    for i in 0..3 {
+        app.add_replica(at(i)).await;
+    }
+    let probes: Vec<SocketAddr> = addrs.iter().map(|(_, http)| *http).collect();
+    app.behind_checked_load_balancer(&probes).await;
+    let org = org();
+    let class = app.class(&org, 100_000).await;
+    let key = app.event_key(&class.class_id, false).await;
+    let users = Arc::new(app.users(&org, 3000).await);
+
+    let next = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..8)
+        .map(|w| {
+            let call = app.redemption_client(w);
+            let (users, next, done, code) =
+                (users.clone(), next.clone(), done.clone(), key.code.clone());
+            tokio::spawn(async move {
+                let mut failures = Vec::new();
+                let mut ok = 0;
+                while !done.load(Ordering::Relaxed) {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(user) = users.get(n) else { break };
+                    let mut client = call.clone();
+                    match client.redeem_key(as_user(&code, user, &idem())).await {
+                        Ok(_) => ok += 1,
+                        Err(status) => failures.push(format!("{status:?}")),
+                    }
+                }
+                (ok, failures)
+            })
+        })
+        .collect();
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for i in 0..3 {
+        let before = next.load(Ordering::Relaxed);
+        app.restart_replica(i, at(i)).await;
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                http_status(probes[i], "/readyz").await == Some(200)
+            })
+            .await,
+            "replica {i} did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(
+            next.load(Ordering::Relaxed) > before,
+            "no load while replica {i} restarted"
+        );
+    }
+    let served_during = next.load(Ordering::Relaxed);
+    assert!(
+        served_during < users.len(),
+        "the load ran out before the rollout ended"
+    );
+    done.store(true, Ordering::Relaxed);
+    let mut ok = 0;
+    let mut failures = Vec::new();
+    for worker in workers {
+        let (n, f) = worker.await.unwrap();
+        ok += n;
+        failures.extend(f);
+    }
+    assert!(failures.is_empty(), "{} calls failed: {failures:?}", failures.len());
+    assert!(ok > 100, "only {ok} calls");
+}
