@@ -227,8 +227,10 @@ impl LoadBalancer {
 
     /// Starts haproxy over `replicas`, sending calls only to those whose
     /// readiness (`GET /readyz` on the matching address of `probes`, checked
-    /// every 100 ms) says ready, as a load balancer in production does; a
-    /// call whose connection fails is sent to another replica.
+    /// every 100 ms) says ready, as a load balancer in production does. It
+    /// never retries a call on another replica (as Kubernetes' Service
+    /// routing does not): a replica that stops listening before it is out
+    /// of rotation fails calls.
     pub async fn start_checked(
         replicas: &[std::net::SocketAddr],
         probes: &[std::net::SocketAddr],
@@ -264,7 +266,7 @@ impl LoadBalancer {
                 })
                 .collect();
             let checks = if probes.is_some() {
-                "  option httpchk GET /readyz\n  option redispatch\n  retries 3\n"
+                "  option httpchk GET /readyz\n  retries 0\n"
             } else {
                 ""
             };
