@@ -58,6 +58,9 @@ pub struct TestApp {
     pub database_url: String,
     /// The gate's Redis, this app's own: a test may flush, stop or restart it.
     pub redis: RedisServer,
+    /// The Redis the replicas use: `redis`, unless a test gave them another
+    /// (a Cluster, Sentinel's primary).
+    pub redis_url: String,
     /// The enrollment service, for tests of its serving and shutdown.
     pub enrollment_service: Spawned,
     /// The key-issuance service; replicas are pointed at it.
@@ -94,6 +97,7 @@ impl TestApp {
         let keys_client = KeyIssuanceServiceClient::new(keys_service.channel().await);
         let mut app = Self {
             database_url,
+            redis_url: redis.url(),
             redis,
             enrollment_service,
             keys_service,
@@ -138,6 +142,7 @@ impl TestApp {
     ) -> usize {
         let mut config = self.replica_config();
         tweak(&mut config);
+        self.redis_url = config.redis_url.clone();
         let replica = crate::spawn::<trainingkeys_redemption::Application>(config).await;
         self.redemption_clients
             .push(RedemptionServiceClient::new(replica.channel().await));

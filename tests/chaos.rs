@@ -304,19 +304,23 @@ pub async fn gate_agrees(
     let key = |k: &str| format!("{{class:{class_id}}}:{k}");
     let (confirmed_key, holds_key, ready_key) = (key("confirmed"), key("holds"), key("ready"));
     let look = || async {
-        let ready: i64 = app.redis.cmd(&["EXISTS", &ready_key]).await.unwrap_or(0);
-        let confirmed: HashSet<String> = app
-            .redis
-            .cmd(&["SMEMBERS", &confirmed_key])
+        let ready: i64 = crate::servers::command(&app.redis_url, &["EXISTS", &ready_key])
+            .await
+            .unwrap_or(0);
+        let confirmed: HashSet<String> =
+            crate::servers::command(&app.redis_url, &["SMEMBERS", &confirmed_key])
+                .await
+                .unwrap_or_default();
+        let now: Vec<String> = crate::servers::command(&app.redis_url, &["TIME"])
             .await
             .unwrap_or_default();
-        let now: Vec<String> = app.redis.cmd(&["TIME"]).await.unwrap_or_default();
         let now_ms = now.first().and_then(|s| s.parse::<u64>().ok()).unwrap_or(0) * 1000;
-        let live_holds: i64 = app
-            .redis
-            .cmd(&["ZCOUNT", &holds_key, &format!("({now_ms}"), "+inf"])
-            .await
-            .unwrap_or(-1);
+        let live_holds: i64 = crate::servers::command(
+            &app.redis_url,
+            &["ZCOUNT", &holds_key, &format!("({now_ms}"), "+inf"],
+        )
+        .await
+        .unwrap_or(-1);
         (ready == 1, confirmed, live_holds)
     };
     let agrees = crate::eventually(within, || async {

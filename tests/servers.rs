@@ -182,25 +182,352 @@ impl RedisServer {
     }
 }
 
-async fn command<T: redis::FromRedisValue>(url: &str, args: &[&str]) -> redis::RedisResult<T> {
-    let client = if url.starts_with("rediss://") {
-        let ca = std::fs::read(crate::pki::pki().ca_file()).expect("the test CA");
-        redis::Client::build_with_tls(
-            url,
-            redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(ca),
-            },
-        )?
-    } else {
-        redis::Client::open(url)?
-    };
-    let mut conn = client.get_multiplexed_async_connection().await?;
+/// Runs one command on the Redis at `url`, any topology (a single server,
+/// Sentinel's primary, a Cluster: `trainingkeys_shared::redis::Topology`).
+pub async fn command<T: redis::FromRedisValue>(url: &str, args: &[&str]) -> redis::RedisResult<T> {
+    let ca = url
+        .starts_with("rediss")
+        .then(|| std::fs::read(crate::pki::pki().ca_file()).expect("the test CA"));
+    let redis =
+        trainingkeys_shared::redis::Redis::new(url, Duration::from_secs(2), ca).map_err(|e| {
+            redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "bad URL",
+                e.to_string(),
+            ))
+        })?;
     let mut cmd = redis::cmd(args[0]);
     for a in &args[1..] {
         cmd.arg(*a);
     }
-    cmd.query_async(&mut conn).await
+    redis
+        .run("test", |mut c| async move { cmd.query_async(&mut c).await })
+        .await
+        .map_err(|e| match e {
+            trainingkeys_shared::redis::RedisUnavailable::Failed(e) => e,
+            other => redis::RedisError::from(std::io::Error::other(other.to_string())),
+        })
+}
+
+/// Starts `redis-server` with `args` (plus loopback, no persistence, in the
+/// temporary directory); the process.
+fn redis_process(args: &[String]) -> Child {
+    Command::new("redis-server")
+        .args(args)
+        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(std::env::temp_dir())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server must be installed (make test installs it)")
+}
+
+/// A Redis Cluster of three primaries, each with a replica, from
+/// `redis-server --cluster-enabled yes` processes on loopback, killed on drop.
+pub struct RedisCluster {
+    /// Every node's port.
+    pub ports: Vec<u16>,
+    processes: Vec<Process>,
+}
+
+impl RedisCluster {
+    /// Starts the six nodes, joins them (`redis-cli --cluster create`), and
+    /// waits until every node says the cluster is ok.
+    pub async fn start() -> Self {
+        let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
+        let processes: Vec<Process> = ports
+            .iter()
+            .map(|port| {
+                let process = Process::default();
+                process.set(redis_process(&[
+                    "--port".into(),
+                    port.to_string(),
+                    "--cluster-enabled".into(),
+                    "yes".into(),
+                    "--cluster-port".into(),
+                    free_port().to_string(),
+                    "--cluster-config-file".into(),
+                    format!("trainingkeys-cluster-{port}.conf"),
+                    "--cluster-node-timeout".into(),
+                    "1000".into(),
+                ]));
+                process
+            })
+            .collect();
+        let cluster = Self { ports, processes };
+        for port in &cluster.ports {
+            let url = format!("redis://127.0.0.1:{port}/");
+            assert!(
+                crate::eventually(Duration::from_secs(10), || {
+                    let url = url.clone();
+                    async move { command::<String>(&url, &["PING"]).await.is_ok() }
+                })
+                .await,
+                "cluster node {port} did not start"
+            );
+        }
+        let nodes: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli must be installed");
+        assert!(created.success(), "redis-cli --cluster create failed");
+        cluster.wait_ok().await;
+        cluster
+    }
+
+    /// `redis+cluster://` over every node.
+    pub fn url(&self) -> String {
+        let nodes: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis+cluster://{}/", nodes.join(","))
+    }
+
+    /// Waits until every live node reports `cluster_state:ok` and agrees on
+    /// three primaries with their slots.
+    pub async fn wait_ok(&self) {
+        let ok = crate::eventually(Duration::from_secs(30), || async {
+            for (i, port) in self.ports.iter().enumerate() {
+                if !self.processes[i].running() {
+                    continue;
+                }
+                let info: String =
+                    command(&format!("redis://127.0.0.1:{port}/"), &["CLUSTER", "INFO"])
+                        .await
+                        .unwrap_or_default();
+                if !info.contains("cluster_state:ok") {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+        assert!(ok, "the cluster did not become ok");
+    }
+
+    /// The port of the primary that serves `key`'s slot, and its replicas'.
+    pub async fn owner_of(&self, key: &str) -> (u16, Vec<u16>) {
+        let (i, port) = self
+            .ports
+            .iter()
+            .enumerate()
+            .find(|(i, _)| self.processes[*i].running())
+            .expect("a live node");
+        let _ = i;
+        let url = format!("redis://127.0.0.1:{port}/");
+        let slot: i64 = command(&url, &["CLUSTER", "KEYSLOT", key]).await.unwrap();
+        let nodes: String = command(&url, &["CLUSTER", "NODES"]).await.unwrap();
+        // <id> <ip:port@bus> <flags> <primary id> ... <slots...>
+        let lines: Vec<Vec<&str>> = nodes.lines().map(|l| l.split(' ').collect()).collect();
+        let port_of = |fields: &Vec<&str>| -> u16 {
+            fields[1]
+                .split('@')
+                .next()
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0)
+        };
+        let owner = lines
+            .iter()
+            .find(|f| {
+                f[2].contains("master")
+                    && !f[2].contains("fail")
+                    && f[8..].iter().any(|range| {
+                        let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                        match (lo.parse::<i64>(), hi.parse::<i64>()) {
+                            (Ok(lo), Ok(hi)) => (lo..=hi).contains(&slot),
+                            _ => false,
+                        }
+                    })
+            })
+            .expect("a primary serves every slot");
+        let replicas = lines
+            .iter()
+            .filter(|f| f[3] == owner[0] && !f[2].contains("fail"))
+            .map(port_of)
+            .collect();
+        (port_of(owner), replicas)
+    }
+
+    /// `CLUSTER FAILOVER` on `replica`: it takes its primary's place, in an
+    /// orderly way.
+    pub async fn fail_over_to(&self, replica: u16) {
+        let _: String = command(
+            &format!("redis://127.0.0.1:{replica}/"),
+            &["CLUSTER", "FAILOVER"],
+        )
+        .await
+        .unwrap();
+    }
+
+    /// Kills the node on `port` (SIGKILL): its replica is elected in its place.
+    pub fn kill(&self, port: u16) {
+        if let Some(i) = self.ports.iter().position(|p| *p == port) {
+            self.processes[i].kill();
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for (process, port) in self.processes.iter().zip(&self.ports) {
+            process.kill();
+            let _ = std::fs::remove_file(
+                std::env::temp_dir().join(format!("trainingkeys-cluster-{port}.conf")),
+            );
+        }
+    }
+}
+
+/// A primary, its replica and three Sentinels watching them (quorum two),
+/// on loopback, killed on drop.
+pub struct RedisSentinel {
+    /// The first primary's port.
+    pub primary: u16,
+    /// The replica's port.
+    pub replica: u16,
+    sentinels: Vec<u16>,
+    processes: Vec<Process>,
+    configs: Vec<std::path::PathBuf>,
+}
+
+/// The name the Sentinels know the primary by.
+pub const SENTINEL_PRIMARY: &str = "gate";
+
+impl RedisSentinel {
+    /// Starts them and waits until every Sentinel knows the primary and its
+    /// replica.
+    pub async fn start() -> Self {
+        let (primary, replica) = (free_port(), free_port());
+        let sentinels: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let processes = vec![Process::default(), Process::default()];
+        processes[0].set(redis_process(&["--port".into(), primary.to_string()]));
+        processes[1].set(redis_process(&[
+            "--port".into(),
+            replica.to_string(),
+            "--replicaof".into(),
+            "127.0.0.1".into(),
+            primary.to_string(),
+        ]));
+        let mut this = Self {
+            primary,
+            replica,
+            sentinels: sentinels.clone(),
+            processes,
+            configs: Vec::new(),
+        };
+        for port in &sentinels {
+            let config = std::env::temp_dir().join(format!("trainingkeys-sentinel-{port}.conf"));
+            std::fs::write(
+                &config,
+                format!(
+                    "port {port}\nbind 127.0.0.1\nsentinel monitor {SENTINEL_PRIMARY} 127.0.0.1 {primary} 2\n\
+                     sentinel down-after-milliseconds {SENTINEL_PRIMARY} 1000\n\
+                     sentinel failover-timeout {SENTINEL_PRIMARY} 4000\n"
+                ),
+            )
+            .unwrap();
+            let process = Process::default();
+            process.set(
+                Command::new("redis-server")
+                    .arg(&config)
+                    .arg("--sentinel")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("redis-server must be installed"),
+            );
+            this.processes.push(process);
+            this.configs.push(config);
+        }
+        let replica_url = format!("redis://127.0.0.1:{replica}/");
+        let synced = crate::eventually(Duration::from_secs(20), || async {
+            let info: String = command(&replica_url, &["INFO", "replication"])
+                .await
+                .unwrap_or_default();
+            if !info.contains("master_link_status:up") {
+                return false;
+            }
+            for port in &this.sentinels {
+                let url = format!("redis://127.0.0.1:{port}/");
+                let replicas: redis::Value =
+                    match command(&url, &["SENTINEL", "REPLICAS", SENTINEL_PRIMARY]).await {
+                        Ok(v) => v,
+                        Err(_) => return false,
+                    };
+                if !matches!(&replicas, redis::Value::Array(a) if !a.is_empty()) {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+        assert!(
+            synced,
+            "the Sentinels never saw the primary and its replica"
+        );
+        this
+    }
+
+    /// `redis+sentinel://` over the three Sentinels.
+    pub fn url(&self) -> String {
+        let sentinels: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!(
+            "redis+sentinel://{}/{SENTINEL_PRIMARY}",
+            sentinels.join(",")
+        )
+    }
+
+    /// Kills the first primary (SIGKILL): the Sentinels promote the
+    /// replica. Whether it was still running.
+    pub fn kill_primary(&self) -> bool {
+        let running = self.processes[0].running();
+        self.processes[0].kill();
+        running
+    }
+
+    /// Waits until the Sentinels name the replica as the primary.
+    pub async fn wait_promoted(&self) -> bool {
+        let url = format!("redis://127.0.0.1:{}/", self.sentinels[0]);
+        let replica = self.replica.to_string();
+        crate::eventually(Duration::from_secs(30), || async {
+            let addr: Vec<String> = command(
+                &url,
+                &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", SENTINEL_PRIMARY],
+            )
+            .await
+            .unwrap_or_default();
+            addr.get(1) == Some(&replica)
+        })
+        .await
+    }
+}
+
+impl Drop for RedisSentinel {
+    fn drop(&mut self) {
+        for process in &self.processes {
+            process.kill();
+        }
+        for config in &self.configs {
+            let _ = std::fs::remove_file(config);
+        }
+    }
 }
 
 impl Drop for RedisServer {

@@ -180,7 +180,10 @@ pub fn observe_pool(pool: &PgPool, name: &str, max: u32) {
         .with_callback(move |observer| {
             observer.observe(
                 u64::from(max),
-                &[KeyValue::new("db.client.connection.pool.name", max_name.clone())],
+                &[KeyValue::new(
+                    "db.client.connection.pool.name",
+                    max_name.clone(),
+                )],
             );
         })
         .build();

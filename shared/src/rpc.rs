@@ -241,11 +241,7 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         // The call's span (`telemetry::server_span`) is current here.
-        let call = Call::new(
-            Side::Server,
-            request.uri().path(),
-            tracing::Span::current(),
-        );
+        let call = Call::new(Side::Server, request.uri().path(), tracing::Span::current());
         let answer = self.inner.call(request);
         Box::pin(async move { Ok(Observed::wrap(answer.await?, call)) })
     }

@@ -50,7 +50,9 @@ pub fn init(service_name: &'static str, format: LogFormat) -> anyhow::Result<Tel
         LogFormat::Text => tracing_subscriber::fmt::layer().with_target(false).boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .event_format(WithTraceIds(
-                tracing_subscriber::fmt::format().json().with_current_span(true),
+                tracing_subscriber::fmt::format()
+                    .json()
+                    .with_current_span(true),
             ))
             .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
             .boxed(),

@@ -11,6 +11,7 @@ use std::time::Duration;
 use sqlx::Connection as _;
 use trainingkeys_redemption::{Config, FaultAction, FaultPoint};
 use trainingkeys_tests::chaos::{self, Attempt, Scenario};
+use trainingkeys_tests::servers::{RedisCluster, RedisSentinel};
 use trainingkeys_tests::{TestApp, org};
 
 const MAX: i32 = 50;
@@ -362,4 +363,72 @@ async fn the_checker_catches_a_refunded_key_use() {
         violations.iter().any(|v| v.starts_with("key ")),
         "{violations:?}"
     );
+}
+
+/// The gate on a Redis Cluster of three primaries with a replica each: mid
+/// herd, the primary serving the class's slot is failed over (`CLUSTER
+/// FAILOVER`), and then the new primary is killed, so the old one is
+/// elected back. The invariants hold, and afterwards the gate's state in
+/// the cluster agrees with PostgreSQL.
+#[tokio::test]
+async fn chaos_redis_cluster_primary_failed_over_and_killed_mid_herd() {
+    let cluster = RedisCluster::start().await;
+    let url = cluster.url();
+    let app = behind_lb(|c| {
+        quick(c);
+        c.redis_url = url.clone();
+    })
+    .await;
+    let (scenario, students) = scenario(&app).await;
+    let (primary, replicas) = cluster
+        .owner_of(&format!("{{class:{}}}", scenario.class_id))
+        .await;
+    let replica = replicas[0];
+    let attempts = chaos::herd(&app, &students, DEADLINE, || async {
+        cluster.fail_over_to(replica).await;
+        let promoted = trainingkeys_tests::eventually(Duration::from_secs(10), || async {
+            let (owner, _) = cluster
+                .owner_of(&format!("{{class:{}}}", scenario.class_id))
+                .await;
+            owner == replica
+        })
+        .await;
+        assert!(promoted, "CLUSTER FAILOVER did not promote {replica}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        cluster.kill(replica);
+    })
+    .await;
+    assert_invariants(&app, &scenario, &attempts).await;
+    let (owner, _) = cluster
+        .owner_of(&format!("{{class:{}}}", scenario.class_id))
+        .await;
+    assert_eq!(owner, primary, "the old primary was not elected back");
+}
+
+/// The gate on a Sentinel-managed primary: mid herd the primary is killed,
+/// the Sentinels promote its replica, and the replicas find it through
+/// them. The invariants hold, and afterwards the gate's state on the new
+/// primary agrees with PostgreSQL.
+#[tokio::test]
+async fn chaos_redis_sentinel_primary_killed_mid_herd() {
+    let sentinel = RedisSentinel::start().await;
+    let url = sentinel.url();
+    let app = behind_lb(|c| {
+        quick(c);
+        c.redis_url = url.clone();
+    })
+    .await;
+    for _ in 0..rounds() {
+        let (scenario, students) = scenario(&app).await;
+        let attempts = chaos::herd(&app, &students, DEADLINE, || async {
+            if sentinel.kill_primary() {
+                assert!(
+                    sentinel.wait_promoted().await,
+                    "the replica was not promoted"
+                );
+            }
+        })
+        .await;
+        assert_invariants(&app, &scenario, &attempts).await;
+    }
 }

@@ -70,7 +70,10 @@ async fn serve_migrates_only_when_told_to() {
         })
         .await
     );
-    assert!(!schema_exists().await, "serve migrated without being told to");
+    assert!(
+        !schema_exists().await,
+        "serve migrated without being told to"
+    );
     service.stop().await;
 
     config.common.migrate_on_start = true;
@@ -131,9 +134,7 @@ async fn a_database_outage_of_a_minute_is_ridden_out_without_restarts() {
     assert_eq!(health(&app.replicas[late], "readiness").await, NOT_SERVING);
     assert_eq!(health(&app.replicas[late], "liveness").await, SERVING);
     // Calls meanwhile fail fast and precisely, not hang.
-    let during = app
-        .redeem(0, as_user(&key.code, &users[3], &idem()))
-        .await;
+    let during = app.redeem(0, as_user(&key.code, &users[3], &idem())).await;
     assert!(during.is_err());
 
     let restarted = outage.await.unwrap();
@@ -288,6 +289,10 @@ async fn a_rolling_restart_behind_the_load_balancer_fails_no_call() {
         ok += n;
         failures.extend(f);
     }
-    assert!(failures.is_empty(), "{} calls failed: {failures:?}", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} calls failed: {failures:?}",
+        failures.len()
+    );
     assert!(ok > 100, "only {ok} calls");
 }

@@ -87,9 +87,7 @@ async fn a_scrape_after_real_calls_shows_every_figure() {
     let key = app.event_key(&class.class_id, false).await;
     let students = app.users(&org, 3).await;
     for student in &students {
-        let _ = app
-            .redeem(0, as_user(&key.code, student, &idem()))
-            .await;
+        let _ = app.redeem(0, as_user(&key.code, student, &idem())).await;
     }
     // A bad argument: answered at once, from the headers.
     let bad = app.redeem(0, as_user("", &students[0], &idem())).await;
@@ -109,7 +107,11 @@ async fn a_scrape_after_real_calls_shows_every_figure() {
         )
     };
     assert_eq!(calls("RedeemKey", "0"), 2.0, "two seats");
-    assert_eq!(calls("RedeemKey", "8"), 1.0, "one CLASS_FULL (RESOURCE_EXHAUSTED)");
+    assert_eq!(
+        calls("RedeemKey", "8"),
+        1.0,
+        "one CLASS_FULL (RESOURCE_EXHAUSTED)"
+    );
     assert_eq!(calls("RedeemKey", "3"), 1.0, "one INVALID_ARGUMENT");
     // The histogram's buckets: the last one (+Inf) holds every call.
     let inf = sum(
@@ -164,7 +166,10 @@ async fn a_scrape_after_real_calls_shows_every_figure() {
         sum(
             &scraped,
             "db_client_operation_duration_seconds_count",
-            &[("db_system_name", "redis"), ("db_operation_name", "gate_admit")]
+            &[
+                ("db_system_name", "redis"),
+                ("db_operation_name", "gate_admit")
+            ]
         ),
         3.0,
         "one gate admission per student"
@@ -178,8 +183,13 @@ async fn a_scrape_after_real_calls_shows_every_figure() {
         7.0
     );
     assert!(
-        scraped.iter().any(|s| s.name == "db_client_connection_count"
-            && s.labels.get("db_client_connection_state").map(String::as_str) == Some("used")),
+        scraped
+            .iter()
+            .any(|s| s.name == "db_client_connection_count"
+                && s.labels
+                    .get("db_client_connection_state")
+                    .map(String::as_str)
+                    == Some("used")),
         "pool saturation: used connections"
     );
     let gate = |decision: &str| {

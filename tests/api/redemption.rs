@@ -287,11 +287,26 @@ async fn event_key_windows_follow_the_class() {
 
 #[tokio::test]
 async fn guessing_is_limited_and_indistinguishable() {
+    guessing_is_limited_on(None).await;
+}
+
+/// The limits hold on a Redis Cluster too: a student's counters and the
+/// service-wide budget live in different slots, and are read together.
+#[tokio::test]
+async fn guessing_is_limited_on_a_redis_cluster() {
+    let cluster = trainingkeys_tests::servers::RedisCluster::start().await;
+    guessing_is_limited_on(Some(cluster.url())).await;
+}
+
+async fn guessing_is_limited_on(redis_url: Option<String>) {
     // A Redis call that times out lets an attempt through uncounted: give
     // a loaded machine room.
     let app = TestApp::start_with(1, |c| {
         c.guess_limit = 3;
         c.redis_timeout_ms = 5000;
+        if let Some(url) = &redis_url {
+            c.redis_url = url.clone();
+        }
     })
     .await;
     let org = org();

@@ -390,18 +390,20 @@ impl Gate {
             .run("info_server", |mut c| async move {
                 redis::cmd("INFO")
                     .arg("server")
-                    .query_async::<String>(&mut c)
+                    .query_async::<redis::Value>(&mut c)
                     .await
             })
             .await;
         let Ok(info) = info else { return };
-        let Some(run_id) = info
-            .lines()
-            .find_map(|l| l.strip_prefix("run_id:"))
-            .map(|r| r.trim().to_owned())
-        else {
+        // One server's INFO, or (a Cluster) every primary's: the run ids,
+        // together, change when any primary restarts or is failed over.
+        let mut run_ids = Vec::new();
+        collect_run_ids(&info, &mut run_ids);
+        if run_ids.is_empty() {
             return;
-        };
+        }
+        run_ids.sort();
+        let run_id = run_ids.join(",");
         let previous = self
             .run_id
             .lock()
@@ -481,5 +483,35 @@ impl Gate {
             }
         }
         repaired
+    }
+}
+
+/// The `run_id`s in an INFO answer: one server's text, or a map of each
+/// node's.
+fn collect_run_ids(info: &redis::Value, into: &mut Vec<String>) {
+    match info {
+        redis::Value::BulkString(bytes) => into.extend(
+            String::from_utf8_lossy(bytes)
+                .lines()
+                .filter_map(|l| l.strip_prefix("run_id:"))
+                .map(|r| r.trim().to_owned()),
+        ),
+        redis::Value::VerbatimString { text, .. } | redis::Value::SimpleString(text) => into
+            .extend(
+                text.lines()
+                    .filter_map(|l| l.strip_prefix("run_id:"))
+                    .map(|r| r.trim().to_owned()),
+            ),
+        redis::Value::Map(pairs) => {
+            for (_, value) in pairs {
+                collect_run_ids(value, into);
+            }
+        }
+        redis::Value::Array(values) => {
+            for value in values {
+                collect_run_ids(value, into);
+            }
+        }
+        _ => {}
     }
 }

@@ -146,17 +146,34 @@ impl Limiter {
     /// service-wide failure budget is spent and one of them has failed in
     /// this window (so identities rotated by an attacker get one failure
     /// each at most, while students with a clean record go on). One round
-    /// trip for all of them: a pipeline of plain reads (`GET` and `PTTL`
-    /// per counter, each touching one key, so each goes to its own Redis
-    /// Cluster slot).
+    /// trip for all of them: plain reads (`GET` and `PTTL` per counter, each
+    /// pair touching one key, so each goes to its own Redis Cluster slot),
+    /// sent together.
     pub async fn check(&self, counters: &[String]) -> Result<(), Error> {
-        let mut pipe = redis::pipe();
-        for counter in counters.iter().map(String::as_str).chain([GLOBAL_KEY]) {
-            pipe.get(counter).cmd("PTTL").arg(counter);
-        }
         let result = self
             .redis
-            .run("limiter_check", |mut c| async move { pipe.query_async::<Vec<(Option<u32>, i64)>>(&mut c).await })
+            .run("limiter_check", |c| async move {
+                // One small pipeline per counter, all sent at once: on a
+                // Cluster the counters live in different slots, and a
+                // pipeline must stay within one.
+                let reads =
+                    counters
+                        .iter()
+                        .map(String::as_str)
+                        .chain([GLOBAL_KEY])
+                        .map(|counter| {
+                            let mut c = c.clone();
+                            async move {
+                                redis::pipe()
+                                    .get(counter)
+                                    .cmd("PTTL")
+                                    .arg(counter)
+                                    .query_async::<(Option<u32>, i64)>(&mut c)
+                                    .await
+                            }
+                        });
+                futures::future::try_join_all(reads).await
+            })
             .await;
         let mut counts = match result {
             Ok(counts) => counts,
