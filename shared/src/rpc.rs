@@ -247,28 +247,83 @@ where
     }
 }
 
-/// A channel to a peer service whose calls are observed: each gets a client
+/// A client of a peer service whose calls are observed: each gets a client
 /// span (its trace context sent along in `traceparent`, so the peer's span
-/// is its child) and a duration in `rpc.client.call.duration`.
-#[derive(Clone, Debug)]
+/// is its child) and a duration in `rpc.client.call.duration`. Over one
+/// channel, or balanced call by call over a changing set of them
+/// ([`crate::server::peer`]).
+#[derive(Clone)]
 pub struct Client {
-    channel: Channel,
+    inner: tower::util::BoxCloneSyncService<
+        http::Request<Body>,
+        http::Response<Body>,
+        tonic::codegen::StdError,
+    >,
 }
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("rpc::Client")
+    }
+}
+
+/// Most calls waiting for a balanced peer at once, per client.
+const BALANCED_QUEUE: usize = 4096;
 
 impl Client {
     /// Observes the calls made over `channel`.
     pub fn new(channel: Channel) -> Self {
-        Self { channel }
+        use tower::ServiceExt as _;
+        Self {
+            inner: tower::util::BoxCloneSyncService::new(channel.map_err(Into::into)),
+        }
+    }
+
+    /// Balances calls over the channels `discovered` adds and removes: of
+    /// two picked at random, the one with fewer calls pending. A call that
+    /// finds no channel within `timeout` fails as UNAVAILABLE (an I/O time
+    /// out, so callers retry it as an outage).
+    pub fn balanced<D>(discovered: D, timeout: std::time::Duration) -> Self
+    where
+        D: tower::discover::Discover<Key = std::net::SocketAddr, Service = Channel>
+            + Send
+            + Unpin
+            + 'static,
+        D::Error: Into<tonic::codegen::StdError>,
+    {
+        use tower::ServiceExt as _;
+        let loaded = tower::load::PendingRequestsDiscover::new(
+            discovered,
+            tower::load::CompleteOnResponse::default(),
+        );
+        let balanced = tower::balance::p2c::Balance::new(loaded);
+        let shared = tower::buffer::Buffer::new(balanced, BALANCED_QUEUE);
+        let bounded = tower::ServiceBuilder::new()
+            .map_err(|error: tonic::codegen::StdError| {
+                if error.is::<tower::timeout::error::Elapsed>() {
+                    Box::new(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no replica of the peer answered in time",
+                    )) as tonic::codegen::StdError
+                } else {
+                    error
+                }
+            })
+            .timeout(timeout)
+            .service(shared);
+        Self {
+            inner: tower::util::BoxCloneSyncService::new(bounded.map_err(Into::into)),
+        }
     }
 }
 
 impl tower::Service<http::Request<Body>> for Client {
     type Response = http::Response<Body>;
-    type Error = tonic::transport::Error;
+    type Error = tonic::codegen::StdError;
     type Future = BoxAnswer<Self::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.channel.poll_ready(cx)
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
@@ -289,7 +344,7 @@ impl tower::Service<http::Request<Body>> for Client {
         );
         crate::telemetry::inject_into(&span, request.headers_mut());
         let call = Call::new(Side::Client, &path, span);
-        let answer = self.channel.call(request);
+        let answer = self.inner.call(request);
         Box::pin(async move {
             match answer.await {
                 Ok(response) => Ok(Observed::wrap(response, call)),

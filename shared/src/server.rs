@@ -437,6 +437,25 @@ pub fn cancel_on_signal(token: CancellationToken) {
 /// `None` (plaintext was configured). A scheme that disagrees with the
 /// configuration is refused, so a typo never silently drops TLS.
 pub fn channel(url: &str, call_timeout: Duration, tls: Option<&Tls>) -> anyhow::Result<Channel> {
+    channel_at(url, None, call_timeout, tls)
+}
+
+/// [`channel`], dialing `at` (one of the URL host's addresses) when given;
+/// the server is still checked by the URL's host name.
+fn channel_at(
+    url: &str,
+    at: Option<std::net::SocketAddr>,
+    call_timeout: Duration,
+    tls: Option<&Tls>,
+) -> anyhow::Result<Channel> {
+    let origin: http::Uri = url.parse()?;
+    let scheme = origin.scheme_str().unwrap_or_default();
+    let host = origin.host().unwrap_or_default().to_owned();
+    // What is dialed: the address, or the URL as given.
+    let dialed = |scheme: &str| match at {
+        Some(addr) => format!("{scheme}://{addr}"),
+        None => url.replacen("https://", &format!("{scheme}://"), 1),
+    };
     let endpoint = |url: String| -> anyhow::Result<Endpoint> {
         Ok(Endpoint::from_shared(url)?
             .connect_timeout(Duration::from_secs(3))
@@ -444,8 +463,6 @@ pub fn channel(url: &str, call_timeout: Duration, tls: Option<&Tls>) -> anyhow::
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30)))
     };
-    let origin: http::Uri = url.parse()?;
-    let scheme = origin.scheme_str().unwrap_or_default();
     match tls {
         Some(tls) => {
             anyhow::ensure!(
@@ -455,12 +472,16 @@ pub fn channel(url: &str, call_timeout: Duration, tls: Option<&Tls>) -> anyhow::
             // The connector does the TLS. Tonic's own TLS would refuse an
             // https endpoint it was not configured for, so the endpoint it
             // dials is http, and the calls name the https origin.
-            let dialed = endpoint(url.replacen("https://", "http://", 1))?.origin(origin);
+            let dialed = endpoint(dialed("http"))?.origin(origin);
             let tls = tls.clone();
+            let name = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
             Ok(
                 dialed.connect_with_connector_lazy(tower::service_fn(move |uri| {
-                    let tls = tls.clone();
-                    async move { tls.connect(uri).await }
+                    let (tls, name) = (tls.clone(), name.clone());
+                    async move { tls.connect(uri, Some(&name)).await }
                 })),
             )
         }
@@ -469,9 +490,120 @@ pub fn channel(url: &str, call_timeout: Duration, tls: Option<&Tls>) -> anyhow::
                 scheme == "http",
                 "{url}: PLAINTEXT=true, so the URL must start with http://"
             );
-            Ok(endpoint(url.to_owned())?.connect_lazy())
+            Ok(endpoint(dialed("http"))?.connect_lazy())
         }
     }
+}
+
+/// How often a peer's DNS name is resolved again: about the TTL Kubernetes'
+/// DNS gives a headless Service's records.
+const RESOLVE_EVERY: Duration = Duration::from_secs(5);
+
+/// A client of another service at `url` (see [`channel`]), every call
+/// observed ([`crate::rpc::Client`]). When the URL names a host (a headless
+/// Service: one DNS record per replica), its addresses are resolved every
+/// few seconds and the calls are balanced over them one by one (the
+/// replica with the fewest calls pending of two picked at random), so a
+/// replica that joins gets calls at once and one that leaves gets none;
+/// an IP address is called directly.
+pub fn peer(
+    url: &str,
+    call_timeout: Duration,
+    tls: Option<&Tls>,
+) -> anyhow::Result<crate::rpc::Client> {
+    let origin: http::Uri = url.parse()?;
+    let host = origin
+        .host()
+        .ok_or_else(|| anyhow::anyhow!("{url} names no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = origin
+        .port_u16()
+        .ok_or_else(|| anyhow::anyhow!("{url} names no port"))?;
+    // Checked now, whatever the host.
+    let direct = channel(url, call_timeout, tls)?;
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(crate::rpc::Client::new(direct));
+    }
+    let (changes, discovered) = tokio::sync::mpsc::channel(16);
+    let url = url.to_owned();
+    let tls = tls.cloned();
+    tokio::spawn(resolve(host, port, changes, move |addr| {
+        channel_at(&url, Some(addr), call_timeout, tls.as_ref())
+    }));
+    Ok(crate::rpc::Client::balanced(
+        tokio_stream::wrappers::ReceiverStream::new(discovered),
+        call_timeout,
+    ))
+}
+
+/// A change to the set of a peer's addresses.
+type Change = tower::discover::Change<std::net::SocketAddr, Channel>;
+
+/// Resolves `host:port` every [`RESOLVE_EVERY`] and sends the changes to
+/// its addresses, until the balancer is gone. A failed or empty look-up
+/// keeps the addresses known (a DNS hiccup must not empty the set).
+async fn resolve(
+    host: String,
+    port: u16,
+    changes: tokio::sync::mpsc::Sender<Result<Change, std::convert::Infallible>>,
+    make: impl Fn(std::net::SocketAddr) -> anyhow::Result<Channel>,
+) {
+    let mut known = std::collections::BTreeSet::new();
+    loop {
+        match tokio::net::lookup_host((host.as_str(), port)).await {
+            Ok(found) => {
+                let found: std::collections::BTreeSet<_> = found.collect();
+                for change in address_changes(&known, &found) {
+                    let change = match change {
+                        AddressChange::Add(addr) => match make(addr) {
+                            Ok(channel) => tower::discover::Change::Insert(addr, channel),
+                            Err(error) => {
+                                tracing::warn!(%addr, error = %format_args!("{error:#}"), "a peer address could not be used");
+                                continue;
+                            }
+                        },
+                        AddressChange::Remove(addr) => tower::discover::Change::Remove(addr),
+                    };
+                    if changes.send(Ok(change)).await.is_err() {
+                        return;
+                    }
+                }
+                if !found.is_empty() {
+                    known = found;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%host, %error, "a peer's name did not resolve; keeping its known addresses")
+            }
+        }
+        tokio::select! {
+            () = changes.closed() => return,
+            () = tokio::time::sleep(RESOLVE_EVERY) => {}
+        }
+    }
+}
+
+/// One change between two sets of a peer's addresses.
+#[derive(Debug, PartialEq, Eq)]
+enum AddressChange {
+    Add(std::net::SocketAddr),
+    Remove(std::net::SocketAddr),
+}
+
+/// What turns `known` into `found`; nothing when `found` is empty (a
+/// failed look-up is not a peer with no replicas).
+fn address_changes(
+    known: &std::collections::BTreeSet<std::net::SocketAddr>,
+    found: &std::collections::BTreeSet<std::net::SocketAddr>,
+) -> Vec<AddressChange> {
+    if found.is_empty() {
+        return Vec::new();
+    }
+    let added = found.difference(known).copied().map(AddressChange::Add);
+    let removed = known.difference(found).copied().map(AddressChange::Remove);
+    added.chain(removed).collect()
 }
 
 /// A free TCP port on 127.0.0.1 for a process a tool or test starts and
@@ -498,4 +630,27 @@ pub fn unused_port() -> std::io::Result<u16> {
         std::io::ErrorKind::AddrInUse,
         "no free port below the ephemeral range",
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peers_addresses_change_one_by_one_and_never_to_none() {
+        let set = |ports: &[u16]| -> std::collections::BTreeSet<std::net::SocketAddr> {
+            ports.iter().map(|p| ([10, 0, 0, 1], *p).into()).collect()
+        };
+        let addr = |p: u16| std::net::SocketAddr::from(([10, 0, 0, 1], p));
+        assert_eq!(
+            address_changes(&set(&[]), &set(&[1, 2])),
+            vec![AddressChange::Add(addr(1)), AddressChange::Add(addr(2))]
+        );
+        assert_eq!(
+            address_changes(&set(&[1, 2]), &set(&[2, 3])),
+            vec![AddressChange::Add(addr(3)), AddressChange::Remove(addr(1))]
+        );
+        assert_eq!(address_changes(&set(&[1, 2]), &set(&[1, 2])), vec![]);
+        assert_eq!(address_changes(&set(&[1, 2]), &set(&[])), vec![]);
+    }
 }

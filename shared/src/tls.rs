@@ -207,10 +207,12 @@ impl Tls {
     }
 
     /// Dials `uri` over TLS with the current client configuration,
-    /// verifying the server's name against the URI's host.
+    /// verifying the server's name against `name`, or else the URI's host
+    /// (a peer dialed at one of its addresses is still checked by its name).
     pub async fn connect(
         &self,
         uri: http::Uri,
+        name: Option<&str>,
     ) -> std::io::Result<hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>> {
         let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, what);
         let host = uri
@@ -222,7 +224,8 @@ impl Tls {
         let port = uri.port_u16().unwrap_or(443);
         let tcp = TcpStream::connect((host.as_str(), port)).await?;
         tcp.set_nodelay(true)?;
-        let name = ServerName::try_from(host).map_err(|e| invalid(e.to_string()))?;
+        let name = name.map_or(host, str::to_owned);
+        let name = ServerName::try_from(name).map_err(|e| invalid(e.to_string()))?;
         let stream = TlsConnector::from(self.client_config())
             .connect(name, tcp)
             .await?;

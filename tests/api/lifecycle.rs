@@ -296,3 +296,48 @@ async fn a_rolling_restart_behind_the_load_balancer_fails_no_call() {
     );
     assert!(ok > 100, "only {ok} calls");
 }
+
+/// Peers named by a host name (a headless Service in Kubernetes) are
+/// resolved, dialed at their addresses and checked by their name: the
+/// whole redemption works over them. A name that does not resolve makes
+/// calls fail as an outage within the peer timeout, never hang.
+#[tokio::test]
+async fn peers_named_by_host_are_resolved_and_balanced_over() {
+    let app = TestApp::start(0).await;
+    let by_name = |url: String| url.replace("127.0.0.1", "localhost");
+    let mut app = app;
+    let (enrollment, keys) = (
+        by_name(app.enrollment_service.url()),
+        by_name(app.keys_service.url()),
+    );
+    app.add_replica(|c| {
+        c.enrollment_url = enrollment.clone();
+        c.key_issuance_url = keys.clone();
+    })
+    .await;
+    let org = org();
+    let class = app.class(&org, 5).await;
+    let key = app.event_key(&class.class_id, false).await;
+    let users = app.users(&org, 2).await;
+    app.redeem(0, as_user(&key.code, &users[0], &idem()))
+        .await
+        .expect("a redemption over peers named by host");
+
+    let unresolvable = app
+        .add_replica(|c| {
+            c.key_issuance_url = "https://no-such-peer.invalid:50052".into();
+            c.peer_timeout_ms = 500;
+        })
+        .await;
+    let started = tokio::time::Instant::now();
+    let status = app
+        .redeem(unresolvable, as_user(&key.code, &users[1], &idem()))
+        .await
+        .expect_err("no key issuance to ask");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+}

@@ -31,9 +31,12 @@ impl Enrollment {
         call_timeout: Duration,
         tls: Option<&trainingkeys_shared::tls::Tls>,
     ) -> anyhow::Result<Self> {
-        let channel = trainingkeys_shared::server::channel(url, call_timeout, tls)?;
         Ok(Self {
-            client: EnrollmentServiceClient::new(trainingkeys_shared::rpc::Client::new(channel)),
+            client: EnrollmentServiceClient::new(trainingkeys_shared::server::peer(
+                url,
+                call_timeout,
+                tls,
+            )?),
         })
     }
 

@@ -15,7 +15,8 @@ use uuid::Uuid;
 
 use crate::error::Error;
 
-/// Each call observed: a client span, its trace context sent along, its duration.
+/// Each call observed (a client span, its trace context sent along, its
+/// duration), and balanced over the peer's replicas.
 type Traced = trainingkeys_shared::rpc::Client;
 
 /// Clients of the two services redemption orchestrates.
@@ -101,11 +102,11 @@ impl Clients {
         timeout: Duration,
         tls: Option<&trainingkeys_shared::tls::Tls>,
     ) -> anyhow::Result<Self> {
-        let enrollment = trainingkeys_shared::server::channel(enrollment_url, timeout, tls)?;
-        let keys = trainingkeys_shared::server::channel(key_issuance_url, timeout, tls)?;
+        let enrollment = trainingkeys_shared::server::peer(enrollment_url, timeout, tls)?;
+        let keys = trainingkeys_shared::server::peer(key_issuance_url, timeout, tls)?;
         Ok(Self {
-            enrollment: EnrollmentServiceClient::new(Traced::new(enrollment)),
-            keys: KeyIssuanceServiceClient::new(Traced::new(keys)),
+            enrollment: EnrollmentServiceClient::new(enrollment),
+            keys: KeyIssuanceServiceClient::new(keys),
         })
     }
 
