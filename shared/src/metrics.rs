@@ -23,28 +23,43 @@ const SECONDS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// Installs the process's meter provider (once; later calls return `None`):
-/// read by the Prometheus endpoint, and pushed over OTLP with `otlp`.
+/// The process's meter provider, once installed.
+static PROVIDER: OnceLock<SdkMeterProvider> = OnceLock::new();
+
+/// Installs the process's meter provider (once; later calls return `None`
+/// and drop `otlp`): read by the Prometheus endpoint, and pushed over OTLP
+/// with `otlp`.
 pub fn install(
     resource: opentelemetry_sdk::Resource,
     otlp: Option<opentelemetry_otlp::MetricExporter>,
 ) -> anyhow::Result<Option<SdkMeterProvider>> {
-    let registry = prometheus::Registry::new();
-    if REGISTRY.set(registry.clone()).is_err() {
-        return Ok(None);
+    let mut installed = None;
+    let mut failed = None;
+    PROVIDER.get_or_init(|| {
+        let registry = prometheus::Registry::new();
+        let mut builder = SdkMeterProvider::builder().with_resource(resource);
+        match opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            .build()
+        {
+            Ok(reader) => {
+                let _ = REGISTRY.set(registry);
+                builder = builder.with_reader(reader);
+            }
+            Err(error) => failed = Some(error),
+        }
+        if let Some(otlp) = otlp {
+            builder = builder.with_periodic_exporter(otlp);
+        }
+        let provider = builder.build();
+        opentelemetry::global::set_meter_provider(provider.clone());
+        installed = Some(provider.clone());
+        provider
+    });
+    match failed {
+        Some(error) => Err(error.into()),
+        None => Ok(installed),
     }
-    let prometheus = opentelemetry_prometheus::exporter()
-        .with_registry(registry)
-        .build()?;
-    let mut builder = SdkMeterProvider::builder()
-        .with_reader(prometheus)
-        .with_resource(resource);
-    if let Some(otlp) = otlp {
-        builder = builder.with_periodic_exporter(otlp);
-    }
-    let provider = builder.build();
-    opentelemetry::global::set_meter_provider(provider.clone());
-    Ok(Some(provider))
 }
 
 /// The metrics in Prometheus' text format.
@@ -105,8 +120,16 @@ pub fn serve(
     });
 }
 
-/// The meter of this project's instruments.
+/// The meter of this project's instruments. An instrument made before the
+/// provider is installed would count into nothing for ever, so the first
+/// use installs one (Prometheus only) if `telemetry` has not yet.
 pub fn meter() -> Meter {
+    if PROVIDER.get().is_none() {
+        let resource = opentelemetry_sdk::Resource::builder().build();
+        if let Err(error) = install(resource, None) {
+            tracing::warn!(%error, "metrics could not be set up");
+        }
+    }
     opentelemetry::global::meter("trainingkeys")
 }
 

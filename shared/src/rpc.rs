@@ -204,16 +204,32 @@ impl Drop for Observed {
     }
 }
 
-/// The tower layer that observes every call a server answers. Outermost,
-/// so calls refused by authentication or shedding are counted too.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ServerLayer;
+/// The tower layer that observes every call a server answers: it opens the
+/// call's span (`telemetry::server_span`; the caller's trace is adopted only
+/// from this project's services, which `auth` recognizes) and runs the call
+/// in it. Outermost, so calls refused by authentication or shedding are
+/// counted too.
+#[derive(Clone, Debug)]
+pub struct ServerLayer {
+    auth: crate::auth::Authenticator,
+}
+
+impl ServerLayer {
+    /// Observes calls, trusting the trace context of the services `auth`
+    /// recognizes.
+    pub fn new(auth: crate::auth::Authenticator) -> Self {
+        Self { auth }
+    }
+}
 
 impl<S> tower::Layer<S> for ServerLayer {
     type Service = Server<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Server { inner }
+        Server {
+            inner,
+            auth: self.auth.clone(),
+        }
     }
 }
 
@@ -221,6 +237,7 @@ impl<S> tower::Layer<S> for ServerLayer {
 #[derive(Clone, Debug)]
 pub struct Server<S> {
     inner: S,
+    auth: crate::auth::Authenticator,
 }
 
 type BoxAnswer<E> = Pin<Box<dyn Future<Output = Result<http::Response<Body>, E>> + Send>>;
@@ -240,10 +257,12 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        // The call's span (`telemetry::server_span`) is current here.
-        let call = Call::new(Side::Server, request.uri().path(), tracing::Span::current());
-        let answer = self.inner.call(request);
-        Box::pin(async move { Ok(Observed::wrap(answer.await?, call)) })
+        use tracing::Instrument as _;
+        let trusted = self.auth.service_of(&request).is_some();
+        let span = crate::telemetry::server_span(&request, trusted);
+        let call = Call::new(Side::Server, request.uri().path(), span.clone());
+        let answer = span.in_scope(|| self.inner.call(request));
+        Box::pin(async move { Ok(Observed::wrap(answer.await?, call)) }.instrument(span))
     }
 }
 

@@ -319,7 +319,6 @@ pub async fn serve(
         tracing::info!(%addr, "health checks (plaintext, for probes)");
     }
     auth.watch(options.reload_every, shutdown.clone());
-    let trace_auth = auth.clone();
     // HTTP/2 limits, set deliberately: a client opens at most
     // `max_concurrent_streams` calls per connection (each buffers at most one
     // small request frame, well inside h2's budget for small DATA frames,
@@ -328,10 +327,7 @@ pub async fn serve(
     // never finishes sending it) ends, and gives its place back.
     let mut builder = Server::builder()
         .max_concurrent_streams(options.max_concurrent_streams)
-        .timeout(options.call_timeout)
-        .trace_fn(move |request| {
-            crate::telemetry::server_span(request, trace_auth.service_of(request).is_some())
-        });
+        .timeout(options.call_timeout);
     if let Some(age) = options.max_connection_age {
         builder = builder.max_connection_age(jitter(age));
     }
@@ -340,7 +336,7 @@ pub async fn serve(
     // caller it establishes tells the shedding which calls come from this
     // project's services), then shedding.
     let router = builder
-        .layer(crate::rpc::ServerLayer)
+        .layer(crate::rpc::ServerLayer::new(auth.clone()))
         .layer(AuthLayer::new(auth))
         .layer(ShedLayer::new(
             options.max_in_flight,

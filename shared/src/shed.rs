@@ -23,7 +23,7 @@ use tonic_types::{ErrorDetails, StatusExt as _};
 
 /// `trainingkeys.server.shed`: calls refused as OVERLOADED.
 static SHED: LazyLock<Counter<u64>> = LazyLock::new(|| {
-    opentelemetry::global::meter("trainingkeys")
+    crate::metrics::meter()
         .u64_counter("trainingkeys.server.shed")
         .with_description("calls refused as OVERLOADED (too many in flight in one replica)")
         .build()

@@ -48,14 +48,7 @@ pub fn init(service_name: &'static str, format: LogFormat) -> anyhow::Result<Tel
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer().with_target(false).boxed(),
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .event_format(WithTraceIds(
-                tracing_subscriber::fmt::format()
-                    .json()
-                    .with_current_span(true),
-            ))
-            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
-            .boxed(),
+        LogFormat::Json => json_logs(std::io::stdout).boxed(),
     };
 
     let resource = opentelemetry_sdk::Resource::builder()
@@ -65,7 +58,7 @@ pub fn init(service_name: &'static str, format: LogFormat) -> anyhow::Result<Tel
     let exporting = !endpoint.is_empty();
     // Spans always get ids (the logs carry them), and go out only when a
     // collector is configured.
-    let mut spans = SdkTracerProvider::builder().with_resource(resource.clone());
+    let mut tracing = SdkTracerProvider::builder().with_resource(resource.clone());
     let mut metrics_exporter = None;
     if exporting {
         use opentelemetry_otlp::WithTonicConfig as _;
@@ -76,21 +69,15 @@ pub fn init(service_name: &'static str, format: LogFormat) -> anyhow::Result<Tel
             span_exporter = span_exporter.with_tls_config(tls.clone());
             metric_exporter = metric_exporter.with_tls_config(tls);
         }
-        spans = spans.with_batch_exporter(span_exporter.build()?);
+        tracing = tracing.with_batch_exporter(span_exporter.build()?);
         metrics_exporter = Some(metric_exporter.build()?);
     }
-    let provider = spans.build();
+    let provider = tracing.build();
     let meters = crate::metrics::install(resource, metrics_exporter)?;
     let tracer = provider.tracer(service_name);
-    let _ = STATEMENT_TRACER.set((tracer.clone(), exporting));
     tracing_subscriber::registry()
         .with(fmt.with_filter(filter()))
-        .with(
-            tracing_opentelemetry::layer()
-                .with_tracer(tracer)
-                .with_filter(filter()),
-        )
-        .with(Statements::default().with_filter(statement_events()))
+        .with(spans(tracer, exporting, filter()))
         .try_init()?;
     if exporting {
         tracing::info!("exporting traces and metrics over OTLP");
@@ -101,15 +88,61 @@ pub fn init(service_name: &'static str, format: LogFormat) -> anyhow::Result<Tel
     })
 }
 
+/// JSON log lines to `writer`, each written inside a span carrying that
+/// span's `trace_id` and `span_id` first.
+pub fn json_logs<S, W>(writer: W) -> impl Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt::layer()
+        .event_format(WithTraceIds(
+            tracing_subscriber::fmt::format()
+                .json()
+                .with_current_span(true),
+        ))
+        .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+        .with_writer(writer)
+}
+
+/// Spans: the tracing spans `filter` lets through as OpenTelemetry spans
+/// of `tracer`, and PostgreSQL statements timed (and, when `export`, made
+/// client spans under the span that ran them).
+pub fn spans<S>(
+    tracer: opentelemetry_sdk::trace::SdkTracer,
+    export: bool,
+    filter: EnvFilter,
+) -> impl Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    let _ = STATEMENT_TRACER.set((tracer.clone(), export));
+    tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(filter)
+        .and_then(Statements.with_filter(statement_events()))
+}
+
 /// The tracer of PostgreSQL statements' client spans, and whether spans
 /// are exported at all (when not, none are made).
 static STATEMENT_TRACER: std::sync::OnceLock<(opentelemetry_sdk::trace::SdkTracer, bool)> =
     std::sync::OnceLock::new();
 
-/// Only sqlx's statement events (one per statement run, with its duration).
-fn statement_events() -> tracing_subscriber::filter::Targets {
-    tracing_subscriber::filter::Targets::new()
-        .with_target("sqlx::query", tracing::level_filters::LevelFilter::DEBUG)
+/// sqlx's statement events (one per statement run, with its duration),
+/// and the spans at `info` or above they may run in (a filtered layer sees
+/// only the spans its filter lets through: without them a statement would
+/// have no parent).
+fn statement_events<S>() -> impl tracing_subscriber::layer::Filter<S> + Clone
+where
+    S: tracing::Subscriber,
+{
+    tracing_subscriber::filter::filter_fn(|metadata| {
+        if metadata.is_span() {
+            *metadata.level() <= tracing::Level::INFO
+        } else {
+            metadata.target() == "sqlx::query" && *metadata.level() <= tracing::Level::DEBUG
+        }
+    })
 }
 
 /// Turns each statement sqlx ran (its `sqlx::query` event) into a sample of
@@ -306,7 +339,7 @@ pub fn init_for_tests() {
 /// parent, so a redemption is one trace. From anyone else it is only a
 /// link: an untrusted caller cannot graft our spans onto a trace of its
 /// choosing (or force them to be sampled).
-pub fn server_span(request: &http::Request<()>, trusted: bool) -> tracing::Span {
+pub fn server_span<B>(request: &http::Request<B>, trusted: bool) -> tracing::Span {
     use opentelemetry::trace::TraceContextExt as _;
     let path = request.uri().path().trim_start_matches('/');
     let (service, method) = path.split_once('/').unwrap_or(("unknown", "unknown"));

@@ -161,7 +161,14 @@ async fn a_scrape_after_real_calls_shows_every_figure() {
         "db_client_operation_duration_seconds_count",
         &[("db_system_name", "postgresql")],
     );
-    assert!(statements >= 3.0, "PostgreSQL statements: {statements}");
+    assert!(
+        statements >= 3.0,
+        "PostgreSQL statements: {statements}: {:?}",
+        scraped
+            .iter()
+            .filter(|s| s.name.starts_with("db_"))
+            .collect::<Vec<_>>()
+    );
     assert_eq!(
         sum(
             &scraped,

@@ -70,7 +70,7 @@ async fn redemption_refuses_bad_urls() {
         config
     };
     let redis = config(ok, "not-a-redis-url");
-    fails_before_binding::<Application>(redis, |c, a| c.listen_addr = a, "Redis URL").await;
+    fails_before_binding::<Application>(redis, |c, a| c.listen_addr = a, "REDIS_URL").await;
     let peer = config("not a url", "redis://127.0.0.1:1/");
     fails_before_binding::<Application>(peer, |c, a| c.listen_addr = a, "invalid").await;
 }
