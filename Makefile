@@ -56,7 +56,7 @@ chaos: env ## Fault-injection suite, long form: bigger herds, repeated rounds (m
 		$(CARGO) nextest run -p trainingkeys-tests --no-fail-fast chaos
 
 .PHONY: lint
-lint: ## rustfmt, clippy -D warnings, buf lint
+lint: ## rustfmt, clippy -D warnings, buf lint, and every Kubernetes overlay rendered and validated offline (CI runs it)
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	@scripts/buf.sh lint

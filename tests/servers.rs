@@ -212,8 +212,14 @@ pub async fn command<T: redis::FromRedisValue>(url: &str, args: &[&str]) -> redi
 /// Starts `redis-server` with `args` (plus loopback, no persistence, in the
 /// temporary directory); the process.
 fn redis_process(args: &[String]) -> Child {
+    // Never a data file another server left: a node must start empty.
+    static NODE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let node = NODE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let file = format!("trainingkeys-node-{}-{node}.rdb", std::process::id());
+    let _ = std::fs::remove_file(std::env::temp_dir().join(&file));
     Command::new("redis-server")
         .args(args)
+        .args(["--dbfilename", &file])
         .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .arg("--dir")
         .arg(std::env::temp_dir())
@@ -221,6 +227,14 @@ fn redis_process(args: &[String]) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .expect("redis-server must be installed (make test installs it)")
+}
+
+/// The cluster state file of the node on `port`, fresh: this process's own
+/// (a file left by an earlier run would make the node "not empty").
+fn cluster_file(port: u16) -> String {
+    let name = format!("trainingkeys-cluster-{}-{port}.conf", std::process::id());
+    let _ = std::fs::remove_file(std::env::temp_dir().join(&name));
+    name
 }
 
 /// A Redis Cluster of three primaries, each with a replica, from
@@ -233,8 +247,20 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     /// Starts the six nodes, joins them (`redis-cli --cluster create`), and
-    /// waits until every node says the cluster is ok.
+    /// waits until every node says the cluster is ok. Parallel tests may
+    /// take a chosen port first: then it starts again on other ports.
     pub async fn start() -> Self {
+        let mut failures = Vec::new();
+        for _ in 0..START_ATTEMPTS {
+            match Self::try_start().await {
+                Ok(cluster) => return cluster,
+                Err(why) => failures.push(why),
+            }
+        }
+        panic!("the Redis Cluster did not start: {failures:#?}");
+    }
+
+    async fn try_start() -> Result<Self, String> {
         let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
         let processes: Vec<Process> = ports
             .iter()
@@ -248,24 +274,25 @@ impl RedisCluster {
                     "--cluster-port".into(),
                     free_port().to_string(),
                     "--cluster-config-file".into(),
-                    format!("trainingkeys-cluster-{port}.conf"),
+                    cluster_file(*port),
                     "--cluster-node-timeout".into(),
                     "1000".into(),
                 ]));
                 process
             })
             .collect();
+        // Dropped on failure: the nodes are killed.
         let cluster = Self { ports, processes };
-        for port in &cluster.ports {
+        for (i, port) in cluster.ports.iter().enumerate() {
             let url = format!("redis://127.0.0.1:{port}/");
-            assert!(
-                crate::eventually(Duration::from_secs(10), || {
-                    let url = url.clone();
-                    async move { command::<String>(&url, &["PING"]).await.is_ok() }
-                })
-                .await,
-                "cluster node {port} did not start"
-            );
+            let up = crate::eventually(Duration::from_secs(10), || {
+                let url = url.clone();
+                async move { command::<String>(&url, &["PING"]).await.is_ok() }
+            })
+            .await;
+            if !up || !cluster.processes[i].running() {
+                return Err(format!("node {port} did not start"));
+            }
         }
         let nodes: Vec<String> = cluster
             .ports
@@ -276,13 +303,18 @@ impl RedisCluster {
             .args(["--cluster", "create"])
             .args(&nodes)
             .args(["--cluster-replicas", "1", "--cluster-yes"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
+            .stdin(Stdio::null())
+            .output()
             .expect("redis-cli must be installed");
-        assert!(created.success(), "redis-cli --cluster create failed");
+        if !created.status.success() {
+            return Err(format!(
+                "redis-cli --cluster create: {}{}",
+                String::from_utf8_lossy(&created.stdout),
+                String::from_utf8_lossy(&created.stderr)
+            ));
+        }
         cluster.wait_ok().await;
-        cluster
+        Ok(cluster)
     }
 
     /// `redis+cluster://` over every node.
@@ -384,9 +416,7 @@ impl Drop for RedisCluster {
     fn drop(&mut self) {
         for (process, port) in self.processes.iter().zip(&self.ports) {
             process.kill();
-            let _ = std::fs::remove_file(
-                std::env::temp_dir().join(format!("trainingkeys-cluster-{port}.conf")),
-            );
+            let _ = std::fs::remove_file(std::env::temp_dir().join(cluster_file(*port)));
         }
     }
 }

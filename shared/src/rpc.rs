@@ -35,12 +35,29 @@ struct Call {
     span: tracing::Span,
 }
 
+/// The open methods every server has besides the policy table's.
+const OPEN_METHODS: &[&str] = &[
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// A call's service and method, as metrics and logs name them: the path's,
+/// when it is a method this project serves, else `_OTHER` for both (a
+/// caller choosing the path must not mint a new series per call, as the
+/// OpenTelemetry conventions advise).
+pub fn method_of(path: &str) -> (&str, &str) {
+    let known = crate::policy::rule(path).is_some() || OPEN_METHODS.contains(&path);
+    match path.trim_start_matches('/').split_once('/') {
+        Some(split) if known => split,
+        _ => ("_OTHER", "_OTHER"),
+    }
+}
+
 impl Call {
     fn new(side: Side, path: &str, span: tracing::Span) -> Self {
-        let (service, method) = path
-            .trim_start_matches('/')
-            .split_once('/')
-            .unwrap_or(("unknown", "unknown"));
+        let (service, method) = method_of(path);
         Self {
             side,
             service: service.to_owned(),
@@ -347,13 +364,10 @@ impl tower::Service<http::Request<Body>> for Client {
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
         let path = request.uri().path().to_owned();
-        let (service, method) = path
-            .trim_start_matches('/')
-            .split_once('/')
-            .unwrap_or(("unknown", "unknown"));
+        let (service, method) = method_of(&path);
         let span = tracing::info_span!(
             "grpc client",
-            otel.name = %path.trim_start_matches('/'),
+            otel.name = %format_args!("{service}/{method}"),
             otel.kind = "client",
             otel.status_code = tracing::field::Empty,
             rpc.system = "grpc",

@@ -341,11 +341,10 @@ pub fn init_for_tests() {
 /// choosing (or force them to be sampled).
 pub fn server_span<B>(request: &http::Request<B>, trusted: bool) -> tracing::Span {
     use opentelemetry::trace::TraceContextExt as _;
-    let path = request.uri().path().trim_start_matches('/');
-    let (service, method) = path.split_once('/').unwrap_or(("unknown", "unknown"));
+    let (service, method) = crate::rpc::method_of(request.uri().path());
     let span = tracing::info_span!(
         "grpc",
-        otel.name = %path,
+        otel.name = %format_args!("{service}/{method}"),
         otel.kind = "server",
         otel.status_code = tracing::field::Empty,
         rpc.system = "grpc",

@@ -93,7 +93,37 @@ async fn a_scrape_after_real_calls_shows_every_figure() {
     let bad = app.redeem(0, as_user("", &students[0], &idem())).await;
     assert!(bad.is_err());
 
+    // Paths a caller makes up are counted, as `_OTHER`: never a series each.
+    for i in 0..3 {
+        let mut grpc = tonic::client::Grpc::new(app.replicas[0].channel_as("redemption"));
+        grpc.ready().await.unwrap();
+        let path = http::uri::PathAndQuery::try_from(format!("/made.Up/Method{i}")).unwrap();
+        let made_up: Result<tonic::Response<trainingkeys_proto::v1::ValidateKeyResponse>, _> = grpc
+            .unary(
+                tonic::Request::new(trainingkeys_proto::v1::ValidateKeyRequest::default()),
+                path,
+                tonic_prost::ProstCodec::default(),
+            )
+            .await;
+        assert!(made_up.is_err());
+    }
+
     let scraped = scrape(addr).await;
+    assert!(
+        !scraped.iter().any(|s| s
+            .labels
+            .values()
+            .any(|v| v.starts_with("Method") || v == "made.Up")),
+        "a made-up path became a series"
+    );
+    assert_eq!(
+        sum(
+            &scraped,
+            "rpc_server_call_duration_seconds_count",
+            &[("rpc_service", "_OTHER"), ("rpc_method", "_OTHER")]
+        ),
+        3.0
+    );
     let calls = |method: &str, code: &str| {
         sum(
             &scraped,
