@@ -61,9 +61,11 @@ pub enum Topology {
 impl Topology {
     /// Reads `url`.
     pub fn parse(url: &str) -> anyhow::Result<Self> {
+        // Errors show the URL without its credentials.
+        let shown = redacted(url);
         let (scheme, rest) = url
             .split_once("://")
-            .ok_or_else(|| anyhow::anyhow!("REDIS_URL {url:?} has no scheme"))?;
+            .ok_or_else(|| anyhow::anyhow!("REDIS_URL {shown:?} has no scheme"))?;
         let (base, kind) = match scheme.split_once('+') {
             Some((base, kind)) => (base, Some(kind)),
             None => (scheme, None),
@@ -78,7 +80,7 @@ impl Topology {
         };
         let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
         let hosts: Vec<&str> = hosts.split(',').filter(|h| !h.is_empty()).collect();
-        anyhow::ensure!(!hosts.is_empty(), "REDIS_URL {url:?} names no host");
+        anyhow::ensure!(!hosts.is_empty(), "REDIS_URL {shown:?} names no host");
         let node = |host: &str, path: &str| format!("{base}://{userinfo}{host}/{path}");
         match kind {
             None => Ok(Self::Single(url.to_owned())),
@@ -89,7 +91,7 @@ impl Topology {
                 let (primary, db) = path.split_once('/').unwrap_or((path, ""));
                 anyhow::ensure!(
                     !primary.is_empty(),
-                    "REDIS_URL {url:?}: name the primary, redis+sentinel://host:port/<name>"
+                    "REDIS_URL {shown:?}: name the primary, redis+sentinel://host:port/<name>"
                 );
                 Ok(Self::Sentinel {
                     // Sentinels speak plain `redis`, without credentials of
@@ -104,6 +106,15 @@ impl Topology {
             }
             Some(other) => anyhow::bail!("REDIS_URL: unknown topology {other:?} in {scheme:?}"),
         }
+    }
+}
+
+/// `url` with any `user:password@` replaced by `***@`.
+fn redacted(url: &str) -> String {
+    match (url.split_once("://"), url.rsplit_once('@')) {
+        (Some((scheme, _)), Some((_, hosts))) => format!("{scheme}://***@{hosts}"),
+        (None, Some((_, hosts))) => format!("***@{hosts}"),
+        _ => url.to_owned(),
     }
 }
 
@@ -202,6 +213,10 @@ mod tests {
                 node: "redis://:secret@primary/2".into(),
             }
         );
+        let error = Topology::parse("redis+sentinel://:hunter2@s1:26379/")
+            .unwrap_err()
+            .to_string();
+        assert!(!error.contains("hunter2"), "{error}");
         for bad in [
             "127.0.0.1:6379",
             "http://a/",
@@ -327,18 +342,30 @@ impl Redis {
 
     /// The connection, unless Redis failed in the last second.
     pub async fn connection(&self) -> Result<Connection, RedisUnavailable> {
-        if now_ms() < self.open_until_ms.load(Ordering::Relaxed) {
+        Ok((*self.shared_connection().await?).clone())
+    }
+
+    /// The shared connection itself (to tell, after a failure, whether it
+    /// is still the current one).
+    async fn shared_connection(&self) -> Result<std::sync::Arc<Connection>, RedisUnavailable> {
+        let open = || now_ms() < self.open_until_ms.load(Ordering::Relaxed);
+        if open() {
             return Err(RedisUnavailable::CircuitOpen);
         }
         if let Some(conn) = self.conn.load_full() {
-            return Ok((*conn).clone());
+            return Ok(conn);
         }
         let _connecting = self.connecting.lock().await;
-        if let Some(conn) = self.conn.load_full() {
-            return Ok((*conn).clone());
+        // Those who waited for a connection attempt that failed do not try
+        // again one after another: the circuit it opened holds for them too.
+        if open() {
+            return Err(RedisUnavailable::CircuitOpen);
         }
-        let conn = self.connect().await.inspect_err(|_| self.trip())?;
-        self.conn.store(Some(std::sync::Arc::new(conn.clone())));
+        if let Some(conn) = self.conn.load_full() {
+            return Ok(conn);
+        }
+        let conn = std::sync::Arc::new(self.connect().await.inspect_err(|_| self.trip())?);
+        self.conn.store(Some(conn.clone()));
         Ok(conn)
     }
 
@@ -379,8 +406,8 @@ impl Redis {
         F: FnOnce(Connection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let conn = self.connection().await?;
-        match f(conn).await {
+        let shared = self.shared_connection().await?;
+        match f((*shared).clone()).await {
             Ok(value) => {
                 self.last_ok_ms.store(now_ms(), Ordering::Relaxed);
                 Ok(value)
@@ -391,18 +418,22 @@ impl Redis {
                 // (otherwise it is overload, and Redis is still the gate).
                 let silent = now_ms().saturating_sub(self.last_ok_ms.load(Ordering::Relaxed))
                     > self.timeout_ms;
-                let lost =
-                    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal();
+                // (A response timeout is an I/O error too: it is judged
+                // as a timeout.)
+                let lost = !e.is_timeout()
+                    && (e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal());
                 if lost || (e.is_timeout() && silent) {
                     self.trip();
                 }
                 // Sentinel's primary gone, or demoted to a replica (writes
-                // refused as READONLY): ask Sentinel again next time.
+                // refused as READONLY): ask Sentinel again next time, unless
+                // a newer connection has replaced this one already (late
+                // failures on the old one must not throw the new one away).
                 if matches!(self.topology, Topology::Sentinel { .. })
                     && (lost
                         || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly))
                 {
-                    self.conn.store(None);
+                    self.conn.compare_and_swap(&shared, None);
                 }
                 Err(RedisUnavailable::Failed(e))
             }

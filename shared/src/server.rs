@@ -248,12 +248,19 @@ pub async fn serve(
     set_all(ServingStatus::NotServing).await;
 
     // Readiness follows the database (once the migrations asked for are
-    // applied) until shutdown starts.
+    // applied) until shutdown starts. Until they are, calls are refused as
+    // UNAVAILABLE `NOT_READY` (no call runs on a schema not yet made).
+    let migrated = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(
+        options.prepared.pending.is_none(),
+    ));
+    let failed: std::sync::Arc<std::sync::Mutex<Option<String>>> = Default::default();
     let readiness = tokio::spawn({
         let shutdown = shutdown.clone();
         let db = options.prepared.pool.clone();
         let mut pending = options.prepared.pending.take();
         let set_all = set_all.clone();
+        let migrated = migrated.clone();
+        let failed = failed.clone();
         async move {
             let mut last = None;
             loop {
@@ -262,6 +269,22 @@ pub async fn serve(
                         Ok(()) => {
                             tracing::info!("the database is back: migrations applied");
                             pending = None;
+                            migrated.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        // The database answers, and still the migrations
+                        // fail: they never will. Stop, as a start that
+                        // migrated at once would have.
+                        Err(error) if crate::db::is_reachable(&db).await => {
+                            tracing::error!(
+                                error = %format_args!("{error:#}"),
+                                "the migrations failed with the database up: stopping"
+                            );
+                            *failed
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                                Some(format!("{error:#}"));
+                            shutdown.cancel();
+                            break;
                         }
                         Err(error) => tracing::warn!(
                             error = %format_args!("{error:#}"),
@@ -338,10 +361,13 @@ pub async fn serve(
     let router = builder
         .layer(crate::rpc::ServerLayer::new(auth.clone()))
         .layer(AuthLayer::new(auth))
-        .layer(ShedLayer::new(
-            options.max_in_flight,
-            Duration::from_millis(SHED_RETRY_AFTER_MS),
-        ))
+        .layer(
+            ShedLayer::new(
+                options.max_in_flight,
+                Duration::from_millis(SHED_RETRY_AFTER_MS),
+            )
+            .until(migrated),
+        )
         .add_routes(
             routes
                 .add_service(health_service)
@@ -367,6 +393,9 @@ pub async fn serve(
         }
         () = shutdown.cancelled() => {}
     }
+    // A readiness check may be waiting (for a connection, or for another
+    // replica's migration lock): shutdown does not wait for it.
+    readiness.abort();
     let _ = readiness.await;
     set_all(ServingStatus::NotServing).await;
     if !options.shutdown_delay.is_zero() {
@@ -389,7 +418,14 @@ pub async fn serve(
         }
     }
     tracing::info!("stopped");
-    Ok(())
+    match failed
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take()
+    {
+        Some(error) => anyhow::bail!("migrations failed: {error}"),
+        None => Ok(()),
+    }
 }
 
 /// `age` plus up to 10 % random jitter, so connections made together do not

@@ -37,7 +37,16 @@ pub const OVERLOADED: &str = "OVERLOADED";
 pub struct ShedLayer {
     permits: Arc<Semaphore>,
     retry_after: Duration,
+    /// While false, every call but health and reflection is refused as
+    /// `NOT_READY` (the replica's migrations are not applied yet).
+    ready: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
+
+/// The ErrorInfo reason of a call refused because the replica is starting.
+pub const NOT_READY: &str = "NOT_READY";
+
+/// How long a caller refused as `NOT_READY` is told to wait.
+const NOT_READY_RETRY: Duration = Duration::from_secs(1);
 
 impl ShedLayer {
     /// At most `max_in_flight` calls at once; a shed call is told to retry
@@ -47,28 +56,32 @@ impl ShedLayer {
         Self {
             permits: Arc::new(Semaphore::new(max_in_flight)),
             retry_after,
+            ready: None,
         }
     }
 
-    /// The status a shed call gets.
-    fn refusal(&self) -> tonic::Status {
-        let spread = self.retry_after.as_millis() as u64 / 2;
+    /// Also refuses every call (health and reflection aside) as UNAVAILABLE
+    /// `NOT_READY` while `ready` is false.
+    pub fn until(mut self, ready: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.ready = Some(ready);
+        self
+    }
+
+    /// The status a call refused before it starts gets.
+    fn refusal(&self, reason: &str, message: &str, retry_after: Duration) -> tonic::Status {
+        let spread = retry_after.as_millis() as u64 / 2;
         let jitter = if spread == 0 {
             0
         } else {
             rand::random::<u64>() % spread
         };
         let mut details = ErrorDetails::with_error_info(
-            OVERLOADED,
+            reason,
             trainingkeys_proto::ERROR_DOMAIN,
             std::collections::HashMap::new(),
         );
-        details.set_retry_info(Some(self.retry_after + Duration::from_millis(jitter)));
-        tonic::Status::with_error_details(
-            Code::Unavailable,
-            "this replica is at its limit of calls in flight: retry after the RetryInfo delay, with the same idempotency key",
-            details,
-        )
+        details.set_retry_info(Some(retry_after + Duration::from_millis(jitter)));
+        tonic::Status::with_error_details(Code::Unavailable, message, details)
     }
 }
 
@@ -111,7 +124,23 @@ where
             .extensions()
             .get::<crate::auth::Caller>()
             .is_some_and(|caller| caller.service.is_some());
-        if crate::auth::is_open(request.uri().path()) || from_a_service {
+        if crate::auth::is_open(request.uri().path()) {
+            return Box::pin(self.inner.call(request));
+        }
+        if self
+            .layer
+            .ready
+            .as_ref()
+            .is_some_and(|ready| !ready.load(std::sync::atomic::Ordering::Relaxed))
+        {
+            let refusal = self.layer.refusal(
+                NOT_READY,
+                "this replica is starting (its database migrations are not applied yet): retry after the RetryInfo delay, with the same idempotency key",
+                NOT_READY_RETRY,
+            );
+            return Box::pin(std::future::ready(Ok(refusal.into_http())));
+        }
+        if from_a_service {
             return Box::pin(self.inner.call(request));
         }
         match self.layer.permits.clone().try_acquire_owned() {
@@ -126,7 +155,14 @@ where
             Err(_) => {
                 SHED.add(1, &[]);
                 tracing::debug!("a call was shed: too many in flight");
-                let refusal = self.layer.refusal().into_http();
+                let refusal = self
+                    .layer
+                    .refusal(
+                        OVERLOADED,
+                        "this replica is at its limit of calls in flight: retry after the RetryInfo delay, with the same idempotency key",
+                        self.layer.retry_after,
+                    )
+                    .into_http();
                 Box::pin(std::future::ready(Ok(refusal)))
             }
         }

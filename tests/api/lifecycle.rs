@@ -30,6 +30,14 @@ async fn health(spawned: &Spawned, service: &str) -> Option<i32> {
 const SERVING: Option<i32> = Some(ServingStatus::Serving as i32);
 const NOT_SERVING: Option<i32> = Some(ServingStatus::NotServing as i32);
 
+/// An enrollment service on `database_url`, migrating on start or not.
+async fn enrollment_on(database_url: &str, migrate: bool) -> Spawned {
+    let mut config = trainingkeys_enrollment::Config::for_tests(database_url).unwrap();
+    trainingkeys_tests::for_tests(&mut config.common, "enrollment");
+    config.common.migrate_on_start = migrate;
+    trainingkeys_tests::spawn::<trainingkeys_enrollment::Application>(config).await
+}
+
 fn loopback() -> SocketAddr {
     let port = trainingkeys_shared::server::unused_port().unwrap();
     ([127, 0, 0, 1], port).into()
@@ -96,6 +104,24 @@ async fn a_database_outage_of_a_minute_is_ridden_out_without_restarts() {
     let class = app.class(&org, 50).await;
     let key = app.event_key(&class.class_id, false).await;
     let users = app.users(&org, 4).await;
+    // Two databases for services started during the outage: a fresh one (its
+    // migrations wait), and one whose migration history this binary does not
+    // know (its migrations can never apply).
+    let fresh = trainingkeys_tests::fresh_database().await;
+    let unknown = trainingkeys_tests::fresh_database().await;
+    {
+        let service = enrollment_on(&unknown, true).await;
+        service.stop().await;
+        use sqlx::Connection as _;
+        let mut db = sqlx::PgConnection::connect(&unknown).await.unwrap();
+        sqlx::query(
+            "INSERT INTO enrollment._sqlx_migrations (version, description, success, checksum, execution_time) \
+             VALUES (99999, 'from a newer release', true, '\\x00', 0)",
+        )
+        .execute(&mut db)
+        .await
+        .unwrap();
+    }
     for i in 0..3 {
         assert!(
             eventually(Duration::from_secs(10), || async {
@@ -133,9 +159,36 @@ async fn a_database_outage_of_a_minute_is_ridden_out_without_restarts() {
     let late = app.add_replica(|_| {}).await;
     assert_eq!(health(&app.replicas[late], "readiness").await, NOT_SERVING);
     assert_eq!(health(&app.replicas[late], "liveness").await, SERVING);
+    // Told to migrate, on a database it cannot reach: it starts too, and
+    // refuses calls as NOT_READY (none may run on a schema not yet made).
+    let waiting = enrollment_on(&fresh, true).await;
+    let doomed = enrollment_on(&unknown, true).await;
+    assert_eq!(health(&waiting, "liveness").await, SERVING);
+    assert_eq!(health(&waiting, "readiness").await, NOT_SERVING);
+    let mut client =
+        trainingkeys_proto::v1::enrollment_service_client::EnrollmentServiceClient::new(
+            waiting.channel().await,
+        );
+    let refused = client
+        .get_class(trainingkeys_proto::v1::GetClassRequest {
+            class_id: uuid::Uuid::new_v4().to_string(),
+            ..Default::default()
+        })
+        .await;
+    trainingkeys_tests::assert_status(refused, tonic::Code::Unavailable, "NOT_READY");
     // Calls meanwhile fail fast and precisely, not hang.
+    let started = tokio::time::Instant::now();
     let during = app.redeem(0, as_user(&key.code, &users[3], &idem())).await;
-    assert!(during.is_err());
+    assert_eq!(
+        during.as_ref().map_err(tonic::Status::code).err(),
+        Some(tonic::Code::Unavailable),
+        "{during:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
 
     let restarted = outage.await.unwrap();
     assert!(
@@ -158,6 +211,22 @@ async fn a_database_outage_of_a_minute_is_ridden_out_without_restarts() {
         );
         assert!(!service.handle.is_finished(), "{} stopped", service.addr);
     }
+    // The waiting one migrated and is ready; the one whose migrations can
+    // never apply stopped, saying why, instead of waiting for ever.
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            health(&waiting, "readiness").await == SERVING
+        })
+        .await,
+        "the service started during the outage did not migrate and become ready"
+    );
+    let stopped = tokio::time::timeout(Duration::from_secs(30), doomed.handle)
+        .await
+        .expect("a service whose migrations cannot apply kept running")
+        .unwrap();
+    let error = format!("{:#}", stopped.expect_err("it stopped with an error"));
+    assert!(error.contains("migrations failed"), "{error}");
+    waiting.stop().await;
     for (i, user) in users.iter().take(4).enumerate() {
         app.redeem(i, as_user(&key.code, user, &idem()))
             .await

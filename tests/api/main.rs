@@ -10,6 +10,7 @@ mod key_issuance;
 mod lifecycle;
 mod metrics;
 mod redemption;
+mod redis_client;
 mod security;
 mod traces;
 mod wiring;
