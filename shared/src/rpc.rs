@@ -141,21 +141,33 @@ struct Observed {
     call: Option<Call>,
 }
 
+/// A call whose answer has not started: dropped so (the caller gave up, or
+/// the call's deadline passed), it is recorded as CANCELLED.
+struct Pending(Option<Call>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(call) = self.0.take() {
+            call.finish(Code::Cancelled, None);
+        }
+    }
+}
+
 impl Observed {
     /// Wraps `response`'s body; a status already in its headers (a call
     /// that failed at once) is recorded now.
-    fn wrap<B>(response: http::Response<B>, call: Call) -> http::Response<Body>
+    fn wrap<B>(response: http::Response<B>, mut pending: Pending) -> http::Response<Body>
     where
         B: http_body::Body<Data = tonic::codegen::Bytes> + Send + 'static,
         B::Error: Into<tonic::codegen::StdError>,
     {
         let (parts, body) = response.into_parts();
-        let call = match status_in(&parts.headers) {
-            Some(code) => {
+        let call = match (pending.0.take(), status_in(&parts.headers)) {
+            (Some(call), Some(code)) => {
                 call.finish(code, Some(&parts.headers));
                 None
             }
-            None => Some(call),
+            (call, _) => call,
         };
         let body = Body::new(body);
         let body = match call {
@@ -277,9 +289,13 @@ where
         use tracing::Instrument as _;
         let trusted = self.auth.service_of(&request).is_some();
         let span = crate::telemetry::server_span(&request, trusted);
-        let call = Call::new(Side::Server, request.uri().path(), span.clone());
+        let pending = Pending(Some(Call::new(
+            Side::Server,
+            request.uri().path(),
+            span.clone(),
+        )));
         let answer = span.in_scope(|| self.inner.call(request));
-        Box::pin(async move { Ok(Observed::wrap(answer.await?, call)) }.instrument(span))
+        Box::pin(async move { Ok(Observed::wrap(answer.await?, pending)) }.instrument(span))
     }
 }
 
@@ -376,13 +392,15 @@ impl tower::Service<http::Request<Body>> for Client {
             rpc.grpc.status_code = tracing::field::Empty,
         );
         crate::telemetry::inject_into(&span, request.headers_mut());
-        let call = Call::new(Side::Client, &path, span);
+        let mut pending = Pending(Some(Call::new(Side::Client, &path, span)));
         let answer = self.inner.call(request);
         Box::pin(async move {
             match answer.await {
-                Ok(response) => Ok(Observed::wrap(response, call)),
+                Ok(response) => Ok(Observed::wrap(response, pending)),
                 Err(error) => {
-                    call.finish(Code::Unavailable, None);
+                    if let Some(call) = pending.0.take() {
+                        call.finish(Code::Unavailable, None);
+                    }
                     Err(error)
                 }
             }

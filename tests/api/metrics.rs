@@ -108,7 +108,23 @@ async fn a_scrape_after_real_calls_shows_every_figure() {
         assert!(made_up.is_err());
     }
 
+    // A call whose deadline passes before it is answered is counted too
+    // (CANCELLED), though no answer of its own ever starts.
+    let mut late = tonic::Request::new(as_user(&key.code, &students[0], &idem()));
+    late.set_timeout(std::time::Duration::from_millis(1));
+    let expired = app.redemption_client(0).redeem_key(late).await;
+    assert!(expired.is_err(), "{expired:?}");
+
     let scraped = scrape(addr).await;
+    assert_eq!(
+        sum(
+            &scraped,
+            "rpc_server_call_duration_seconds_count",
+            &[("rpc_method", "RedeemKey"), ("rpc_grpc_status_code", "1")]
+        ),
+        1.0,
+        "the expired call"
+    );
     assert!(
         !scraped.iter().any(|s| s
             .labels
@@ -149,7 +165,7 @@ async fn a_scrape_after_real_calls_shows_every_figure() {
         "rpc_server_call_duration_seconds_bucket",
         &[("rpc_method", "RedeemKey"), ("le", "+Inf")],
     );
-    assert_eq!(inf, 4.0);
+    assert_eq!(inf, 5.0);
     assert!(
         sum(
             &scraped,
