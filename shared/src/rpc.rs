@@ -337,7 +337,7 @@ impl Client {
     /// out, so callers retry it as an outage).
     pub fn balanced<D>(discovered: D, timeout: std::time::Duration) -> Self
     where
-        D: tower::discover::Discover<Key = std::net::SocketAddr, Service = Channel>
+        D: tower::discover::Discover<Key = std::net::SocketAddr, Service = Replica>
             + Send
             + Unpin
             + 'static,
@@ -366,6 +366,72 @@ impl Client {
         Self {
             inner: tower::util::BoxCloneSyncService::new(bounded.map_err(Into::into)),
         }
+    }
+}
+
+/// How long a replica whose connection failed is left out of the balance.
+const SET_ASIDE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// One replica of a peer, in a balanced [`Client`]: after a call fails to
+/// reach it (connection refused or broken) it is set aside for a second,
+/// not ready, so the balancer sends calls to the others meanwhile. (A lazy
+/// channel is always ready, and a dead replica answers fastest: without
+/// this the balancer would prefer it.)
+pub struct Replica {
+    channel: Channel,
+    aside_until: std::sync::Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
+    waiting: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Replica {
+    /// The replica reached over `channel`.
+    pub fn new(channel: Channel) -> Self {
+        Self {
+            channel,
+            aside_until: Default::default(),
+            waiting: None,
+        }
+    }
+}
+
+impl tower::Service<http::Request<Body>> for Replica {
+    type Response = http::Response<Body>;
+    type Error = tonic::transport::Error;
+    type Future = BoxAnswer<Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        let until = *self
+            .aside_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(until) = until.filter(|until| *until > tokio::time::Instant::now()) {
+            let waiting = self
+                .waiting
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+            if waiting.deadline() != until {
+                waiting.as_mut().reset(until);
+            }
+            if waiting.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+        self.waiting = None;
+        self.channel.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let aside_until = self.aside_until.clone();
+        let answer = self.channel.call(request);
+        Box::pin(async move {
+            let answer = answer.await;
+            if answer.is_err() {
+                *aside_until
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Some(tokio::time::Instant::now() + SET_ASIDE);
+            }
+            answer
+        })
     }
 }
 

@@ -571,7 +571,7 @@ pub fn peer(
 }
 
 /// A change to the set of a peer's addresses.
-type Change = tower::discover::Change<std::net::SocketAddr, Channel>;
+type Change = tower::discover::Change<std::net::SocketAddr, crate::rpc::Replica>;
 
 /// Resolves `host:port` every [`RESOLVE_EVERY`] and sends the changes to
 /// its addresses, until the balancer is gone. A failed or empty look-up
@@ -590,7 +590,10 @@ async fn resolve(
                 for change in address_changes(&known, &found) {
                     let change = match change {
                         AddressChange::Add(addr) => match make(addr) {
-                            Ok(channel) => tower::discover::Change::Insert(addr, channel),
+                            Ok(channel) => tower::discover::Change::Insert(
+                                addr,
+                                crate::rpc::Replica::new(channel),
+                            ),
                             Err(error) => {
                                 tracing::warn!(%addr, error = %format_args!("{error:#}"), "a peer address could not be used");
                                 continue;

@@ -410,3 +410,53 @@ async fn peers_named_by_host_are_resolved_and_balanced_over() {
         started.elapsed()
     );
 }
+
+/// A balanced peer with one live replica and one whose port refuses
+/// connections: calls go to the live one (the dead one, though it fails
+/// fastest, is set aside after a failure), and every call succeeds within
+/// `peer::call`'s retries.
+#[tokio::test]
+async fn a_balanced_peer_avoids_a_replica_that_refuses_connections() {
+    use tower::discover::Change;
+    use trainingkeys_shared::rpc::{Client, Replica};
+    let app = TestApp::start(0).await;
+    let live = app.enrollment_service.addr;
+    let dead: SocketAddr = loopback(); // nothing listens there
+    let replica = |addr: SocketAddr| {
+        Replica::new(trainingkeys_tests::pki::channel(
+            &format!("https://{addr}"),
+            "redemption",
+        ))
+    };
+    use futures::StreamExt as _;
+    let discovered = futures::stream::iter([
+        Ok::<_, std::convert::Infallible>(Change::Insert(dead, replica(dead))),
+        Ok(Change::Insert(live, replica(live))),
+    ])
+    .chain(futures::stream::pending());
+    let client = Client::balanced(Box::pin(discovered), Duration::from_secs(3));
+    let calls = (0..50).map(|_| {
+        let client = client.clone();
+        async move {
+            trainingkeys_shared::peer::call(|| {
+                let mut health = HealthClient::new(client.clone());
+                async move {
+                    health
+                        .check(HealthCheckRequest {
+                            service: "liveness".into(),
+                        })
+                        .await
+                }
+            })
+            .await
+        }
+    });
+    let answers = futures::future::join_all(calls).await;
+    let failed: Vec<_> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 50 failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
+}
