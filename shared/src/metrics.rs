@@ -169,45 +169,89 @@ pub static DB_CLIENT: LazyLock<Histogram<f64>> = LazyLock::new(|| {
     )
 });
 
-/// Reports `pool`'s connections as `db.client.connection.count` (by
-/// `db.client.connection.state`: `idle` or `used`) and
-/// `db.client.connection.max`, named `name` (its schema): saturation is
-/// used / max.
-pub fn observe_pool(pool: &PgPool, name: &str, max: u32) {
-    let watched = pool.clone();
-    let name = name.to_owned();
-    let max_name = name.clone();
+/// The pools being reported, by watch id: the gauges' one callback reads
+/// them, and a pool leaves when its service stops (its [`PoolWatch`] drops).
+static POOLS: std::sync::Mutex<Vec<(u64, String, u32, PgPool)>> = std::sync::Mutex::new(Vec::new());
+
+/// Registers the pool gauges' callbacks, once.
+static POOL_GAUGES: LazyLock<()> = LazyLock::new(|| {
+    // (used, idle, max) by pool name: pools of one name (two replicas in
+    // one process, as in tests) add up.
+    let by_name = || {
+        let mut totals: std::collections::BTreeMap<String, (u64, u64, u64)> = Default::default();
+        for (_, name, max, pool) in POOLS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+        {
+            let idle = pool.num_idle() as u64;
+            let total = totals.entry(name.clone()).or_default();
+            total.0 += u64::from(pool.size()).saturating_sub(idle);
+            total.1 += idle;
+            total.2 += u64::from(*max);
+        }
+        totals
+    };
     meter()
         .u64_observable_gauge("db.client.connection.count")
         .with_description("Connections of the PostgreSQL pool, by state")
         .with_callback(move |observer| {
-            let size = u64::from(watched.size());
-            let idle = watched.num_idle() as u64;
-            let pool = KeyValue::new("db.client.connection.pool.name", name.clone());
-            observer.observe(
-                idle,
-                &[
-                    pool.clone(),
-                    KeyValue::new("db.client.connection.state", "idle"),
-                ],
-            );
-            observer.observe(
-                size.saturating_sub(idle),
-                &[pool, KeyValue::new("db.client.connection.state", "used")],
-            );
+            for (name, (used, idle, _)) in by_name() {
+                let name = KeyValue::new("db.client.connection.pool.name", name);
+                observer.observe(
+                    idle,
+                    &[
+                        name.clone(),
+                        KeyValue::new("db.client.connection.state", "idle"),
+                    ],
+                );
+                observer.observe(
+                    used,
+                    &[name, KeyValue::new("db.client.connection.state", "used")],
+                );
+            }
         })
         .build();
     meter()
         .u64_observable_gauge("db.client.connection.max")
         .with_description("Most connections the PostgreSQL pool opens")
         .with_callback(move |observer| {
-            observer.observe(
-                u64::from(max),
-                &[KeyValue::new(
-                    "db.client.connection.pool.name",
-                    max_name.clone(),
-                )],
-            );
+            for (name, (_, _, max)) in by_name() {
+                observer.observe(
+                    max,
+                    &[KeyValue::new("db.client.connection.pool.name", name)],
+                );
+            }
         })
         .build();
+});
+
+/// Reports `pool`'s connections as `db.client.connection.count` (by
+/// `db.client.connection.state`: `idle` or `used`) and
+/// `db.client.connection.max`, named `name` (its schema): saturation is
+/// used / max. Until the returned watch is dropped.
+pub fn observe_pool(pool: &PgPool, name: &str, max: u32) -> PoolWatch {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    LazyLock::force(&POOL_GAUGES);
+    let id = NEXT.fetch_add(1, Ordering::Relaxed);
+    POOLS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push((id, name.to_owned(), max, pool.clone()));
+    PoolWatch(id)
+}
+
+/// Keeps a pool in the gauges; dropped, the pool leaves them (and is no
+/// longer held open by them).
+#[derive(Debug)]
+pub struct PoolWatch(u64);
+
+impl Drop for PoolWatch {
+    fn drop(&mut self) {
+        POOLS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|(id, ..)| *id != self.0);
+    }
 }

@@ -52,7 +52,7 @@ pub async fn prepare(
         Some(addr) => Some(TcpListener::bind(addr).await?),
         None => None,
     };
-    crate::metrics::observe_pool(&pool, schema, common.database_max_connections);
+    let pool_watch = crate::metrics::observe_pool(&pool, schema, common.database_max_connections);
     let mut pending = None;
     if common.migrate_on_start {
         if let Err(error) = crate::db::migrate(&pool, schema, migrator).await {
@@ -77,6 +77,7 @@ pub async fn prepare(
         health_listener,
         metrics_listener,
         pending,
+        _pool_watch: pool_watch,
         tls,
         auth,
     })
@@ -114,6 +115,8 @@ pub struct Prepared {
     pub metrics_listener: Option<TcpListener>,
     /// Migrations asked for that wait for the database.
     pending: Option<Migration>,
+    /// The pool in the metrics, while the service lives (dropped with it).
+    _pool_watch: crate::metrics::PoolWatch,
     /// TLS, for serving and for calling peers; `None` when plaintext was configured.
     pub tls: Option<Tls>,
     /// The verifier of callers.

@@ -321,3 +321,33 @@ async fn redis_outage_shows_in_the_metrics() {
         0.0
     );
 }
+
+/// A stopped service's pool leaves the gauges (and is not held open by
+/// them).
+#[tokio::test]
+async fn a_stopped_services_pool_leaves_the_metrics() {
+    let port = trainingkeys_shared::server::unused_port().unwrap();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut app = TestApp::start_with(0, |_| {}).await;
+    app.add_replica(|c| c.common.database_max_connections = 7)
+        .await;
+    app.add_replica(|c| {
+        c.common.metrics_addr = Some(addr);
+        c.common.database_max_connections = 3;
+    })
+    .await;
+    let max = |scraped: &[Series]| {
+        sum(
+            scraped,
+            "db_client_connection_max",
+            &[("db_client_connection_pool_name", "redemption")],
+        )
+    };
+    assert_eq!(max(&scrape(addr).await), 10.0, "both pools");
+    app.stop_replica(0).await;
+    assert_eq!(
+        max(&scrape(addr).await),
+        3.0,
+        "the stopped one's pool stayed"
+    );
+}
