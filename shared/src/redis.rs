@@ -188,47 +188,6 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::Topology;
-
-    #[test]
-    fn redis_urls_name_their_topology() {
-        assert_eq!(
-            Topology::parse("redis://127.0.0.1:6379/0").unwrap(),
-            Topology::Single("redis://127.0.0.1:6379/0".into())
-        );
-        assert_eq!(
-            Topology::parse("rediss+cluster://u:p@a:7000,b:7001/").unwrap(),
-            Topology::Cluster(vec![
-                "rediss://u:p@a:7000/".into(),
-                "rediss://u:p@b:7001/".into()
-            ])
-        );
-        assert_eq!(
-            Topology::parse("redis+sentinel://:secret@s1:26379,s2:26379/gate/2").unwrap(),
-            Topology::Sentinel {
-                sentinels: vec!["redis://s1:26379/".into(), "redis://s2:26379/".into()],
-                primary: "gate".into(),
-                node: "redis://:secret@primary/2".into(),
-            }
-        );
-        let error = Topology::parse("redis+sentinel://:hunter2@s1:26379/")
-            .unwrap_err()
-            .to_string();
-        assert!(!error.contains("hunter2"), "{error}");
-        for bad in [
-            "127.0.0.1:6379",
-            "http://a/",
-            "redis+sentinel://s1:26379/",
-            "redis+ring://a/",
-            "redis+cluster:///",
-        ] {
-            assert!(Topology::parse(bad).is_err(), "{bad}");
-        }
-    }
-}
-
 impl Redis {
     /// A handle to Redis at `url` (see [`Topology`]); nothing is connected
     /// yet. Each command gives up after `timeout`. A `rediss` URL speaks
@@ -444,6 +403,47 @@ impl Redis {
         let until = now_ms() + self.open_ms;
         if self.open_until_ms.swap(until, Ordering::Relaxed) < now_ms() {
             tracing::warn!("redis unavailable: skipping it for {} ms", self.open_ms);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Topology;
+
+    #[test]
+    fn redis_urls_name_their_topology() {
+        assert_eq!(
+            Topology::parse("redis://127.0.0.1:6379/0").unwrap(),
+            Topology::Single("redis://127.0.0.1:6379/0".into())
+        );
+        assert_eq!(
+            Topology::parse("rediss+cluster://u:p@a:7000,b:7001/").unwrap(),
+            Topology::Cluster(vec![
+                "rediss://u:p@a:7000/".into(),
+                "rediss://u:p@b:7001/".into()
+            ])
+        );
+        assert_eq!(
+            Topology::parse("redis+sentinel://:secret@s1:26379,s2:26379/gate/2").unwrap(),
+            Topology::Sentinel {
+                sentinels: vec!["redis://s1:26379/".into(), "redis://s2:26379/".into()],
+                primary: "gate".into(),
+                node: "redis://:secret@primary/2".into(),
+            }
+        );
+        let error = Topology::parse("redis+sentinel://:hunter2@s1:26379/")
+            .unwrap_err()
+            .to_string();
+        assert!(!error.contains("hunter2"), "{error}");
+        for bad in [
+            "127.0.0.1:6379",
+            "http://a/",
+            "redis+sentinel://s1:26379/",
+            "redis+ring://a/",
+            "redis+cluster:///",
+        ] {
+            assert!(Topology::parse(bad).is_err(), "{bad}");
         }
     }
 }

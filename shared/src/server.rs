@@ -54,22 +54,22 @@ pub async fn prepare(
     };
     let pool_watch = crate::metrics::observe_pool(&pool, schema, common.database_max_connections);
     let mut pending = None;
-    if common.migrate_on_start {
-        if let Err(error) = crate::db::migrate(&pool, schema, migrator).await {
-            // A database that is down is waited for; any other failure
-            // (a migration that does not apply) stops the start.
-            if crate::db::is_reachable(&pool).await {
-                return Err(error);
-            }
-            tracing::warn!(
-                error = %format_args!("{error:#}"),
-                "the database is unreachable: migrations wait for it (NOT_SERVING until then)"
-            );
-            pending = Some(Migration {
-                schema: schema.to_owned(),
-                migrator,
-            });
+    if common.migrate_on_start
+        && let Err(error) = crate::db::migrate(&pool, schema, migrator).await
+    {
+        // A database that is down is waited for; any other failure
+        // (a migration that does not apply) stops the start.
+        if crate::db::is_reachable(&pool).await {
+            return Err(error);
         }
+        tracing::warn!(
+            error = %format_args!("{error:#}"),
+            "the database is unreachable: migrations wait for it (NOT_SERVING until then)"
+        );
+        pending = Some(Migration {
+            schema: schema.to_owned(),
+            migrator,
+        });
     }
     Ok(Prepared {
         pool,

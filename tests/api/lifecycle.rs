@@ -172,7 +172,6 @@ async fn a_database_outage_of_a_minute_is_ridden_out_without_restarts() {
     let refused = client
         .get_class(trainingkeys_proto::v1::GetClassRequest {
             class_id: uuid::Uuid::new_v4().to_string(),
-            ..Default::default()
         })
         .await;
     trainingkeys_tests::assert_status(refused, tonic::Code::Unavailable, "NOT_READY");
@@ -329,12 +328,12 @@ async fn a_rolling_restart_behind_the_load_balancer_fails_no_call() {
         .collect();
 
     tokio::time::sleep(Duration::from_secs(1)).await;
-    for i in 0..3 {
+    for (i, probe) in probes.iter().enumerate() {
         let before = next.load(Ordering::Relaxed);
         app.restart_replica(i, at(i)).await;
         assert!(
             eventually(Duration::from_secs(10), || async {
-                http_status(probes[i], "/readyz").await == Some(200)
+                http_status(*probe, "/readyz").await == Some(200)
             })
             .await,
             "replica {i} did not come back"
