@@ -446,17 +446,7 @@ impl tower::Service<http::Request<Body>> for Client {
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
         let path = request.uri().path().to_owned();
-        let (service, method) = method_of(&path);
-        let span = tracing::info_span!(
-            "grpc client",
-            otel.name = %format_args!("{service}/{method}"),
-            otel.kind = "client",
-            otel.status_code = tracing::field::Empty,
-            rpc.system = "grpc",
-            rpc.service = %service,
-            rpc.method = %method,
-            rpc.grpc.status_code = tracing::field::Empty,
-        );
+        let span = crate::telemetry::rpc_span("client", &path);
         crate::telemetry::inject_into(&span, request.headers_mut());
         let mut pending = Pending(Some(Call::new(Side::Client, &path, span)));
         let answer = self.inner.call(request);

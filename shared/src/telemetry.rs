@@ -341,17 +341,7 @@ pub fn init_for_tests() {
 /// choosing (or force them to be sampled).
 pub fn server_span<B>(request: &http::Request<B>, trusted: bool) -> tracing::Span {
     use opentelemetry::trace::TraceContextExt as _;
-    let (service, method) = crate::rpc::method_of(request.uri().path());
-    let span = tracing::info_span!(
-        "grpc",
-        otel.name = %format_args!("{service}/{method}"),
-        otel.kind = "server",
-        otel.status_code = tracing::field::Empty,
-        rpc.system = "grpc",
-        rpc.service = %service,
-        rpc.method = %method,
-        rpc.grpc.status_code = tracing::field::Empty,
-    );
+    let span = rpc_span("server", request.uri().path());
     let remote = opentelemetry::global::get_text_map_propagator(|p| {
         p.extract(&HeaderExtractor(request.headers()))
     });
@@ -364,6 +354,24 @@ pub fn server_span<B>(request: &http::Request<B>, trusted: bool) -> tracing::Spa
         }
     }
     span
+}
+
+/// The span of one gRPC call at `path`, answered (`kind` "server") or made
+/// ("client"): named `{service}/{method}`, with `rpc.service`, `rpc.method`
+/// and, when it ends, `rpc.grpc.status_code` (and `otel.status_code` ERROR
+/// when it failed).
+pub fn rpc_span(kind: &'static str, path: &str) -> tracing::Span {
+    let (service, method) = crate::rpc::method_of(path);
+    tracing::info_span!(
+        "grpc",
+        otel.name = %format_args!("{service}/{method}"),
+        otel.kind = kind,
+        otel.status_code = tracing::field::Empty,
+        rpc.system = "grpc",
+        rpc.service = %service,
+        rpc.method = %method,
+        rpc.grpc.status_code = tracing::field::Empty,
+    )
 }
 
 /// Writes `span`'s trace context into an outgoing call's headers

@@ -38,6 +38,19 @@ async fn enrollment_on(database_url: &str, migrate: bool) -> Spawned {
     trainingkeys_tests::spawn::<trainingkeys_enrollment::Application>(config).await
 }
 
+/// Every service of `app`: its redemption replicas and both peers.
+fn every_service(app: &TestApp) -> Vec<&Spawned> {
+    app.replicas
+        .iter()
+        .chain([&app.enrollment_service, &app.keys_service])
+        .collect()
+}
+
+/// Whether `service`'s health for `name` becomes `status` within `within`.
+async fn becomes(service: &Spawned, name: &str, status: Option<i32>, within: Duration) -> bool {
+    eventually(within, || async { health(service, name).await == status }).await
+}
+
 fn loopback() -> SocketAddr {
     let port = trainingkeys_shared::server::unused_port().unwrap();
     ([127, 0, 0, 1], port).into()
@@ -138,17 +151,9 @@ async fn a_database_outage_of_a_minute_is_ridden_out_without_restarts() {
             .arg(format!("{restart} 60"))
             .status()
     });
-    let services: Vec<&Spawned> = app
-        .replicas
-        .iter()
-        .chain([&app.enrollment_service, &app.keys_service])
-        .collect();
-    for service in &services {
+    for service in every_service(&app) {
         assert!(
-            eventually(Duration::from_secs(20), || async {
-                health(service, "readiness").await == NOT_SERVING
-            })
-            .await,
+            becomes(service, "readiness", NOT_SERVING, Duration::from_secs(20)).await,
             "{} stayed ready without its database",
             service.addr
         );
@@ -194,17 +199,9 @@ async fn a_database_outage_of_a_minute_is_ridden_out_without_restarts() {
         restarted.is_ok_and(|s| s.success()),
         "PostgreSQL did not start again"
     );
-    let services: Vec<&Spawned> = app
-        .replicas
-        .iter()
-        .chain([&app.enrollment_service, &app.keys_service])
-        .collect();
-    for service in &services {
+    for service in every_service(&app) {
         assert!(
-            eventually(Duration::from_secs(30), || async {
-                health(service, "readiness").await == SERVING
-            })
-            .await,
+            becomes(service, "readiness", SERVING, Duration::from_secs(30)).await,
             "{} did not become ready again",
             service.addr
         );

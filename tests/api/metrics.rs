@@ -115,16 +115,22 @@ async fn a_scrape_after_real_calls_shows_every_figure() {
     let expired = app.redemption_client(0).redeem_key(late).await;
     assert!(expired.is_err(), "{expired:?}");
 
-    let scraped = scrape(addr).await;
-    assert_eq!(
-        sum(
-            &scraped,
-            "rpc_server_call_duration_seconds_count",
-            &[("rpc_method", "RedeemKey"), ("rpc_grpc_status_code", "1")]
-        ),
-        1.0,
-        "the expired call"
+    // (The server learns of it a moment after the client gave up.)
+    let expired_seen =
+        trainingkeys_tests::eventually(std::time::Duration::from_secs(5), || async {
+            let scraped = scrape(addr).await;
+            sum(
+                &scraped,
+                "rpc_server_call_duration_seconds_count",
+                &[("rpc_method", "RedeemKey"), ("rpc_grpc_status_code", "1")],
+            ) == 1.0
+        })
+        .await;
+    assert!(
+        expired_seen,
+        "the expired call was not counted as CANCELLED"
     );
+    let scraped = scrape(addr).await;
     assert!(
         !scraped.iter().any(|s| s
             .labels
