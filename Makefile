@@ -23,7 +23,8 @@ run: build env ## Set up, start every service (REPLICAS=N: N redemption replicas
 
 .PHONY: demo
 demo: ## With `make run` going in another terminal: seed a class, an event key and a subscription pool, print redeem calls
-	@$(CARGO) run -q -p trainingkeys-bench --bin loadgen -- demo
+	@ENROLLMENT_URL=https://127.0.0.1:$${ENROLLMENT_PORT:-50051} KEY_ISSUANCE_URL=https://127.0.0.1:$${KEY_ISSUANCE_PORT:-50052} \
+		REDEMPTION_URL=https://127.0.0.1:$${REDEMPTION_PORT:-50053} $(CARGO) run -q -p trainingkeys-bench --bin loadgen -- demo
 
 .PHONY: token
 token: ## Print a bearer token: ROLE=<role> (repeatable as ROLE="a b"), ORG=<org> (default acme), SUB=<subject>; uses make run's signing key
