@@ -59,6 +59,7 @@ chaos: env ## Fault-injection suite, long form: bigger herds, repeated rounds (m
 .PHONY: lint
 lint: ## rustfmt, clippy -D warnings, buf lint, and every Kubernetes overlay rendered and validated offline (CI runs it)
 	$(CARGO) fmt --all --check
+	@$(CARGO) metadata --locked --format-version 1 >/dev/null || { echo "Cargo.lock is out of date: commit it (the Dockerfile builds --locked)" >&2; exit 1; }
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	@scripts/buf.sh lint
 	@scripts/k8s.sh
