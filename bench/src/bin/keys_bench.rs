@@ -56,7 +56,9 @@ fn start(
     command
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
-        .env("RUST_LOG", "warn");
+        .env("RUST_LOG", "warn")
+        // A fresh database: each service makes its schema as it starts.
+        .env("MIGRATE_ON_START", "true");
     for (k, v) in env {
         command.env(k, v);
     }
