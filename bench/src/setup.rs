@@ -8,6 +8,7 @@ use trainingkeys_proto::time::to_timestamp;
 use trainingkeys_proto::v1 as pb;
 use trainingkeys_proto::v1::enrollment_service_client::EnrollmentServiceClient;
 use trainingkeys_proto::v1::key_issuance_service_client::KeyIssuanceServiceClient;
+use trainingkeys_shared::peer;
 
 /// Clients of the admin-side services.
 #[derive(Clone)]
@@ -34,34 +35,36 @@ impl Admin {
     /// (class id, code).
     pub async fn class_with_event_key(&self, max: i32) -> anyhow::Result<(String, String)> {
         let start = Utc::now() + Duration::days(1);
-        let class = self
-            .enrollment
-            .clone()
-            .create_class(pb::CreateClassRequest {
-                organization_id: self.organization_id.clone(),
-                title: format!("Bench class of {max}"),
-                course_id: "BENCH".into(),
-                start_time: Some(to_timestamp(start)),
-                end_time: Some(to_timestamp(start + Duration::days(1))),
-                max_students: max,
-                lab_access_days: 0,
-                instructor_ids: Vec::new(),
-            })
-            .await?
-            .into_inner()
-            .class
-            .ok_or_else(|| anyhow::anyhow!("no class"))?;
-        let key = self
-            .keys
-            .clone()
-            .set_event_key(pb::SetEventKeyRequest {
-                class_id: class.class_id.clone(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .key
-            .ok_or_else(|| anyhow::anyhow!("no key"))?;
+        let request = pb::CreateClassRequest {
+            organization_id: self.organization_id.clone(),
+            title: format!("Bench class of {max}"),
+            course_id: "BENCH".into(),
+            start_time: Some(to_timestamp(start)),
+            end_time: Some(to_timestamp(start + Duration::days(1))),
+            max_students: max,
+            lab_access_days: 0,
+            instructor_ids: Vec::new(),
+        };
+        // Seeding retries a call lost in transport (a connection aged out
+        // under it), as every client must.
+        let class = peer::call(|| {
+            let (mut client, request) = (self.enrollment.clone(), request.clone());
+            async move { client.create_class(request).await }
+        })
+        .await?
+        .class
+        .ok_or_else(|| anyhow::anyhow!("no class"))?;
+        let request = pb::SetEventKeyRequest {
+            class_id: class.class_id.clone(),
+            ..Default::default()
+        };
+        let key = peer::call(|| {
+            let (mut client, request) = (self.keys.clone(), request.clone());
+            async move { client.set_event_key(request).await }
+        })
+        .await?
+        .key
+        .ok_or_else(|| anyhow::anyhow!("no key"))?;
         Ok((class.class_id, key.code))
     }
 
@@ -71,7 +74,7 @@ impl Admin {
         let tag = uuid::Uuid::new_v4().simple().to_string();
         for chunk in (0..n).collect::<Vec<_>>().chunks(256) {
             let batch = join_all(chunk.iter().map(|i| {
-                let mut c = self.enrollment.clone();
+                let c = self.enrollment.clone();
                 let request = pb::RegisterUserRequest {
                     organization_id: self.organization_id.clone(),
                     email: format!("s{i}-{tag}@example.com"),
@@ -79,9 +82,12 @@ impl Admin {
                     ..Default::default()
                 };
                 async move {
-                    c.register_user(request)
-                        .await
-                        .map(|r| r.into_inner().user.map(|u| u.user_id))
+                    peer::call(|| {
+                        let (mut c, request) = (c.clone(), request.clone());
+                        async move { c.register_user(request).await }
+                    })
+                    .await
+                    .map(|r| r.user.map(|u| u.user_id))
                 }
             }))
             .await;
