@@ -75,9 +75,14 @@ pub fn init(service_name: &'static str, format: LogFormat) -> anyhow::Result<Tel
     let provider = tracing.build();
     let meters = crate::metrics::install(resource, metrics_exporter)?;
     let tracer = provider.tracer(service_name);
+    // OpenTelemetry spans cost every call some CPU: made only when they go
+    // somewhere (a collector) or name the JSON log lines (trace ids).
+    // PostgreSQL statements are timed either way.
+    let traced = exporting || format == LogFormat::Json;
     tracing_subscriber::registry()
         .with(fmt.with_filter(filter()))
-        .with(spans(tracer, exporting, filter()))
+        .with(traced.then(|| spans(tracer, exporting, filter())))
+        .with((!traced).then(|| Statements.with_filter(statement_events(false))))
         .try_init()?;
     if exporting {
         tracing::info!("exporting traces and metrics over OTLP");
@@ -120,7 +125,7 @@ where
     tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_filter(filter)
-        .and_then(Statements.with_filter(statement_events()))
+        .and_then(Statements.with_filter(statement_events(export)))
 }
 
 /// The tracer of PostgreSQL statements' client spans, and whether spans
@@ -129,16 +134,16 @@ static STATEMENT_TRACER: std::sync::OnceLock<(opentelemetry_sdk::trace::SdkTrace
     std::sync::OnceLock::new();
 
 /// sqlx's statement events (one per statement run, with its duration),
-/// and the spans at `info` or above they may run in (a filtered layer sees
-/// only the spans its filter lets through: without them a statement would
-/// have no parent).
-fn statement_events<S>() -> impl tracing_subscriber::layer::Filter<S> + Clone
+/// and, `with_spans` (statements become client spans), the spans at `info`
+/// or above they may run in (a filtered layer sees only the spans its
+/// filter lets through: without them a statement would have no parent).
+fn statement_events<S>(with_spans: bool) -> impl tracing_subscriber::layer::Filter<S> + Clone
 where
     S: tracing::Subscriber,
 {
-    tracing_subscriber::filter::filter_fn(|metadata| {
+    tracing_subscriber::filter::filter_fn(move |metadata| {
         if metadata.is_span() {
-            *metadata.level() <= tracing::Level::INFO
+            with_spans && *metadata.level() <= tracing::Level::INFO
         } else {
             metadata.target() == "sqlx::query" && *metadata.level() <= tracing::Level::DEBUG
         }
@@ -329,7 +334,7 @@ pub fn init_for_tests() {
     // A test that installed its own subscriber first keeps it.
     let _ = tracing_subscriber::registry()
         .with(logs)
-        .with(Statements.with_filter(statement_events()))
+        .with(Statements.with_filter(statement_events(false)))
         .try_init();
 }
 
