@@ -29,8 +29,8 @@ enum Side {
 /// One call being observed.
 struct Call {
     side: Side,
-    service: String,
-    method: String,
+    service: &'static str,
+    method: &'static str,
     started: Instant,
     span: tracing::Span,
 }
@@ -47,11 +47,13 @@ const OPEN_METHODS: &[&str] = &[
 /// when it is a method this project serves, else `_OTHER` for both (a
 /// caller choosing the path must not mint a new series per call, as the
 /// OpenTelemetry conventions advise).
-pub fn method_of(path: &str) -> (&str, &str) {
-    let known = crate::policy::rule(path).is_some() || OPEN_METHODS.contains(&path);
-    match path.trim_start_matches('/').split_once('/') {
-        Some(split) if known => split,
-        _ => ("_OTHER", "_OTHER"),
+pub fn method_of(path: &str) -> (&'static str, &'static str) {
+    let known: Option<&'static str> = crate::policy::rule(path)
+        .map(|rule| rule.path)
+        .or_else(|| OPEN_METHODS.iter().copied().find(|open| *open == path));
+    match known.and_then(|path| path.trim_start_matches('/').split_once('/')) {
+        Some(split) => split,
+        None => ("_OTHER", "_OTHER"),
     }
 }
 
@@ -60,8 +62,8 @@ impl Call {
         let (service, method) = method_of(path);
         Self {
             side,
-            service: service.to_owned(),
-            method: method.to_owned(),
+            service,
+            method,
             started: Instant::now(),
             span,
         }
@@ -78,13 +80,17 @@ impl Call {
             elapsed.as_secs_f64(),
             &[
                 KeyValue::new("rpc.system", "grpc"),
-                KeyValue::new("rpc.service", self.service.clone()),
-                KeyValue::new("rpc.method", self.method.clone()),
+                KeyValue::new("rpc.service", self.service),
+                KeyValue::new("rpc.method", self.method),
                 KeyValue::new("rpc.grpc.status_code", code as i64),
             ],
         );
+        // Decoded only for the access line, and only when it is written.
+        let logged =
+            self.side == Side::Server && tracing::enabled!(target: "access", tracing::Level::INFO);
         let reason = match (code, status) {
             (Code::Ok, _) | (_, None) => None,
+            (_, Some(_)) if !logged => None,
             (_, Some(headers)) => tonic::Status::from_header_map(headers)
                 .and_then(|status| crate::error::reason(&status)),
         };
@@ -92,7 +98,7 @@ impl Call {
         if is_error(self.side, code) {
             self.span.record("otel.status_code", "ERROR");
         }
-        if self.side == Side::Server {
+        if logged {
             let duration_ms = elapsed.as_secs_f64() * 1000.0;
             self.span.in_scope(|| {
                 tracing::info!(
