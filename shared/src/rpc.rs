@@ -51,10 +51,9 @@ pub fn method_of(path: &str) -> (&'static str, &'static str) {
     let known: Option<&'static str> = crate::policy::rule(path)
         .map(|rule| rule.path)
         .or_else(|| OPEN_METHODS.iter().copied().find(|open| *open == path));
-    match known.and_then(|path| path.trim_start_matches('/').split_once('/')) {
-        Some(split) => split,
-        None => ("_OTHER", "_OTHER"),
-    }
+    known
+        .and_then(|path| path.trim_start_matches('/').split_once('/'))
+        .unwrap_or(("_OTHER", "_OTHER"))
 }
 
 impl Call {
