@@ -57,8 +57,12 @@ pub fn method_of(path: &str) -> (&'static str, &'static str) {
 }
 
 impl Call {
-    fn new(side: Side, path: &str, span: tracing::Span) -> Self {
-        let (service, method) = method_of(path);
+    /// A call to `(service, method)` (from [`method_of`]), in `span`.
+    fn new(
+        side: Side,
+        (service, method): (&'static str, &'static str),
+        span: tracing::Span,
+    ) -> Self {
         Self {
             side,
             service,
@@ -293,12 +297,9 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         use tracing::Instrument as _;
         let trusted = self.auth.service_of(&request).is_some();
-        let span = crate::telemetry::server_span(&request, trusted);
-        let pending = Pending(Some(Call::new(
-            Side::Server,
-            request.uri().path(),
-            span.clone(),
-        )));
+        let names = method_of(request.uri().path());
+        let span = crate::telemetry::server_span(&request, names, trusted);
+        let pending = Pending(Some(Call::new(Side::Server, names, span.clone())));
         let answer = span.in_scope(|| self.inner.call(request));
         Box::pin(async move { Ok(Observed::wrap(answer.await?, pending)) }.instrument(span))
     }
@@ -450,10 +451,10 @@ impl tower::Service<http::Request<Body>> for Client {
     }
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
-        let path = request.uri().path().to_owned();
-        let span = crate::telemetry::rpc_span("client", &path);
+        let names = method_of(request.uri().path());
+        let span = crate::telemetry::rpc_span("client", names);
         crate::telemetry::inject_into(&span, request.headers_mut());
-        let mut pending = Pending(Some(Call::new(Side::Client, &path, span)));
+        let mut pending = Pending(Some(Call::new(Side::Client, names, span)));
         let answer = self.inner.call(request);
         Box::pin(async move {
             match answer.await {

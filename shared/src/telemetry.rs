@@ -344,9 +344,13 @@ pub fn init_for_tests() {
 /// parent, so a redemption is one trace. From anyone else it is only a
 /// link: an untrusted caller cannot graft our spans onto a trace of its
 /// choosing (or force them to be sampled).
-pub fn server_span<B>(request: &http::Request<B>, trusted: bool) -> tracing::Span {
+pub fn server_span<B>(
+    request: &http::Request<B>,
+    names: (&'static str, &'static str),
+    trusted: bool,
+) -> tracing::Span {
     use opentelemetry::trace::TraceContextExt as _;
-    let span = rpc_span("server", request.uri().path());
+    let span = rpc_span("server", names);
     let remote = opentelemetry::global::get_text_map_propagator(|p| {
         p.extract(&HeaderExtractor(request.headers()))
     });
@@ -361,12 +365,14 @@ pub fn server_span<B>(request: &http::Request<B>, trusted: bool) -> tracing::Spa
     span
 }
 
-/// The span of one gRPC call at `path`, answered (`kind` "server") or made
+/// The span of one gRPC call to `(service, method)` (`rpc::method_of`), answered (`kind` "server") or made
 /// ("client"): named `{service}/{method}`, with `rpc.service`, `rpc.method`
 /// and, when it ends, `rpc.grpc.status_code` (and `otel.status_code` ERROR
 /// when it failed).
-pub fn rpc_span(kind: &'static str, path: &str) -> tracing::Span {
-    let (service, method) = crate::rpc::method_of(path);
+pub fn rpc_span(
+    kind: &'static str,
+    (service, method): (&'static str, &'static str),
+) -> tracing::Span {
     tracing::info_span!(
         "grpc",
         otel.name = %format_args!("{service}/{method}"),
